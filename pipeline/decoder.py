@@ -1,0 +1,114 @@
+"""Runs any HF decoder (a VLM or a causal LM) over a batch of ragged rows with a RaggedKVCache.
+
+Prefill goes through HF's own forward on a left-padded batch, so whatever a family
+does in prefill (Gemma3's bidirectional attention inside an image, say) stays HF's
+business; the resulting cache is converted once into right-padded rows. Every
+later forward uses explicit per-row positions and masks from `kv_cache`.
+This module has no family-specific branches.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.kv_cache import RaggedKVCache, attention_masks, layer_types_of
+
+
+def left_pad(rows: list[list[int]], pad_value: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists: returns ids [B, L] and a 0/1 attention mask [B, L]."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def embed_with_image_features(
+    embedding: nn.Module,
+    input_ids: torch.Tensor,  # [B, L]
+    image_token_id: int | None,
+    image_features: torch.Tensor | None,  # [num image tokens in input_ids, hidden], row-major order
+) -> torch.Tensor:  # [B, L, hidden]
+    """Token embeddings with the image placeholder positions filled by image features."""
+    if image_features is None or image_token_id is None:
+        return embedding(input_ids)
+    is_image = input_ids == image_token_id
+    embeds = embedding(input_ids.masked_fill(is_image, 0))  # the placeholder id may be outside the vocabulary
+    if int(is_image.sum()) != image_features.shape[0]:
+        raise ValueError(
+            f"{int(is_image.sum())} image placeholder tokens but {image_features.shape[0]} image feature vectors"
+        )
+    return embeds.masked_scatter(is_image[..., None], image_features.to(embeds.dtype))
+
+
+class RaggedDecoder:
+    """A model plus its RaggedKVCache; the caller owns lengths and decides what each row keeps."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        text_config = model.config.get_text_config()
+        self.layer_types, self.sliding_window = layer_types_of(text_config)
+        self.cache: RaggedKVCache | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.cache.lengths
+
+    @torch.no_grad()
+    def prefill(
+        self,
+        inputs_embeds: torch.Tensor,  # [B, L] left-padded embeddings
+        attention_mask: torch.Tensor,  # [B, L] 0/1, zeros on the left
+        **model_kwargs,  # per-token extras a family needs in prefill (e.g. token_type_ids)
+    ) -> torch.Tensor:  # [B, V] logits of each row's last prompt token
+        lengths = attention_mask.sum(dim=1)
+        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_min(0)
+        out = self.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+            **model_kwargs,
+        )
+        self.cache = RaggedKVCache.from_left_padded(out.past_key_values, lengths, attention_mask.shape[1])
+        return out.logits[:, -1]
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Run q tokens per row [B, q] at each row's next positions; returns logits [B, q, V].
+
+        Nothing is kept until `advance` says how many of the q tokens each row keeps.
+        """
+        positions = self.cache.begin_forward(tokens.shape[1])
+        kv_len = int(positions[:, -1].max()) + 1
+        masks = attention_masks(positions, kv_len, self.layer_types, self.sliding_window, self.dtype)
+        out = self.model(
+            input_ids=tokens,
+            attention_mask=masks,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        return out.logits
+
+    def advance(self, kept: torch.Tensor) -> None:
+        self.cache.advance(kept)
+
+    def rewind(self, dropped: torch.Tensor) -> None:
+        self.cache.rewind(dropped)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        self.cache.select_rows(rows)

@@ -1,0 +1,78 @@
+"""Speculative-decoding statistics as summable counts.
+
+Counts add up across steps, rows, batches, actors and nodes; rates are computed
+only when reporting. Vocabulary (see DESIGN.md): a step is one target
+verification forward; tau = 1 + accepted / steps counts the recovered or bonus
+token of each step; acceptance rate = accepted / drafted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _add_lists(a: list[int], b: list[int]) -> list[int]:
+    longer, shorter = (a, b) if len(a) >= len(b) else (b, a)
+    return [x + (shorter[i] if i < len(shorter) else 0) for i, x in enumerate(longer)]
+
+
+@dataclass
+class SpecDecodeCounts:
+    """Counts for one sequence, or summed over many."""
+
+    num_sequences: int = 0
+    num_generated_tokens: int = 0
+    num_steps: int = 0
+    num_drafted: int = 0
+    num_accepted: int = 0
+    drafted_per_position: list[int] = field(default_factory=list)
+    accepted_per_position: list[int] = field(default_factory=list)
+    latency_s: float = 0.0
+
+    def observe_step(self, num_drafted: int, num_accepted: int) -> None:
+        """One verification step that drafted `num_drafted` tokens and accepted the first `num_accepted`."""
+        self.num_steps += 1
+        self.num_drafted += num_drafted
+        self.num_accepted += num_accepted
+        self.drafted_per_position = _add_lists(self.drafted_per_position, [1] * num_drafted)
+        self.accepted_per_position = _add_lists(self.accepted_per_position, [1] * num_accepted)
+
+    def observe_tokens(self, num_tokens: int) -> None:
+        self.num_generated_tokens += num_tokens
+
+    def observe(self, other: SpecDecodeCounts) -> None:
+        """Add another sequence's (or aggregate's) counts into this one."""
+        self.num_sequences += other.num_sequences
+        self.num_generated_tokens += other.num_generated_tokens
+        self.num_steps += other.num_steps
+        self.num_drafted += other.num_drafted
+        self.num_accepted += other.num_accepted
+        self.drafted_per_position = _add_lists(self.drafted_per_position, other.drafted_per_position)
+        self.accepted_per_position = _add_lists(self.accepted_per_position, other.accepted_per_position)
+        self.latency_s += other.latency_s
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """tau: tokens emitted per verification step, 1 + accepted / steps."""
+        return 1.0 + self.num_accepted / self.num_steps if self.num_steps else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted / self.num_drafted if self.num_drafted else 0.0
+
+    @property
+    def acceptance_per_position(self) -> list[float]:
+        """Fraction of the drafts at position i that were accepted."""
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_per_position, self.drafted_per_position)]
+
+    def report(self) -> dict:
+        return {
+            "sequences": self.num_sequences,
+            "generated_tokens": self.num_generated_tokens,
+            "steps": self.num_steps,
+            "drafted": self.num_drafted,
+            "accepted": self.num_accepted,
+            "tau": round(self.mean_accepted_length, 4),
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "acceptance_per_position": [round(x, 4) for x in self.acceptance_per_position],
+        }

@@ -1,0 +1,224 @@
+"""Tiny checkpoints built from configs with real HF classes, for tests and the smoke demo.
+
+Each is saved with save_pretrained (config, safetensors, a real byte-level BPE
+tokenizer, image processor and chat template), so the pipeline loads it through
+the same code path as a downloaded checkpoint. Nothing is downloaded.
+Families: "llava" (LlavaForConditionalGeneration: CLIP vision + Llama) and
+"gemma3" (Gemma3ForConditionalGeneration: SigLIP vision + Gemma3 text with
+sliding-window layers and token_type_ids for image tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3ForCausalLM,
+    Gemma3Processor,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+    SiglipVisionConfig,
+)
+
+try:  # the torchvision-free image processors (transformers >= 5.x names them *Pil)
+    from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    from transformers import Gemma3ImageProcessorPil as Gemma3ImageProcessor
+except ImportError:  # pragma: no cover - older layouts
+    from transformers import CLIPImageProcessor, Gemma3ImageProcessor
+
+from drafters import save_massv
+from drafters.causal_lm import MassvProjector
+
+FAMILIES = ("llava", "gemma3")
+IMAGE_SIZE = 32
+IMAGE_TOKENS = 16
+SPECIAL_TOKENS = [
+    "<pad>", "<bos>", "<eos>", "<image>", "<start_of_image>", "<end_of_image>", "<start_of_turn>", "<end_of_turn>",
+]
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
+SHAPES = ["circle", "square", "triangle", "star"]
+CORPUS = [
+    f"the image shows a {size} {colour} {shape} on the {side} of a {bg} background."
+    for size in ("small", "large")
+    for colour in COLOURS
+    for shape in SHAPES
+    for side, bg in (("left", "grey"), ("right", "white"), ("top", "dark"))
+] + ["Describe the image.", "What colour is the shape?", "How many shapes are there? There are two shapes."]
+
+# One template for both families; the image placeholder is what each processor expands.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}IMAGE_PLACEHOLDER{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>assistant\n{% endif %}"
+)
+
+
+def build_tokenizer(vocab_size: int = 384, extra_corpus: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a fixed corpus (deterministic)."""
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(CORPUS + list(extra_corpus), trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"},
+    )
+
+
+def _llama_config(vocab_size: int, hidden: int, layers: int, init_range: float) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=init_range, tie_word_embeddings=False,
+    )
+
+
+def _gemma3_text_config(vocab_size: int, hidden: int, layers: int, init_range: float) -> Gemma3TextConfig:
+    return Gemma3TextConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=512,
+        sliding_window=8, sliding_window_pattern=2, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        initializer_range=init_range, tie_word_embeddings=False,
+    )
+
+
+def build_target(family: str, directory: str | Path, seed: int = 0, hidden: int = 64, layers: int = 4,
+                 init_range: float = 0.2) -> Path:
+    """A tiny random VLM of the family with its processor, saved to `directory`.
+
+    A large init range gives peaked next-token distributions, so greedy decoding
+    is not dominated by numerical near-ties.
+    """
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    vocab = len(tokenizer)
+    if family == "llava":
+        config = LlavaConfig(
+            vision_config=CLIPVisionConfig(
+                hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                image_size=IMAGE_SIZE, patch_size=8, projection_dim=32,
+            ),
+            text_config=_llama_config(vocab, hidden, layers, init_range),
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            vision_feature_layer=-1, vision_feature_select_strategy="default", image_seq_length=IMAGE_TOKENS,
+        )
+        model = LlavaForConditionalGeneration(config)
+        processor = LlavaProcessor(
+            image_processor=CLIPImageProcessor(
+                size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+            ),
+            tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+            num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE.replace("IMAGE_PLACEHOLDER", "<image>"),
+        )
+    elif family == "gemma3":
+        config = Gemma3Config(
+            text_config=_gemma3_text_config(vocab, hidden, layers, init_range),
+            vision_config=SiglipVisionConfig(
+                hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                image_size=IMAGE_SIZE, patch_size=4,
+            ),
+            mm_tokens_per_image=IMAGE_TOKENS,
+            boi_token_index=tokenizer.convert_tokens_to_ids("<start_of_image>"),
+            eoi_token_index=tokenizer.convert_tokens_to_ids("<end_of_image>"),
+            image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+            initializer_range=init_range, tie_word_embeddings=False,
+        )
+        model = Gemma3ForConditionalGeneration(config)
+        processor = Gemma3Processor(
+            image_processor=Gemma3ImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
+            tokenizer=tokenizer, image_seq_length=IMAGE_TOKENS,
+            chat_template=CHAT_TEMPLATE.replace("IMAGE_PLACEHOLDER", "<start_of_image>"),
+        )
+    else:
+        raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def build_text_drafter(target_dir: str | Path, directory: str | Path, seed: int = 1, hidden: int = 32,
+                       layers: int = 1, init_range: float = 0.2) -> Path:
+    """A small random causal LM of the target's family sharing its tokenizer."""
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    family = _family_of(target_dir)
+    if family == "llava":
+        model = LlamaForCausalLM(_llama_config(len(tokenizer), hidden, layers, init_range))
+    else:
+        model = Gemma3ForCausalLM(_gemma3_text_config(len(tokenizer), hidden, layers, init_range))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def build_massv_drafter(target_dir: str | Path, directory: str | Path, seed: int = 2, hidden: int = 32,
+                        layers: int = 1, perfect: bool = False) -> Path:
+    """A MASSV drafter: small causal LM + projector over the target's image features.
+
+    perfect=True copies the target's own language model and makes the projector an
+    exact identity (GELU(x) - GELU(-x) = x), so every draft matches the target.
+    """
+    directory = Path(directory)
+    text_drafter = build_text_drafter(target_dir, directory / "_lm", seed=seed, hidden=hidden, layers=layers)
+    tokenizer = AutoTokenizer.from_pretrained(text_drafter)
+    target = AutoModelForImageTextToText.from_pretrained(target_dir)
+    feature_dim = target.config.get_text_config().hidden_size
+    if perfect:
+        language_model = _target_language_model(target)
+        projector = MassvProjector(feature_dim, feature_dim, hidden_features=2 * feature_dim)
+        with torch.no_grad():
+            eye = torch.eye(feature_dim)
+            projector.linear_1.weight.copy_(torch.cat([eye, -eye]))
+            projector.linear_1.bias.zero_()
+            projector.linear_2.weight.copy_(torch.cat([eye, -eye], dim=1))
+            projector.linear_2.bias.zero_()
+    else:
+        language_model = (LlamaForCausalLM if _family_of(target_dir) == "llava" else Gemma3ForCausalLM).from_pretrained(
+            text_drafter
+        )
+        projector = MassvProjector(feature_dim, language_model.config.hidden_size)
+    save_massv(directory, language_model, projector, tokenizer)
+    shutil.rmtree(directory / "_lm")
+    return directory
+
+
+def _target_language_model(target):
+    """The target's decoder + LM head as a standalone causal LM with identical weights."""
+    text_config = target.config.get_text_config()
+    cls = LlamaForCausalLM if target.config.model_type == "llava" else Gemma3ForCausalLM
+    lm = cls(text_config)
+    lm.model.load_state_dict(target.model.language_model.state_dict())
+    lm.lm_head.load_state_dict(target.lm_head.state_dict())
+    return lm
+
+
+def _family_of(target_dir: str | Path) -> str:
+    model_type = json.loads((Path(target_dir) / "config.json").read_text())["model_type"]
+    return "llava" if model_type == "llava" else "gemma3"
