@@ -28,7 +28,7 @@ class Drafter(Protocol):
     def propose(
         self, k: int, sampling: SamplingConfig, generator: torch.Generator | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Draft tokens [B, k] and, when sampling, their distributions [B, k, target vocab]."""
+        """k >= 1 draft tokens [B, k] and, when sampling, their distributions [B, k, target vocab]."""
         ...
 
     def commit(

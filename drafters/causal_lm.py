@@ -57,7 +57,6 @@ class CausalLMDrafter:
         self.name = name
         self.decoder = RaggedDecoder(language_model)
         self.pending: list[list[int]] = []
-        self._fed_drafts = 0
 
     @property
     def kind(self) -> str:
@@ -79,17 +78,13 @@ class CausalLMDrafter:
         embeds = embed_with_image_features(self.model.get_input_embeddings(), ids, self.image_token_id, features)
         self.decoder.prefill(embeds, mask)
         self.pending = [[t] for t in first_tokens.tolist()]
-        self._fed_drafts = 0
 
     @torch.no_grad()
     def propose(self, k, sampling: SamplingConfig, generator):
+        """k >= 1 drafts per row; steps with k = 0 skip the drafter and it catches up here."""
         batch = len(self.pending)
-        if k == 0:
-            self._fed_drafts = 0
-            return torch.empty(batch, 0, dtype=torch.long, device=self.device), None
         # Catch up: read the committed tokens not yet in the cache (ragged, right-padded).
-        counts = torch.tensor([len(p) for p in self.pending], device=self.device)
-        pending, _ = _right_pad(self.pending, self.pad_token_id, self.device)
+        pending, counts = _right_pad(self.pending, self.pad_token_id, self.device)
         logits = self.decoder.forward(pending)
         self.decoder.advance(counts)
         logits = logits[torch.arange(batch, device=self.device), counts - 1]
@@ -102,13 +97,13 @@ class CausalLMDrafter:
             if j < k - 1:
                 logits = self.decoder.forward(token[:, None])[:, 0]
                 self.decoder.advance(torch.ones_like(counts))
-        self._fed_drafts = k - 1
         return torch.stack(tokens, dim=1), (torch.stack(probs, dim=1) if not sampling.greedy else None)
 
     def commit(self, num_accepted, output_tokens) -> None:
-        # The cache holds the k-1 drafts fed back; drop those after the first rejection.
-        kept_drafts = num_accepted.clamp_max(self._fed_drafts)
-        self.decoder.rewind(self._fed_drafts - kept_drafts)
+        # After propose(k) the cache holds the k-1 drafts fed back; drop those after the first rejection.
+        fed_drafts = max(output_tokens.shape[1] - 2, 0)
+        kept_drafts = num_accepted.clamp_max(fed_drafts)
+        self.decoder.rewind(fed_drafts - kept_drafts)
         kept, emitted = kept_drafts.tolist(), (num_accepted + 1).tolist()
         for i, row in enumerate(output_tokens.tolist()):
             self.pending[i].extend(row[kept[i] : emitted[i]])

@@ -30,6 +30,7 @@ class EngineConfig:
     gamma: int | str = 3  # draft length, or "auto"
     max_gamma: int = 8  # upper bound for "auto"
     max_new_tokens: int = 64
+    ignore_eos: bool = False  # always generate max_new_tokens (benchmarks, memory tests)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
@@ -62,12 +63,13 @@ class SpecDecodeEngine:
         counts = [SpecDecodeCounts(num_sequences=1) for _ in prompts]
         finish = [FINISH_LENGTH] * len(prompts)
         active = [i for i, b in enumerate(budgets) if b > 0]
+        eos_token_ids = frozenset() if self.config.ignore_eos else self.target.eos_token_ids
 
         def emit(row: int, tokens: list[int]) -> bool:
             """Append tokens to a row, cut at EOS or its budget; True when the row is finished."""
             for token in tokens:
                 outputs[row].append(token)
-                if token in self.target.eos_token_ids:
+                if token in eos_token_ids:
                     finish[row] = FINISH_STOP
                     break
                 if len(outputs[row]) >= budgets[row]:

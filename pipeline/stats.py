@@ -35,7 +35,9 @@ class SpecDecodeCounts:
         self.num_drafted += num_drafted
         self.num_accepted += num_accepted
         self.drafted_per_position = _add_lists(self.drafted_per_position, [1] * num_drafted)
-        self.accepted_per_position = _add_lists(self.accepted_per_position, [1] * num_accepted)
+        self.accepted_per_position = _add_lists(
+            self.accepted_per_position, [1] * num_accepted + [0] * (num_drafted - num_accepted)
+        )
 
     def observe_tokens(self, num_tokens: int) -> None:
         self.num_generated_tokens += num_tokens

@@ -1,0 +1,122 @@
+"""Benchmark the engine against HF `model.generate` on locally built tiny models: tau and time at batch sizes 1 and 8.
+
+    python jobs/bench_engine.py [--family llava|gemma3] [--max-new-tokens N] [--repeats R]
+
+Builds a tiny random target plus a random text-only drafter and an oracle MASSV
+drafter (the target's own LM, so every draft is accepted; nothing is downloaded),
+then for each batch size times, on the same greedy prompts, HF generate and the
+engine without a drafter and with each drafter at each gamma: one warm-up run,
+then the median over the repeats. One engine serves all runs of a configuration,
+so gamma "auto" keeps what it learned in the warm-up. tau and acceptance rate are
+summed over the timed runs. Information only: tiny models on CPU say little about
+real models on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+JOBS_DIR = Path(__file__).resolve().parent
+sys.path[:0] = [str(JOBS_DIR.parent), str(JOBS_DIR)]  # the repo's packages, and smoke.py
+
+from drafters import load_drafter  # noqa: E402
+from pipeline import tiny_models  # noqa: E402
+from pipeline.engine import EngineConfig, SpecDecodeEngine  # noqa: E402
+from pipeline.gamma import parse_gamma  # noqa: E402
+from pipeline.preprocess import build_messages, prepare_prompt  # noqa: E402
+from pipeline.stats import SpecDecodeCounts  # noqa: E402
+from pipeline.target import Target  # noqa: E402
+from smoke import synthetic_rows  # noqa: E402
+
+
+def timed_runs(run, repeats: int, device: torch.device) -> tuple[float, list]:
+    """Median seconds of `run()` over `repeats` after one warm-up, and the results of the timed runs."""
+    run()
+    seconds, results = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        results.append(run())
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds), results
+
+
+def hf_generate(target: Target, rows, max_new_tokens: int):
+    """A function running HF greedy generate on the rows as one left-padded batch; it returns tokens generated."""
+    processor = target.processor
+    processor.tokenizer.padding_side = "left"
+    texts = [processor.apply_chat_template(build_messages(p, True), add_generation_prompt=True) for p, _ in rows]
+    inputs = processor(text=texts, images=[[im] for _, im in rows], padding=True, return_tensors="pt").to(target.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(target.model.dtype)
+    prompt_length = inputs["input_ids"].shape[1]
+    eos = torch.tensor(sorted(target.eos_token_ids), device=target.device)
+
+    @torch.no_grad()
+    def run() -> int:
+        generated = target.model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)[:, prompt_length:]
+        is_eos = torch.isin(generated, eos)
+        first_eos = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, generated.shape[1])
+        return int(first_eos.sum())
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", default="llava", choices=tiny_models.FAMILIES)
+    parser.add_argument("--out", default="out/bench", help="the tiny checkpoints are written to OUT/<family>")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--gammas", default="3,auto")
+    args = parser.parse_args()
+    print(f"config: {vars(args)}")
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    gammas = [parse_gamma(g) for g in args.gammas.split(",")]
+
+    out = Path(args.out) / args.family
+    tiny_models.build_target(args.family, out / "target")
+    tiny_models.build_text_drafter(out / "target", out / "text-only")
+    tiny_models.build_massv_drafter(out / "target", out / "massv-oracle", perfect=True)
+    target = Target.load(str(out / "target"))
+    drafters = {name: load_drafter(out / name, target) for name in ["text-only", "massv-oracle"]}
+    print(f"device: {target.device} ({target.model.dtype}); checkpoints in {out}\n")
+
+    print("| method | drafter | gamma | batch | tokens | seconds (median) | tokens/s | speedup vs HF | tau | acceptance rate |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for batch_size in batch_sizes:
+        rows = synthetic_rows(batch_size)
+        prompts = [prepare_prompt(target.processor, p, im, target.context_length) for p, im in rows]
+
+        hf_seconds, hf_tokens = timed_runs(hf_generate(target, rows, args.max_new_tokens), args.repeats, target.device)
+        print(f"| HF generate | - | - | {batch_size} | {hf_tokens[-1]} | {hf_seconds:.3f} "
+              f"| {hf_tokens[-1] / hf_seconds:.0f} | 1.00 | - | - |")
+
+        configs = [("none", None, 0)] + [(name, d, g) for name, d in drafters.items() for g in gammas]
+        for name, drafter, gamma in configs:
+            engine = SpecDecodeEngine(target, drafter, EngineConfig(gamma=gamma, max_new_tokens=args.max_new_tokens))
+            label = f"| engine | {name} | {gamma if drafter else '-'} | {batch_size} |"
+            try:
+                seconds, runs = timed_runs(lambda: engine.generate(prompts), args.repeats, target.device)
+            except RuntimeError as error:  # one failing configuration should not hide the others
+                print(f"{label} failed: {error} | | | | | |")
+                continue
+            counts = SpecDecodeCounts()
+            for result in (r for results in runs for r in results):
+                counts.observe(result.counts)
+            tokens = counts.num_generated_tokens // args.repeats
+            print(f"{label} {tokens} | {seconds:.3f} "
+                  f"| {tokens / seconds:.0f} | {hf_seconds / seconds:.2f} | {counts.mean_accepted_length:.2f} "
+                  f"| {counts.acceptance_rate:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

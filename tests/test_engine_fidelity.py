@@ -1,0 +1,172 @@
+"""Engine fidelity on tiny LLaVA and Gemma3 models: greedy is token-identical, sampling keeps the target's distribution.
+
+Also: rollback keeps KV memory bounded under constant rejection, and a perfect
+drafter reaches tau = gamma + 1.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import hf_greedy, prepare_rows, ragged_rows
+from drafters import load_drafter
+from pipeline.acceptance import SamplingConfig
+from pipeline.engine import EngineConfig, SpecDecodeEngine
+from pipeline.kv_cache import GROWTH_SLOTS
+from pipeline.target import PreparedPrompt, Target
+
+MAX_NEW = 24
+NEAR_TIE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def references(targets):
+    """family -> (13 prepared rows, HF greedy output of each row run alone)."""
+    out = {}
+    for family, target in targets.items():
+        prompts = prepare_rows(target, ragged_rows(13))
+        out[family] = (prompts, [hf_greedy(target, p, MAX_NEW) for p in prompts])
+    return out
+
+
+def top2_gap(target: Target, prompt: PreparedPrompt, prefix: list[int]) -> float:
+    ids = torch.tensor([prompt.input_ids + prefix], device=target.device)
+    inputs = {k: v.to(target.device) for k, v in prompt.vision_inputs.items()}
+    inputs.update({k: torch.tensor([v + [0] * len(prefix)], device=target.device) for k, v in prompt.token_inputs.items()})
+    with torch.no_grad():
+        logits = target.model(input_ids=ids, **inputs).logits[0, -1].float()
+    top = logits.topk(2).values
+    return float(top[0] - top[1])
+
+
+def assert_same_tokens(target, prompts, got: list[list[int]], expected: list[list[int]]):
+    """Identical, except where the first difference is a numerical near-tie of the target."""
+    for prompt, g, e in zip(prompts, got, expected):
+        if g == e:
+            continue
+        j = next((i for i, (a, b) in enumerate(zip(g, e)) if a != b), min(len(g), len(e)))
+        gap = top2_gap(target, prompt, e[:j])
+        assert gap < NEAR_TIE, f"outputs differ at token {j} where the target's top-2 gap is {gap:.2e}:\n{g}\n{e}"
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3"])
+@pytest.mark.parametrize("drafter_kind", ["text", "massv"])
+@pytest.mark.parametrize("gamma", [1, 3, 5, "auto"])
+def test_greedy_is_token_identical(world, targets, references, family, drafter_kind, gamma):
+    target = targets[family]
+    prompts, expected = references[family]
+    drafter = load_drafter(world[family][drafter_kind], target)
+    for batch in (1, 4, 13):
+        rows = prompts[:batch]
+        baseline = SpecDecodeEngine(target, None, EngineConfig(max_new_tokens=MAX_NEW)).generate(rows)
+        speculative = SpecDecodeEngine(target, drafter, EngineConfig(gamma=gamma, max_new_tokens=MAX_NEW)).generate(rows)
+        assert_same_tokens(target, rows, [r.tokens for r in baseline], expected[:batch])
+        assert_same_tokens(target, rows, [r.tokens for r in speculative], expected[:batch])
+        assert [r.tokens for r in speculative] == [r.tokens for r in baseline]
+        for r in speculative:
+            c = r.counts
+            assert c.num_generated_tokens == len(r.tokens)
+            assert c.num_generated_tokens <= 1 + c.num_steps + c.num_accepted  # prefill token + one per step
+            if gamma != "auto":
+                assert c.num_drafted == gamma * c.num_steps
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 5])
+def test_perfect_drafter_accepts_every_draft(world, targets, gamma):
+    """The target's own language model as MASSV drafter: tau = gamma + 1 on every step but a truncated last one."""
+    target = targets["llava"]
+    prompts = prepare_rows(target, ragged_rows(6))
+    drafter = load_drafter(world["llava"]["perfect"], target)
+    results = SpecDecodeEngine(target, drafter, EngineConfig(gamma=gamma, max_new_tokens=40)).generate(prompts)
+    for r in results:
+        c = r.counts
+        assert c.accepted_per_position[:gamma] == [c.num_steps] * gamma or (
+            [a >= c.num_steps - 1 for a in c.accepted_per_position] == [True] * gamma
+        )
+        full_steps = (len(r.tokens) - 1) // (gamma + 1)
+        assert c.num_accepted >= full_steps * gamma
+    total_steps = sum(r.counts.num_steps for r in results)
+    total_accepted = sum(r.counts.num_accepted for r in results)
+    assert total_accepted >= (total_steps - len(results)) * gamma  # only last steps may be cut short
+
+
+class AlwaysWrongDrafter:
+    """Proposes a token the target does not emit for these rows, so every draft is rejected."""
+
+    name = "always-wrong"
+
+    def __init__(self, token: int):
+        self.token = token
+        self.rows = 0
+
+    def prefill(self, prompts, image_features, first_tokens):
+        self.rows = len(prompts)
+
+    def propose(self, k, sampling, generator):
+        return torch.full((self.rows, k), self.token, dtype=torch.long), None
+
+    def commit(self, num_accepted, output_tokens):
+        assert int(num_accepted.sum()) == 0
+
+    def select_rows(self, rows):
+        self.rows = len(rows)
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3"])
+def test_rejections_do_not_grow_kv_memory(targets, family):
+    target = targets[family]
+    prompts = prepare_rows(target, ragged_rows(4))
+    gamma, max_new = 5, 300
+    config = EngineConfig(gamma=gamma, max_new_tokens=max_new, ignore_eos=True)
+    plain = SpecDecodeEngine(target, None, config).generate(prompts)
+    emitted = {t for r in plain for t in r.tokens}
+    never_emitted = next(t for t in range(target.vocab_size) if t not in emitted)
+    results = SpecDecodeEngine(target, AlwaysWrongDrafter(never_emitted), config).generate(prompts)
+    assert [r.tokens for r in results] == [r.tokens for r in plain]
+    assert all(len(r.tokens) == max_new and never_emitted not in r.tokens for r in results)
+    assert all(r.counts.num_steps == max_new - 1 and r.counts.num_accepted == 0 for r in results)
+    longest = max(len(p.input_ids) for p in prompts) + max_new
+    # Every step wrote gamma + 1 slots per row (300 * 6 = 1800); the cache stays near the longest row.
+    assert target.decoder.cache.capacity <= longest + gamma + 1 + GROWTH_SLOTS
+    assert int(target.lengths.max()) <= longest
+
+
+def first_tokens_histogram(target, drafter, prompt, rows, seed, gamma=3):
+    config = EngineConfig(gamma=gamma, max_new_tokens=3, sampling=SamplingConfig(temperature=1.0, seed=seed))
+    results = SpecDecodeEngine(target, drafter, config).generate([prompt] * rows)
+    vocab = target.vocab_size
+    histograms = []
+    for position in (1, 2):  # token 0 comes from prefill; 1 and 2 from speculative steps
+        tokens = torch.tensor([r.tokens[position] for r in results if len(r.tokens) > position])
+        histograms.append(torch.bincount(tokens, minlength=vocab).float() / len(tokens))
+    stats = [r.counts for r in results]
+    return histograms, sum(c.num_accepted for c in stats) / max(sum(c.num_drafted for c in stats), 1)
+
+
+def test_sampling_with_a_drafter_keeps_the_targets_distribution(world, targets):
+    """First generated tokens: with a drafter vs without, against two independent runs without."""
+    target = targets["llava"]
+    prompt = prepare_rows(target, ragged_rows(1))[0]
+    drafter = load_drafter(world["llava"]["perfect"], target)
+    with torch.no_grad():  # a good but imperfect drafter: both acceptance and rejection happen
+        drafter.model.lm_head.weight.add_(0.15 * torch.randn_like(drafter.model.lm_head.weight))
+    rows = 3000
+    plain_a, _ = first_tokens_histogram(target, None, prompt, rows, seed=1)
+    plain_b, _ = first_tokens_histogram(target, None, prompt, rows, seed=2)
+    speculative, acceptance = first_tokens_histogram(target, drafter, prompt, rows, seed=3)
+    assert 0.2 < acceptance < 0.95, acceptance
+    for position in range(2):
+        noise = float((plain_a[position] - plain_b[position]).abs().sum())
+        distance = float((speculative[position] - plain_a[position]).abs().sum())
+        # The drafter's own distribution is measurably different; the output is not.
+        assert distance < 2 * noise + 0.05, (position, distance, noise)
+
+
+def test_sampling_is_seedable(targets):
+    target = targets["gemma3"]
+    prompts = prepare_rows(target, ragged_rows(3))
+    config = EngineConfig(max_new_tokens=8, sampling=SamplingConfig(temperature=0.8, top_p=0.9, seed=7))
+    first = [r.tokens for r in SpecDecodeEngine(target, None, config).generate(prompts)]
+    second = [r.tokens for r in SpecDecodeEngine(target, None, config).generate(prompts)]
+    assert first == second
