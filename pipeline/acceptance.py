@@ -95,14 +95,14 @@ def accept_sampled(
 
     # Recovered token at the first rejection from norm(max(0, p - q)); bonus from p_k.
     p_next = target_probs[rows, num_accepted]  # [B, V]
-    q_next = torch.cat([draft_probs, torch.zeros_like(draft_probs[:, :1])], dim=1)[rows, num_accepted]  # [B, V]
+    q_next = torch.cat([draft_probs, torch.zeros_like(target_probs[:, :1])], dim=1)[rows, num_accepted]  # [B, V]
     residual = (p_next - q_next).clamp_min(0)  # [B, V]; equals p_next on the bonus path
     mass = residual.sum(dim=-1, keepdim=True)
     # A rejection implies mass > 0; the fallback only guards against rounding.
     residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p_next)
     next_token = sample_from(residual, generator)  # [B]
 
-    output = torch.cat([draft_tokens, draft_tokens[:, :1]], dim=1).clone()  # [B, k+1]
+    output = torch.cat([draft_tokens, next_token[:, None]], dim=1)  # [B, k+1]
     output[rows, num_accepted] = next_token
     return num_accepted, _mask_after(output, num_accepted)
 

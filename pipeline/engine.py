@@ -129,6 +129,8 @@ class SpecDecodeEngine:
             num_accepted, output_tokens = accept_greedy(draft_tokens, target_logits)
         else:
             target_probs = logits_to_probs(target_logits, self.sampling)
+            if k == 0:
+                draft_probs = target_probs[:, :0]
             num_accepted, output_tokens = accept_sampled(draft_tokens, draft_probs, target_probs, self.generator)
         t2 = _synchronized_time(last_tokens.device)
 

@@ -52,8 +52,9 @@ def prepare_prompt(
         if image.width < 1 or image.height < 1:
             raise PromptError(f"image has no pixels ({image.width}x{image.height})")
         try:
+            image.load()  # PIL decodes lazily: a truncated or corrupt file fails here
             image = to_rgb(image)
-        except Exception as exc:  # a truncated or corrupt file fails here, on first pixel access
+        except Exception as exc:
             raise PromptError(f"image cannot be decoded: {exc}") from exc
     text = processor.apply_chat_template(build_messages(str(prompt), image is not None), add_generation_prompt=True)
     inputs = processor(text=[text], images=[image] if image is not None else None, return_tensors="pt")

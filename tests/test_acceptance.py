@@ -105,3 +105,9 @@ def test_sampling_config_rejects_bad_values():
         SamplingConfig(temperature=-1)
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(top_p=0)
+
+
+def test_sampled_with_no_drafts_samples_the_target():
+    p = torch.tensor([[[0.0, 1.0, 0.0]], [[0.0, 0.0, 1.0]]])
+    num_accepted, out = accept_sampled(torch.empty(2, 0, dtype=torch.long), p[:, :0], p, None)
+    assert num_accepted.tolist() == [0, 0] and out.tolist() == [[1], [2]]

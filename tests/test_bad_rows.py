@@ -75,7 +75,7 @@ def test_truncated_image_file_is_a_row_error(targets):
 
 def test_generation_stops_at_the_context(targets):
     target = targets["llava"]
-    prompt = prepare_prompt(target.processor, "shape " * 240, None, target.context_length)
+    prompt = prepare_prompt(target.processor, "shape " * 460, None, target.context_length)
     room = target.context_length - len(prompt.input_ids)
     assert 0 < room < 40
     result = SpecDecodeEngine(target, None, EngineConfig(max_new_tokens=100)).generate([prompt])[0]
