@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ sys.path[:0] = [str(JOBS_DIR.parent), str(JOBS_DIR)]  # the repo's packages, and
 
 from drafters import load_drafter  # noqa: E402
 from pipeline import tiny_models  # noqa: E402
-from pipeline.engine import EngineConfig, SpecDecodeEngine  # noqa: E402
+from pipeline.engine import EngineConfig, SpecDecodeEngine, synchronized_time  # noqa: E402
 from pipeline.gamma import parse_gamma  # noqa: E402
 from pipeline.preprocess import build_messages, prepare_prompt  # noqa: E402
 from pipeline.stats import SpecDecodeCounts  # noqa: E402
@@ -35,20 +34,14 @@ from pipeline.target import Target  # noqa: E402
 from smoke import synthetic_rows  # noqa: E402
 
 
-def synchronized_now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 def timed_runs(run, repeats: int, device: torch.device) -> tuple[float, list]:
     """Median seconds of `run()` over `repeats` after one warm-up, and the results of the timed runs."""
     run()
     seconds, results = [], []
     for _ in range(repeats):
-        start = synchronized_now(device)
+        start = synchronized_time(device)
         results.append(run())
-        seconds.append(synchronized_now(device) - start)
+        seconds.append(synchronized_time(device) - start)
     return statistics.median(seconds), results
 
 
@@ -56,7 +49,7 @@ def hf_generate_runner(target: Target, rows, max_new_tokens: int):
     """A function that runs HF greedy generate on the rows as one left-padded batch and returns the tokens generated."""
     processor = target.processor
     processor.tokenizer.padding_side = "left"
-    texts = [processor.apply_chat_template(build_messages(p, True), add_generation_prompt=True) for p, _ in rows]
+    texts = [processor.apply_chat_template(build_messages(p, 1), add_generation_prompt=True) for p, _ in rows]
     images = [[image] for _, image in rows]
     inputs = processor(text=texts, images=images, padding=True, return_tensors="pt").to(target.device)
     if "pixel_values" in inputs:
@@ -88,11 +81,9 @@ def main() -> None:
     gammas = [parse_gamma(g) for g in args.gammas.split(",")]
 
     out = Path(args.out) / args.family
-    tiny_models.build_target(args.family, out / "target")
-    tiny_models.build_text_drafter(out / "target", out / "text-only")
-    tiny_models.build_massv_drafter(out / "target", out / "massv-oracle", perfect=True)
-    target = Target.load(str(out / "target"))
-    drafters = {name: load_drafter(out / name, target) for name in ["text-only", "massv-oracle"]}
+    checkpoints = tiny_models.build_world(args.family, out)
+    target = Target.load(str(checkpoints["target"]))
+    drafters = {name: load_drafter(checkpoints[name], target) for name in ["text-only", "massv-oracle"]}
     print(f"device: {target.device} ({target.model.dtype}); checkpoints in {out}\n")
 
     columns = ["method", "drafter", "gamma", "batch", "tokens", "seconds (median)", "tokens/s",

@@ -48,18 +48,15 @@ def main() -> None:
     print(f"config: {vars(args)}")
 
     out = Path(args.out) / args.family
-    tiny_models.build_target(args.family, out / "target")
-    tiny_models.build_text_drafter(out / "target", out / "text-only")
-    tiny_models.build_massv_drafter(out / "target", out / "massv-random")
-    tiny_models.build_massv_drafter(out / "target", out / "massv-oracle", perfect=True)
-    target = Target.load(str(out / "target"))
+    checkpoints = tiny_models.build_world(args.family, out)
+    target = Target.load(str(checkpoints["target"]))
     prompts = [prepare_prompt(target.processor, p, im, target.context_length) for p, im in synthetic_rows(args.rows)]
     print(f"target {out / 'target'} on {target.device} ({target.model.dtype}); {len(prompts)} rows")
 
     baseline = None
     print(f"\n{'drafter':<14}{'tau':>7}{'accept':>8}{'tokens':>8}{'seconds':>9}{'tok/s':>8}  same as no drafter")
-    for name in ["none", "text-only", "massv-random", "massv-oracle"]:
-        drafter = load_drafter(None if name == "none" else out / name, target)
+    for name in ["none", "text-only", "massv", "massv-oracle"]:
+        drafter = load_drafter(checkpoints.get(name), target)
         engine = SpecDecodeEngine(target, drafter, EngineConfig(gamma=args.gamma, max_new_tokens=args.max_new_tokens))
         start = time.perf_counter()
         results = engine.generate(prompts)

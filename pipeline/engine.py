@@ -119,7 +119,7 @@ class SpecDecodeEngine:
             draft_tokens, draft_probs = self.drafter.propose(k, self.sampling, self.generator)
         else:
             draft_tokens, draft_probs = last_tokens.new_empty(len(last_tokens), 0), None
-        t1 = _synchronized_time(last_tokens.device)
+        t1 = synchronized_time(last_tokens.device)
 
         # Verify: one target forward over [last, d1..dk] for the whole batch.
         target_logits = self.target.verify(torch.cat([last_tokens[:, None], draft_tokens], dim=1))
@@ -132,7 +132,7 @@ class SpecDecodeEngine:
             if k == 0:
                 draft_probs = target_probs[:, :0]
             num_accepted, output_tokens = accept_sampled(draft_tokens, draft_probs, target_probs, self.generator)
-        t2 = _synchronized_time(last_tokens.device)
+        t2 = synchronized_time(last_tokens.device)
 
         # Roll back: each row keeps its last token and its accepted drafts.
         self.target.keep(num_accepted + 1)
@@ -169,7 +169,8 @@ class SpecDecodeEngine:
         return max(budget, 0)
 
 
-def _synchronized_time(device: torch.device) -> float:
+def synchronized_time(device: torch.device) -> float:
+    """perf_counter after the device has finished its queued work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()

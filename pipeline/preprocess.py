@@ -35,29 +35,24 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def build_messages(prompt: str, has_image: bool) -> list[dict]:
-    content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": prompt}]
+def build_messages(prompt: str, num_images: int) -> list[dict]:
+    content = [{"type": "image"}] * num_images + [{"type": "text", "text": prompt}]
     return [{"role": "user", "content": content}]
 
 
 def prepare_prompt(
-    processor, prompt: str | None, image: Image.Image | None, context_length: int | None
+    processor,
+    prompt: str | None,
+    image: Image.Image | list[Image.Image] | None,
+    context_length: int | None,
 ) -> PreparedPrompt:
-    """Chat-templated, tokenised prompt with processed image; raises PromptError for a bad row."""
+    """Chat-templated, tokenised prompt with its image(s) processed; raises PromptError for a bad row."""
     if prompt is None or not str(prompt).strip():
         raise PromptError("prompt is empty")
-    if image is not None:
-        if not isinstance(image, Image.Image):
-            raise PromptError(f"image is a {type(image).__name__}, not a decoded image")
-        if image.width < 1 or image.height < 1:
-            raise PromptError(f"image has no pixels ({image.width}x{image.height})")
-        try:
-            image.load()  # PIL decodes lazily: a truncated or corrupt file fails here
-            image = to_rgb(image)
-        except Exception as exc:
-            raise PromptError(f"image cannot be decoded: {exc}") from exc
-    text = processor.apply_chat_template(build_messages(str(prompt), image is not None), add_generation_prompt=True)
-    inputs = processor(text=[text], images=[image] if image is not None else None, return_tensors="pt")
+    images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+    images = [_checked_rgb(im) for im in images]
+    text = processor.apply_chat_template(build_messages(str(prompt), len(images)), add_generation_prompt=True)
+    inputs = processor(text=[text], images=[images] if images else None, return_tensors="pt")
     input_ids = inputs["input_ids"][0].tolist()
     if context_length is not None and len(input_ids) >= context_length:
         raise PromptError(
@@ -68,3 +63,15 @@ def prepare_prompt(
     }
     vision_inputs = {k: v for k, v in inputs.items() if k not in TEXT_KEYS and k not in token_inputs}
     return PreparedPrompt(input_ids=input_ids, vision_inputs=vision_inputs, token_inputs=token_inputs)
+
+
+def _checked_rgb(image) -> Image.Image:
+    if not isinstance(image, Image.Image):
+        raise PromptError(f"image is a {type(image).__name__}, not a decoded image")
+    if image.width < 1 or image.height < 1:
+        raise PromptError(f"image has no pixels ({image.width}x{image.height})")
+    try:
+        image.load()  # PIL decodes lazily: a truncated or corrupt file fails here
+        return to_rgb(image)
+    except Exception as exc:
+        raise PromptError(f"image cannot be decoded: {exc}") from exc

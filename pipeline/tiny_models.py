@@ -209,6 +209,22 @@ def build_massv_drafter(target_dir: str | Path, directory: str | Path, seed: int
     return directory
 
 
+def build_world(family: str, directory: str | Path) -> dict[str, Path]:
+    """A tiny target and its drafters: name -> checkpoint directory.
+
+    "text-only" and "massv" are small random drafters (fidelity, not speed);
+    "massv-oracle" is the target's own language model (every draft accepted).
+    """
+    directory = Path(directory)
+    target = build_target(family, directory / "target")
+    return {
+        "target": target,
+        "text-only": build_text_drafter(target, directory / "text-only"),
+        "massv": build_massv_drafter(target, directory / "massv"),
+        "massv-oracle": build_massv_drafter(target, directory / "massv-oracle", perfect=True),
+    }
+
+
 def _target_language_model(target):
     """The target's decoder + LM head as a standalone causal LM with identical weights."""
     text_config = target.config.get_text_config()

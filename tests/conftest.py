@@ -39,18 +39,9 @@ def ragged_rows(n: int) -> list[tuple[str, Image.Image | None]]:
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
-    """family -> {"target", "text", "massv", "perfect"} checkpoint directories."""
+    """family -> {"target", "text-only", "massv", "massv-oracle"} checkpoint directories."""
     root = tmp_path_factory.mktemp("tiny")
-    paths = {}
-    for family in tiny_models.FAMILIES:
-        target = tiny_models.build_target(family, root / family / "target")
-        paths[family] = {
-            "target": target,
-            "text": tiny_models.build_text_drafter(target, root / family / "text"),
-            "massv": tiny_models.build_massv_drafter(target, root / family / "massv"),
-            "perfect": tiny_models.build_massv_drafter(target, root / family / "perfect", perfect=True),
-        }
-    return paths
+    return {family: tiny_models.build_world(family, root / family) for family in tiny_models.FAMILIES}
 
 
 @pytest.fixture(scope="session")

@@ -28,12 +28,12 @@ def test_massv_directory_round_trip(world, targets, family):
     assert drafter.kind == "massv"
     features = torch.randn(5, targets[family].text_config.hidden_size)
     assert drafter.projector(features).shape == (5, drafter.model.config.hidden_size)
-    assert load_drafter(world[family]["text"], targets[family]).kind == "text-only"
+    assert load_drafter(world[family]["text-only"], targets[family]).kind == "text-only"
 
 
 def test_text_only_drafter_does_not_see_image_tokens(world, targets):
     target = targets["llava"]
-    drafter = load_drafter(world["llava"]["text"], target)
+    drafter = load_drafter(world["llava"]["text-only"], target)
     from conftest import prepare_rows, ragged_rows
 
     prompts = prepare_rows(target, ragged_rows(2))
