@@ -24,6 +24,8 @@ import torch
 JOBS_DIR = Path(__file__).resolve().parent
 sys.path[:0] = [str(JOBS_DIR.parent), str(JOBS_DIR)]  # the repo's packages, and smoke.py
 
+from smoke import synthetic_rows  # noqa: E402
+
 from drafters import load_drafter  # noqa: E402
 from pipeline import tiny_models  # noqa: E402
 from pipeline.engine import EngineConfig, SpecDecodeEngine, synchronized_time  # noqa: E402
@@ -31,7 +33,6 @@ from pipeline.gamma import parse_gamma  # noqa: E402
 from pipeline.preprocess import build_messages, prepare_prompt  # noqa: E402
 from pipeline.stats import SpecDecodeCounts  # noqa: E402
 from pipeline.target import Target  # noqa: E402
-from smoke import synthetic_rows  # noqa: E402
 
 
 def timed_runs(run, repeats: int, device: torch.device) -> tuple[float, list]:

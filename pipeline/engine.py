@@ -55,7 +55,9 @@ class SpecDecodeEngine:
         else:
             self.generator.seed()
 
-    def generate(self, prompts: list[PreparedPrompt], max_new_tokens: list[int] | None = None) -> list[GenerationResult]:
+    def generate(
+        self, prompts: list[PreparedPrompt], max_new_tokens: list[int] | None = None
+    ) -> list[GenerationResult]:
         """Generate for every prompt; rows are independent of each other's lengths and outcomes."""
         start = time.perf_counter()
         budgets = [self._budget(p, n) for p, n in zip(prompts, max_new_tokens or [None] * len(prompts))]

@@ -58,9 +58,8 @@ def prepare_prompt(
         raise PromptError(
             f"prompt is {len(input_ids)} tokens, which leaves no room in the target's context of {context_length}"
         )
-    token_inputs = {
-        k: v[0].tolist() for k, v in inputs.items() if k not in TEXT_KEYS and v.ndim == 2 and v.shape[1] == len(input_ids)
-    }
+    per_token = [k for k, v in inputs.items() if k not in TEXT_KEYS and v.ndim == 2 and v.shape[1] == len(input_ids)]
+    token_inputs = {k: inputs[k][0].tolist() for k in per_token}
     vision_inputs = {k: v for k, v in inputs.items() if k not in TEXT_KEYS and k not in token_inputs}
     return PreparedPrompt(input_ids=input_ids, vision_inputs=vision_inputs, token_inputs=token_inputs)
 

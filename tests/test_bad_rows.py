@@ -6,9 +6,9 @@ import io
 
 import numpy as np
 import pytest
+from conftest import hf_greedy, prepare_rows, ragged_rows
 from PIL import Image
 
-from conftest import hf_greedy, prepare_rows, ragged_rows
 from pipeline.engine import FINISH_LENGTH, EngineConfig, SpecDecodeEngine
 from pipeline.preprocess import PromptError, prepare_prompt, to_rgb
 

@@ -40,7 +40,8 @@ def test_text_only_drafter_does_not_see_image_tokens(world, targets):
     image_tokens = prompts[0].input_ids.count(target.image_token_id)
     assert image_tokens > 0
     drafter.prefill(prompts, None, torch.tensor([5, 6]))
-    assert drafter.decoder.lengths.tolist() == [len(p.input_ids) - p.input_ids.count(target.image_token_id) for p in prompts]
+    text_lengths = [len(p.input_ids) - p.input_ids.count(target.image_token_id) for p in prompts]
+    assert drafter.decoder.lengths.tolist() == text_lengths
 
 
 def test_vocabulary_mismatch_is_refused_before_decoding(tmp_path, targets):

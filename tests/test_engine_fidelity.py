@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import hf_greedy, prepare_rows, ragged_rows
+
 from drafters import load_drafter
 from pipeline.acceptance import SamplingConfig
 from pipeline.engine import EngineConfig, SpecDecodeEngine
@@ -33,7 +33,8 @@ def references(targets):
 def top2_gap(target: Target, prompt: PreparedPrompt, prefix: list[int]) -> float:
     ids = torch.tensor([prompt.input_ids + prefix], device=target.device)
     inputs = {k: v.to(target.device) for k, v in prompt.vision_inputs.items()}
-    inputs.update({k: torch.tensor([v + [0] * len(prefix)], device=target.device) for k, v in prompt.token_inputs.items()})
+    for name, values in prompt.token_inputs.items():  # generated tokens are text tokens
+        inputs[name] = torch.tensor([values + [0] * len(prefix)], device=target.device)
     with torch.no_grad():
         logits = target.model(input_ids=ids, **inputs).logits[0, -1].float()
     top = logits.topk(2).values
@@ -60,7 +61,8 @@ def test_greedy_is_token_identical(world, targets, references, family, drafter_k
     for batch in (1, 4, 13):
         rows = prompts[:batch]
         baseline = SpecDecodeEngine(target, None, EngineConfig(max_new_tokens=MAX_NEW)).generate(rows)
-        speculative = SpecDecodeEngine(target, drafter, EngineConfig(gamma=gamma, max_new_tokens=MAX_NEW)).generate(rows)
+        config = EngineConfig(gamma=gamma, max_new_tokens=MAX_NEW)
+        speculative = SpecDecodeEngine(target, drafter, config).generate(rows)
         assert_same_tokens(target, rows, [r.tokens for r in baseline], expected[:batch])
         assert_same_tokens(target, rows, [r.tokens for r in speculative], expected[:batch])
         assert [r.tokens for r in speculative] == [r.tokens for r in baseline]
@@ -78,7 +80,8 @@ def test_perfect_drafter_accepts_every_draft(world, targets, gamma):
     target = targets["llava"]
     prompts = prepare_rows(target, ragged_rows(6))
     drafter = load_drafter(world["llava"]["massv-oracle"], target)
-    results = SpecDecodeEngine(target, drafter, EngineConfig(gamma=gamma, max_new_tokens=40, ignore_eos=True)).generate(prompts)
+    config = EngineConfig(gamma=gamma, max_new_tokens=40, ignore_eos=True)
+    results = SpecDecodeEngine(target, drafter, config).generate(prompts)
     for r in results:
         c = r.counts
         assert c.num_steps > 1
