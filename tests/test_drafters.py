@@ -70,3 +70,4 @@ def test_projector_for_another_target_is_refused(world, targets):
             load_drafter(world["llava"]["massv"], target)
         finally:
             target.text_config.hidden_size = original
+
