@@ -133,7 +133,12 @@ def test_rejections_do_not_grow_kv_memory(targets, family):
 
 
 def first_tokens_histogram(target, drafter, prompt, rows, seed, gamma=3):
-    config = EngineConfig(gamma=gamma, max_new_tokens=3, sampling=SamplingConfig(temperature=1.0, seed=seed))
+    """Histograms of generated tokens 1 and 2 over `rows` samples of one prompt, and the acceptance rate.
+
+    Temperature 0.3 concentrates the tiny model's near-flat distributions enough for a few
+    thousand samples to resolve them.
+    """
+    config = EngineConfig(gamma=gamma, max_new_tokens=3, sampling=SamplingConfig(temperature=0.3, seed=seed))
     results = SpecDecodeEngine(target, drafter, config).generate([prompt] * rows)
     vocab = target.vocab_size
     histograms = []
@@ -149,18 +154,20 @@ def test_sampling_with_a_drafter_keeps_the_targets_distribution(world, targets):
     target = targets["llava"]
     prompt = prepare_rows(target, ragged_rows(1))[0]
     drafter = load_drafter(world["llava"]["massv-oracle"], target)
+    head = drafter.model.lm_head.weight
     with torch.no_grad():  # a good but imperfect drafter: both acceptance and rejection happen
-        drafter.model.lm_head.weight.add_(0.15 * torch.randn_like(drafter.model.lm_head.weight))
-    rows = 3000
+        head.add_(0.1 * torch.randn(head.shape, generator=torch.Generator().manual_seed(0)))
+    rows = 4000
     plain_a, _ = first_tokens_histogram(target, None, prompt, rows, seed=1)
     plain_b, _ = first_tokens_histogram(target, None, prompt, rows, seed=2)
     speculative, acceptance = first_tokens_histogram(target, drafter, prompt, rows, seed=3)
-    assert 0.2 < acceptance < 0.95, acceptance
+    assert 0.1 < acceptance < 0.95, acceptance
     for position in range(2):
         noise = float((plain_a[position] - plain_b[position]).abs().sum())
         distance = float((speculative[position] - plain_a[position]).abs().sum())
-        # The drafter's own distribution is measurably different; the output is not.
-        assert distance < 2 * noise + 0.05, (position, distance, noise)
+        # At noise level. Measured power: a rule that leans a third of the way towards the
+        # drafter's distribution lands at 2.6x (position 1) and 2.7x (position 2) the noise.
+        assert distance < 1.5 * noise + 0.05, (position, distance, noise)
 
 
 def test_sampling_is_seedable(targets):
