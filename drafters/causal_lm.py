@@ -87,7 +87,7 @@ class CausalLMDrafter:
         pending, counts = _right_pad(self.pending, self.pad_token_id, self.device)
         logits = self.decoder.forward(pending)
         self.decoder.advance(counts)
-        logits = logits[torch.arange(batch, device=self.device), counts - 1]
+        logits = logits[torch.arange(batch, device=self.device), (counts - 1).to(self.device)]
         self.pending = [[] for _ in range(batch)]
         tokens, probs = [], []
         for j in range(k):
@@ -100,6 +100,7 @@ class CausalLMDrafter:
         return torch.stack(tokens, dim=1), (torch.stack(probs, dim=1) if not sampling.greedy else None)
 
     def commit(self, num_accepted, output_tokens) -> None:
+        """num_accepted [B] and output_tokens [B, k+1] on the host."""
         # After propose(k) the cache holds the k-1 drafts fed back; drop those after the first rejection.
         fed_drafts = max(output_tokens.shape[1] - 2, 0)
         kept_drafts = num_accepted.clamp_max(fed_drafts)
@@ -109,7 +110,7 @@ class CausalLMDrafter:
             self.pending[i].extend(row[kept[i] : emitted[i]])
 
     def select_rows(self, rows: torch.Tensor) -> None:
-        self.decoder.select_rows(rows.to(self.device))
+        self.decoder.select_rows(rows)
         self.pending = [self.pending[i] for i in rows.tolist()]
 
     def _choose(self, logits, sampling, generator):
@@ -134,4 +135,4 @@ def _right_pad(rows: list[list[int]], pad_value: int, device) -> tuple[torch.Ten
     ids = torch.full((len(rows), width), pad_value, dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return ids.to(device), torch.tensor([len(r) for r in rows], device=device)
+    return ids.to(device), torch.tensor([len(r) for r in rows])  # counts stay on the host

@@ -64,6 +64,7 @@ class RaggedDecoder:
 
     @property
     def lengths(self) -> torch.Tensor:
+        """[B] committed tokens per row, on the host."""
         return self.cache.lengths
 
     @torch.no_grad()
@@ -93,8 +94,7 @@ class RaggedDecoder:
         Nothing is kept until `advance` says how many of the q tokens each row keeps.
         """
         positions = self.cache.begin_forward(tokens.shape[1])
-        kv_len = int(positions[:, -1].max()) + 1
-        masks = attention_masks(positions, kv_len, self.layer_types, self.sliding_window, self.dtype)
+        masks = attention_masks(positions, self.cache.kv_len, self.layer_types, self.sliding_window, self.dtype)
         out = self.model(
             input_ids=tokens,
             attention_mask=masks,

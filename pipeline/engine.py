@@ -136,12 +136,12 @@ class SpecDecodeEngine:
             num_accepted, output_tokens = accept_sampled(draft_tokens, draft_probs, target_probs, self.generator)
         t2 = synchronized_time(last_tokens.device)
 
-        # Roll back: each row keeps its last token and its accepted drafts.
+        # Roll back: each row keeps its last token and its accepted drafts (lengths live on the host).
+        next_tokens = output_tokens.gather(1, num_accepted[:, None]).squeeze(1)
+        num_accepted, output_tokens = num_accepted.cpu(), output_tokens.cpu()
         self.target.keep(num_accepted + 1)
         if self.drafter is not None:
             self.drafter.commit(num_accepted, output_tokens)
-        next_tokens = output_tokens.gather(1, num_accepted[:, None]).squeeze(1)
-        num_accepted, output_tokens = num_accepted.cpu(), output_tokens.cpu()
         self.gamma_policy.observe(k, k * len(last_tokens), int(num_accepted.sum()), t1 - t0, t2 - t1)
         return num_accepted, output_tokens, next_tokens
 
@@ -154,7 +154,7 @@ class SpecDecodeEngine:
                 counts[row].latency_s = now
         keep = torch.tensor([j for j, finished in enumerate(done) if not finished], dtype=torch.long)
         if len(keep):
-            self.target.select_rows(keep.to(self.target.device))
+            self.target.select_rows(keep)
             if self.drafter is not None:
                 self.drafter.select_rows(keep)
         return [active[j] for j in keep.tolist()], last_tokens[keep.to(last_tokens.device)]

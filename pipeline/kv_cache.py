@@ -13,6 +13,10 @@ slots are reclaimed by lowering length_i. Sliding-window layers keep all history
 (HF's cache evicts entries a rollback may need), and the attention mask limits
 what each query sees.
 
+Lengths live on the host (a CPU tensor): the engine reads accepted counts there
+anyway, and it keeps the forward free of GPU synchronisations (kv_len is known
+before the forward instead of read back from the device in every layer).
+
 Attention masks are built here from per-row positions (HF builds masks from one
 cache position shared by the whole batch, which ragged rows cannot use).
 """
@@ -31,13 +35,15 @@ SLIDING_ATTENTION = "sliding_attention"
 class RaggedKVCache(Cache):
     """Per-layer [B, heads, capacity, head_dim] buffers with a length per row."""
 
-    def __init__(self, num_layers: int, lengths: torch.Tensor):
+    def __init__(self, num_layers: int, lengths: torch.Tensor, device: torch.device):
         super().__init__(layers=[])
         self.num_layers = num_layers
-        self.lengths = lengths.clone()  # [B] long: committed slots per row
+        self.device = torch.device(device)
+        self.lengths = lengths.to("cpu", torch.long).clone()  # [B] committed slots per row, on the host
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
-        self._write_slots: torch.Tensor | None = None  # [B, q] slots of the forward in flight
+        self._write_slots: torch.Tensor | None = None  # [B, q] on device: slots of the forward in flight
+        self.kv_len = 0  # slots the forward in flight attends over: max_i(length_i) + q
 
     # ---- what the HF attention layers call ----
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
@@ -45,7 +51,7 @@ class RaggedKVCache(Cache):
         slots = self._write_slots
         if slots is None or slots.shape[1] != key_states.shape[2]:
             raise RuntimeError("RaggedKVCache.begin_forward(q) must be called before a forward of q tokens")
-        kv_len = int(slots[:, -1].max()) + 1
+        kv_len = self.kv_len
         if self.keys[layer_idx] is None:
             self.keys[layer_idx] = _empty_like_rows(key_states, kv_len + GROWTH_SLOTS)
             self.values[layer_idx] = _empty_like_rows(value_states, kv_len + GROWTH_SLOTS)
@@ -62,22 +68,25 @@ class RaggedKVCache(Cache):
 
     # ---- what the owner of the sequence state calls ----
     def begin_forward(self, q: int) -> torch.Tensor:
-        """Reserve slots [length_i, length_i + q) per row; return their positions [B, q]."""
-        self._write_slots = self.lengths[:, None] + torch.arange(q, device=self.lengths.device)[None, :]
+        """Reserve slots [length_i, length_i + q) per row; return their positions [B, q] on the device."""
+        positions = self.lengths[:, None] + torch.arange(q)[None, :]
+        self.kv_len = int(self.lengths.max()) + q
+        self._write_slots = positions.to(self.device, non_blocking=True)
         return self._write_slots
 
     def advance(self, kept: torch.Tensor) -> None:
-        """Keep the first kept[i] tokens of the last forward for row i; the rest is rolled back."""
-        self.lengths += kept.to(self.lengths)
+        """Keep the first kept[i] tokens of the last forward for row i (host tensor); the rest is rolled back."""
+        self.lengths += kept.to("cpu", torch.long)
         self._write_slots = None
 
     def rewind(self, dropped: torch.Tensor) -> None:
-        """Roll back the last dropped[i] committed tokens of row i."""
-        self.lengths -= dropped.to(self.lengths)
+        """Roll back the last dropped[i] committed tokens of row i (host tensor)."""
+        self.lengths -= dropped.to("cpu", torch.long)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only these rows (finished rows leave the batch)."""
-        self.lengths = self.lengths[rows]
+        self.lengths = self.lengths[rows.cpu()]
+        rows = rows.to(self.device)
         self.keys = [None if k is None else k[rows] for k in self.keys]
         self.values = [None if v is None else v[rows] for v in self.values]
 
@@ -93,9 +102,11 @@ class RaggedKVCache(Cache):
         slots; those are exactly the ones later queries can see.
         """
         layers = hf_cache.layers
-        cache = cls(len(layers), lengths)
+        device = layers[0].keys.device
+        cache = cls(len(layers), lengths, device)
+        lengths = lengths.to(device)
         capacity = padded_len + GROWTH_SLOTS
-        slots = torch.arange(capacity, device=lengths.device)
+        slots = torch.arange(capacity, device=device)
         for i, layer in enumerate(layers):
             n = layer.keys.shape[2]
             source = slots[None, :] + (n - lengths)[:, None]  # [B, capacity]: HF slot of position t

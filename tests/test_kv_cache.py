@@ -40,7 +40,7 @@ def test_left_padded_prefill_becomes_right_padded_rows():
 
 
 def test_rejected_slots_are_overwritten_not_kept():
-    cache = RaggedKVCache(num_layers=1, lengths=torch.tensor([2, 4]))
+    cache = RaggedKVCache(num_layers=1, lengths=torch.tensor([2, 4]), device="cpu")
     for step in range(50):
         positions = cache.begin_forward(4)
         states = positions[:, None, :, None].float().expand(2, 1, 4, 1)
