@@ -5,7 +5,9 @@ step. A step costs T(k+1) (the target verifying k+1 tokens per row; flat while
 memory-bound, growing with k at large batch) plus k drafter steps of cost c.
 `auto` picks the k in [0, max_gamma] that maximises E(k) / (T(k+1) + k c),
 using running averages of measured times, so when speculation does not pay
-(large batch, poor drafter) it falls to k = 0: plain decoding.
+(large batch, poor drafter) it falls to k = 0: plain decoding. The regime not in
+use is re-measured by an occasional probe step, at intervals that double while
+the choice stays the same, so a settled choice costs almost nothing to confirm.
 """
 
 from __future__ import annotations
@@ -32,16 +34,21 @@ def parse_gamma(value: int | str) -> int | str:
 class GammaPolicy:
     gamma: int | str = 3
     max_gamma: int = 8
-    probe_every: int = 16  # steps between re-measurements of the option not being used
+    probe_every: int = 16  # first interval between re-measurements of the regime not in use
+    max_probe_every: int = 256
     smoothing: float = 0.3  # weight of the newest measurement in running averages
 
     acceptance: float = 0.6  # prior until measured
     draft_s: float | None = None  # one drafter forward
     verify_s: dict[int, float] = field(default_factory=dict)  # tokens per row -> one target forward
     steps: int = 0
+    _probe_interval: int = field(default=0, init=False, repr=False)
+    _next_probe: int = field(default=0, init=False, repr=False)
+    _last_best: int = field(default=-1, init=False, repr=False)
 
     def __post_init__(self):
         self.gamma = parse_gamma(self.gamma)
+        self._probe_interval = self._next_probe = self.probe_every
 
     @property
     def auto(self) -> bool:
@@ -55,8 +62,12 @@ class GammaPolicy:
         if self.draft_s is None:
             return min(4, self.max_gamma)  # then a speculative step
         best = self.best_gamma()
-        if self.steps % self.probe_every == 0:
-            return 1 if best == 0 else 0  # keep the estimate of the other regime fresh
+        if best != self._last_best:  # the choice moved: watch more closely again
+            self._last_best, self._probe_interval = best, self.probe_every
+        if self.steps >= self._next_probe:  # keep the estimate of the other regime fresh
+            self._next_probe = self.steps + self._probe_interval
+            self._probe_interval = min(2 * self._probe_interval, self.max_probe_every)
+            return 1 if best == 0 else 0
         return best
 
     def best_gamma(self) -> int:

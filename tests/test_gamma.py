@@ -47,7 +47,14 @@ def test_auto_starts_by_measuring_both_regimes_then_probes():
     assert best > 0
     policy.observe(best, best, best, 0.01 * best, 1.0)
     policy.observe(best, best, best, 0.01 * best, 1.0)
-    assert policy.steps == 4 and policy.choose() == 0  # periodic probe of plain decoding
+    assert policy.steps == 4 and policy.choose() == 0  # probe of plain decoding
+    probes = []
+    for _ in range(100):
+        k = policy.choose()
+        probes.append(k == 0)
+        policy.observe(k, k, k, 0.01 * k, 1.0)
+    gaps = [i for i, probe in enumerate(probes) if probe]
+    assert [b - a for a, b in zip(gaps, gaps[1:])] == [8, 16, 32]  # intervals double while the choice holds
 
 
 def test_fixed_gamma_is_fixed():
