@@ -42,6 +42,38 @@ class GenerationResult:
     counts: SpecDecodeCounts
 
 
+class _Row:
+    """One sequence's output and counts while it decodes."""
+
+    def __init__(self, budget: int, eos_token_ids: frozenset[int]):
+        self.budget = budget
+        self.eos_token_ids = eos_token_ids
+        self.tokens: list[int] = []
+        self.finish_reason = FINISH_LENGTH
+        self.counts = SpecDecodeCounts(num_sequences=1)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason == FINISH_STOP or len(self.tokens) >= self.budget
+
+    def emit(self, tokens: list[int]) -> int:
+        """Append tokens up to an EOS token or the budget; returns how many were taken."""
+        taken = 0
+        for token in tokens:
+            if self.finished:
+                break
+            self.tokens.append(token)
+            taken += 1
+            if token in self.eos_token_ids:
+                self.finish_reason = FINISH_STOP
+        return taken
+
+    def result(self, tokenizer) -> GenerationResult:
+        self.counts.observe_tokens(len(self.tokens))
+        text = tokenizer.decode(self.tokens, skip_special_tokens=True)
+        return GenerationResult(tokens=self.tokens, text=text, finish_reason=self.finish_reason, counts=self.counts)
+
+
 class SpecDecodeEngine:
     def __init__(self, target: Target, drafter=None, config: EngineConfig | None = None):
         self.target = target
@@ -60,48 +92,22 @@ class SpecDecodeEngine:
     ) -> list[GenerationResult]:
         """Generate for every prompt; rows are independent of each other's lengths and outcomes."""
         start = time.perf_counter()
-        budgets = [self._budget(p, n) for p, n in zip(prompts, max_new_tokens or [None] * len(prompts))]
-        outputs: list[list[int]] = [[] for _ in prompts]
-        counts = [SpecDecodeCounts(num_sequences=1) for _ in prompts]
-        finish = [FINISH_LENGTH] * len(prompts)
-        active = [i for i, b in enumerate(budgets) if b > 0]
-        eos_token_ids = frozenset() if self.config.ignore_eos else self.target.eos_token_ids
-
-        def emit(row: int, tokens: list[int]) -> bool:
-            """Append tokens to a row, cut at EOS or its budget; True when the row is finished."""
-            for token in tokens:
-                outputs[row].append(token)
-                if token in eos_token_ids:
-                    finish[row] = FINISH_STOP
-                    break
-                if len(outputs[row]) >= budgets[row]:
-                    break
-            return finish[row] == FINISH_STOP or len(outputs[row]) >= budgets[row]
-
+        eos = frozenset() if self.config.ignore_eos else self.target.eos_token_ids
+        rows = [_Row(self._budget(p, n), eos) for p, n in zip(prompts, max_new_tokens or [None] * len(prompts))]
+        active = [i for i, row in enumerate(rows) if row.budget > 0]
         if active:
             last_tokens = self._prefill([prompts[i] for i in active])
-            done = [emit(row, [t]) for row, t in zip(active, last_tokens.tolist())]
-            while active:
-                active, last_tokens = self._drop_finished(active, last_tokens, done, counts, start)
-                if not active:
-                    break
-                k = self.gamma_policy.choose()
-                num_accepted, output_tokens, last_tokens = self._step(last_tokens, k)
-                done = []
-                for row, n, out in zip(active, num_accepted.tolist(), output_tokens.tolist()):
-                    before = len(outputs[row])
-                    done.append(emit(row, out[: n + 1]))
-                    emitted = len(outputs[row]) - before
-                    counts[row].observe_step(k, min(n, emitted))
-        for c, tokens in zip(counts, outputs):
-            c.observe_tokens(len(tokens))
-            if not c.latency_s:
-                c.latency_s = time.perf_counter() - start
-        tokenizer = self.target.tokenizer
-        return [
-            GenerationResult(tokens=t, text=tokenizer.decode(t, skip_special_tokens=True), finish_reason=f, counts=c)
-            for t, f, c in zip(outputs, finish, counts)
-        ]
+            for i, token in zip(active, last_tokens.tolist()):
+                rows[i].emit([token])
+            active, last_tokens = self._drop_finished(active, last_tokens, rows, start)
+        while active:
+            k = self.gamma_policy.choose()
+            num_accepted, output_tokens, last_tokens = self._step(last_tokens, k)
+            for i, n, out in zip(active, num_accepted.tolist(), output_tokens.tolist()):
+                emitted = rows[i].emit(out[: n + 1])
+                rows[i].counts.observe_step(k, min(n, emitted))  # drafts cut off by EOS/budget do not count
+            active, last_tokens = self._drop_finished(active, last_tokens, rows, start)
+        return [row.result(self.target.tokenizer) for row in rows]
 
     def _prefill(self, prompts: list[PreparedPrompt]) -> torch.Tensor:
         prefill = self.target.prefill(prompts)
@@ -145,14 +151,15 @@ class SpecDecodeEngine:
         self.gamma_policy.observe(k, k * len(last_tokens), int(num_accepted.sum()), t1 - t0, t2 - t1)
         return num_accepted, output_tokens, next_tokens
 
-    def _drop_finished(self, active, last_tokens, done, counts, start):
-        if not any(done):
+    def _drop_finished(self, active: list[int], last_tokens: torch.Tensor, rows: list[_Row], start: float):
+        """Finished rows leave the batch (target, drafter and last tokens alike)."""
+        keep = [j for j, i in enumerate(active) if not rows[i].finished]
+        if len(keep) == len(active):
             return active, last_tokens
-        now = time.perf_counter() - start
-        for row, finished in zip(active, done):
-            if finished:
-                counts[row].latency_s = now
-        keep = torch.tensor([j for j, finished in enumerate(done) if not finished], dtype=torch.long)
+        for i in active:
+            if rows[i].finished:
+                rows[i].counts.latency_s = time.perf_counter() - start
+        keep = torch.tensor(keep, dtype=torch.long)
         if len(keep):
             self.target.select_rows(keep)
             if self.drafter is not None:
