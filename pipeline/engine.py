@@ -7,6 +7,8 @@
 With drafter=None (or gamma 0) every step is a plain decoding step through the
 same code: the in-house baseline. Greedy output equals the target's own greedy
 output; sampled output follows the target's distribution (see acceptance.py).
+KV memory per row stays within the longest row + gamma + 1 (+ a growth chunk),
+however many drafts are rejected (see kv_cache.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.acceptance import SamplingConfig, accept_greedy, accept_sampled, logits_to_probs, sample_from
-from pipeline.gamma import GammaPolicy
+from pipeline.gamma import GammaPolicy, parse_gamma
 from pipeline.stats import SpecDecodeCounts
 from pipeline.target import PreparedPrompt, Target
 
@@ -32,6 +34,13 @@ class EngineConfig:
     max_new_tokens: int = 64
     ignore_eos: bool = False  # always generate max_new_tokens (benchmarks, memory tests)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self):
+        self.gamma = parse_gamma(self.gamma)
+        if self.max_gamma < 1:
+            raise ValueError(f"max_gamma must be at least 1, got {self.max_gamma}")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
 
 
 @dataclass

@@ -57,5 +57,15 @@ def test_auto_starts_by_measuring_both_regimes_then_probes():
     assert [b - a for a, b in zip(gaps, gaps[1:])] == [8, 16, 32]  # intervals double while the choice holds
 
 
+def test_engine_config_fails_at_once_on_bad_values():
+    from pipeline.engine import EngineConfig
+
+    assert EngineConfig(gamma="Auto").gamma == AUTO and EngineConfig(gamma="2").gamma == 2
+    with pytest.raises(ValueError, match="gamma must be"):
+        EngineConfig(gamma="three")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        EngineConfig(max_new_tokens=-1)
+
+
 def test_fixed_gamma_is_fixed():
     assert GammaPolicy(gamma=3).choose() == 3
