@@ -76,15 +76,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--gammas", default="3,auto")
+    parser.add_argument("--target-layers", type=int, default=4, help="decoder layers of the tiny target")
+    parser.add_argument(
+        "--active-layers", type=int, default=None,
+        help="keep only the first N target layers active and add a drafter made of them "
+             "(massv-shallow-oracle: every draft accepted at a fraction of the target's cost)",
+    )
     args = parser.parse_args()
     print(f"config: {vars(args)}")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     gammas = [parse_gamma(g) for g in args.gammas.split(",")]
 
     out = Path(args.out) / args.family
-    checkpoints = tiny_models.build_world(args.family, out)
+    checkpoints = tiny_models.build_world(args.family, out, args.target_layers, args.active_layers)
     target = Target.load(str(checkpoints["target"]))
-    drafters = {name: load_drafter(checkpoints[name], target) for name in ["text-only", "massv-oracle"]}
+    names = ["text-only", "massv-oracle"] + (["massv-shallow-oracle"] if args.active_layers else [])
+    drafters = {name: load_drafter(checkpoints[name], target) for name in names}
     print(f"device: {target.device} ({target.model.dtype}); checkpoints in {out}\n")
 
     columns = ["method", "drafter", "gamma", "batch", "tokens", "seconds (median)", "tokens/s",

@@ -10,6 +10,7 @@ sliding-window layers and token_type_ids for image tokens).
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -108,11 +109,14 @@ def _gemma3_text_config(vocab_size: int, hidden: int, layers: int, init_range: f
 
 
 def build_target(family: str, directory: str | Path, seed: int = 0, hidden: int = 64, layers: int = 4,
-                 init_range: float = 0.2) -> Path:
+                 init_range: float = 0.2, active_layers: int | None = None) -> Path:
     """A tiny random VLM of the family with its processor, saved to `directory`.
 
     A large init range gives peaked next-token distributions, so greedy decoding
-    is not dominated by numerical near-ties.
+    is not dominated by numerical near-ties. With active_layers=n, decoder layers
+    after the first n get zero output projections: they still cost compute but
+    leave the residual stream unchanged, so a drafter made of the first n layers
+    predicts exactly what the target does (a cheap oracle, for measuring speed).
     """
     directory = Path(directory)
     torch.manual_seed(seed)
@@ -157,6 +161,11 @@ def build_target(family: str, directory: str | Path, seed: int = 0, hidden: int 
         )
     else:
         raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+    if active_layers is not None:
+        with torch.no_grad():
+            for layer in model.model.language_model.layers[active_layers:]:
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
@@ -179,11 +188,12 @@ def build_text_drafter(target_dir: str | Path, directory: str | Path, seed: int 
 
 
 def build_massv_drafter(target_dir: str | Path, directory: str | Path, seed: int = 2, hidden: int = 32,
-                        layers: int = 1, perfect: bool = False) -> Path:
+                        layers: int = 1, perfect: bool = False, oracle_layers: int | None = None) -> Path:
     """A MASSV drafter: small causal LM + projector over the target's image features.
 
-    perfect=True copies the target's own language model and makes the projector an
-    exact identity (GELU(x) - GELU(-x) = x), so every draft matches the target.
+    perfect=True copies the target's own language model (its first oracle_layers
+    decoder layers, or all) and makes the projector an exact identity
+    (GELU(x) - GELU(-x) = x), so every draft matches the target.
     """
     directory = Path(directory)
     text_drafter = build_text_drafter(target_dir, directory / "_lm", seed=seed, hidden=hidden, layers=layers)
@@ -191,7 +201,7 @@ def build_massv_drafter(target_dir: str | Path, directory: str | Path, seed: int
     target = AutoModelForImageTextToText.from_pretrained(target_dir)
     feature_dim = target.config.get_text_config().hidden_size
     if perfect:
-        language_model = _target_language_model(target)
+        language_model = _target_language_model(target, oracle_layers)
         projector = MassvProjector(feature_dim, feature_dim, hidden_features=2 * feature_dim)
         with torch.no_grad():
             eye = torch.eye(feature_dim)
@@ -209,28 +219,40 @@ def build_massv_drafter(target_dir: str | Path, directory: str | Path, seed: int
     return directory
 
 
-def build_world(family: str, directory: str | Path) -> dict[str, Path]:
+def build_world(family: str, directory: str | Path, target_layers: int = 4,
+                active_layers: int | None = None) -> dict[str, Path]:
     """A tiny target and its drafters: name -> checkpoint directory.
 
     "text-only" and "massv" are small random drafters (fidelity, not speed);
     "massv-oracle" is the target's own language model (every draft accepted).
+    With active_layers, "massv-shallow-oracle" is the target's first active_layers
+    layers: every draft accepted at a fraction of the target's cost.
     """
     directory = Path(directory)
-    target = build_target(family, directory / "target")
-    return {
+    target = build_target(family, directory / "target", layers=target_layers, active_layers=active_layers)
+    world = {
         "target": target,
         "text-only": build_text_drafter(target, directory / "text-only"),
         "massv": build_massv_drafter(target, directory / "massv"),
         "massv-oracle": build_massv_drafter(target, directory / "massv-oracle", perfect=True),
     }
+    if active_layers is not None:
+        world["massv-shallow-oracle"] = build_massv_drafter(
+            target, directory / "massv-shallow-oracle", perfect=True, oracle_layers=active_layers
+        )
+    return world
 
 
-def _target_language_model(target):
-    """The target's decoder + LM head as a standalone causal LM with identical weights."""
-    text_config = target.config.get_text_config()
+def _target_language_model(target, num_layers: int | None = None):
+    """The target's decoder (its first num_layers layers, or all) + LM head as a standalone causal LM."""
+    text_config = copy.deepcopy(target.config.get_text_config())
+    if num_layers is not None:
+        text_config.num_hidden_layers = num_layers
+        if getattr(text_config, "layer_types", None):
+            text_config.layer_types = text_config.layer_types[:num_layers]
     cls = LlamaForCausalLM if target.config.model_type == "llava" else Gemma3ForCausalLM
     lm = cls(text_config)
-    lm.model.load_state_dict(target.model.language_model.state_dict())
+    lm.model.load_state_dict(target.model.language_model.state_dict(), strict=num_layers is None)
     lm.lm_head.load_state_dict(target.lm_head.state_dict())
     return lm
 

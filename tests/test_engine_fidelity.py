@@ -11,6 +11,7 @@ import torch
 from conftest import hf_greedy, prepare_rows, ragged_rows
 
 from drafters import load_drafter
+from pipeline import tiny_models
 from pipeline.acceptance import SamplingConfig
 from pipeline.engine import EngineConfig, SpecDecodeEngine
 from pipeline.kv_cache import GROWTH_SLOTS
@@ -188,3 +189,16 @@ def test_rows_with_two_images(world, targets, family):
     drafter = load_drafter(world[family]["massv"], target)
     results = SpecDecodeEngine(target, drafter, EngineConfig(gamma=3, max_new_tokens=MAX_NEW)).generate(rows)
     assert_same_tokens(target, rows, [r.tokens for r in results], [hf_greedy(target, p, MAX_NEW) for p in rows])
+
+
+def test_shallow_oracle_is_exact_at_a_fraction_of_the_cost(tmp_path):
+    """The benchmark's cheap oracle: a target whose later layers are no-ops, drafted by its first layer."""
+    world = tiny_models.build_world("llava", tmp_path, target_layers=3, active_layers=1)
+    target = Target.load(str(world["target"]))
+    drafter = load_drafter(world["massv-shallow-oracle"], target)
+    assert drafter.model.config.num_hidden_layers == 1
+    prompts = prepare_rows(target, ragged_rows(3))
+    results = SpecDecodeEngine(target, drafter, EngineConfig(gamma=4, max_new_tokens=21)).generate(prompts)
+    assert [r.tokens for r in results] == [hf_greedy(target, p, 21) for p in prompts]
+    assert all(r.counts.num_accepted >= 4 * (r.counts.num_steps - 1) for r in results)
+    assert sum(r.counts.num_accepted for r in results) > 0
