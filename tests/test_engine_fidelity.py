@@ -202,3 +202,15 @@ def test_shallow_oracle_is_exact_at_a_fraction_of_the_cost(tmp_path):
     assert [r.tokens for r in results] == [hf_greedy(target, p, 21) for p in prompts]
     assert all(r.counts.num_accepted >= 4 * (r.counts.num_steps - 1) for r in results)
     assert sum(r.counts.num_accepted for r in results) > 0
+
+
+def test_auto_gamma_stops_drafting_with_a_useless_drafter(world, targets):
+    target = targets["llava"]
+    prompts = prepare_rows(target, ragged_rows(4))
+    drafter = load_drafter(world["llava"]["text-only"], target)  # random weights: drafts are ~never accepted
+    engine = SpecDecodeEngine(target, drafter, EngineConfig(gamma="auto", max_new_tokens=96, ignore_eos=True))
+    results = engine.generate(prompts)
+    steps = sum(r.counts.num_steps for r in results)
+    drafted = sum(r.counts.num_drafted for r in results)
+    assert engine.gamma_policy.best_gamma() == 0
+    assert drafted < 0.25 * steps  # a few exploratory drafts while acceptance is learnt, then plain decoding
