@@ -91,15 +91,15 @@ class GammaPolicy:
         return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
 
     def _verify_cost(self, q: int) -> float:
-        """T(q), interpolated linearly from the widths measured so far."""
-        if q in self.verify_s:
-            return self.verify_s[q]
+        """T(q): interpolated linearly from the widths measured so far, and never below a narrower
+        width's measurement (timing noise must not make verifying more tokens look cheaper)."""
         widths = sorted(self.verify_s)
-        if len(widths) == 1:
-            return self.verify_s[widths[0]]
+        floor = max((self.verify_s[w] for w in widths if w <= q), default=0.0)
+        if q in self.verify_s or len(widths) == 1:
+            return max(self.verify_s.get(q, self.verify_s[widths[0]]), floor)
         lo = max([w for w in widths if w < q], default=widths[0])
         hi = min([w for w in widths if w > q], default=widths[-1])
         if lo == hi:  # extrapolate from the two nearest widths
             lo, hi = (widths[-2], widths[-1]) if q > widths[-1] else (widths[0], widths[1])
         slope = (self.verify_s[hi] - self.verify_s[lo]) / (hi - lo)
-        return max(self.verify_s[lo] + slope * (q - lo), 1e-9)
+        return max(self.verify_s[lo] + slope * (q - lo), floor, 1e-9)

@@ -35,6 +35,9 @@ def test_auto_falls_to_zero_when_verification_grows_with_width():
 def test_auto_falls_to_zero_with_a_useless_drafter():
     policy = policy_after(0.0, draft_s=0.01, verify_s=lambda q: 1.0)
     assert policy.best_gamma() == 0
+    # Even when noise makes a wider verification look faster than a plain step.
+    noisy = policy_after(0.0, draft_s=0.001, verify_s=lambda q: 1.0 if q == 1 else 0.9)
+    assert noisy.best_gamma() == 0
 
 
 def test_auto_starts_by_measuring_both_regimes_then_probes():
