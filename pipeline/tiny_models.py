@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -175,14 +174,8 @@ def build_text_drafter(target_dir: str | Path, directory: str | Path, seed: int 
                        layers: int = 1, init_range: float = 0.2) -> Path:
     """A small random causal LM of the target's family sharing its tokenizer."""
     directory = Path(directory)
-    torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
-    family = _family_of(target_dir)
-    if family == "llava":
-        model = LlamaForCausalLM(_llama_config(len(tokenizer), hidden, layers, init_range))
-    else:
-        model = Gemma3ForCausalLM(_gemma3_text_config(len(tokenizer), hidden, layers, init_range))
-    model.save_pretrained(directory)
+    _random_causal_lm(target_dir, len(tokenizer), seed, hidden, layers, init_range).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 
@@ -195,9 +188,7 @@ def build_massv_drafter(target_dir: str | Path, directory: str | Path, seed: int
     decoder layers, or all) and makes the projector an exact identity
     (GELU(x) - GELU(-x) = x), so every draft matches the target.
     """
-    directory = Path(directory)
-    text_drafter = build_text_drafter(target_dir, directory / "_lm", seed=seed, hidden=hidden, layers=layers)
-    tokenizer = AutoTokenizer.from_pretrained(text_drafter)
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
     target = AutoModelForImageTextToText.from_pretrained(target_dir)
     feature_dim = target.config.get_text_config().hidden_size
     if perfect:
@@ -210,13 +201,18 @@ def build_massv_drafter(target_dir: str | Path, directory: str | Path, seed: int
             projector.linear_2.weight.copy_(torch.cat([eye, -eye], dim=1))
             projector.linear_2.bias.zero_()
     else:
-        language_model = (LlamaForCausalLM if _family_of(target_dir) == "llava" else Gemma3ForCausalLM).from_pretrained(
-            text_drafter
-        )
+        language_model = _random_causal_lm(target_dir, len(tokenizer), seed, hidden, layers, init_range=0.2)
         projector = MassvProjector(feature_dim, language_model.config.hidden_size)
     save_massv(directory, language_model, projector, tokenizer)
-    shutil.rmtree(directory / "_lm")
-    return directory
+    return Path(directory)
+
+
+def _random_causal_lm(target_dir, vocab_size: int, seed: int, hidden: int, layers: int, init_range: float):
+    """A seeded random causal LM of the target's family."""
+    torch.manual_seed(seed)
+    if _family_of(target_dir) == "llava":
+        return LlamaForCausalLM(_llama_config(vocab_size, hidden, layers, init_range))
+    return Gemma3ForCausalLM(_gemma3_text_config(vocab_size, hidden, layers, init_range))
 
 
 def build_world(family: str, directory: str | Path, target_layers: int = 4,
