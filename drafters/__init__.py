@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from drafters.causal_lm import CausalLMDrafter, MassvProjector
 from pipeline.target import Target
@@ -41,9 +41,8 @@ def load_drafter(path: str | Path | None, target: Target, trust_remote_code: boo
     if path is None or str(path).lower() == "none":
         return None
     path = Path(path)
-    config_file = path / DRAFTER_CONFIG
-    config = json.loads(config_file.read_text()) if config_file.exists() else {"kind": "text-only"}
-    lm_path = path / LANGUAGE_MODEL_DIR if config["kind"] == "massv" else path
+    config = read_drafter_config(path)
+    lm_path = language_model_dir(path, config)
     language_model = AutoModelForCausalLM.from_pretrained(
         lm_path,
         dtype=target.model.dtype,
@@ -51,21 +50,16 @@ def load_drafter(path: str | Path | None, target: Target, trust_remote_code: boo
         attn_implementation="sdpa",
         trust_remote_code=trust_remote_code,
     ).to(target.device)
-    check_vocabulary(target, language_model, _tokenizer_or_none(lm_path), str(path))
+    drafter_vocab_size = language_model.get_output_embeddings().weight.shape[0]
+    check_vocabulary(target.tokenizer, target.vocab_size, drafter_vocab_size, _tokenizer_or_none(lm_path), str(path))
 
     projector = None
     if config["kind"] == "massv":
+        drafter_dim = language_model.get_input_embeddings().weight.shape[1]
+        check_projector(config["projector"], target.text_config.hidden_size, drafter_dim, str(path))
         projector = MassvProjector(**config["projector"])
         projector.load_state_dict(load_file(path / PROJECTOR_WEIGHTS))
         projector.to(target.device, target.model.dtype)
-        feature_dim = target.text_config.hidden_size
-        drafter_dim = language_model.get_input_embeddings().weight.shape[1]
-        if projector.config["in_features"] != feature_dim or projector.config["out_features"] != drafter_dim:
-            raise ValueError(
-                f"MASSV drafter {path} maps {projector.config['in_features']}-d image features to "
-                f"{projector.config['out_features']}-d embeddings, but the target's features are {feature_dim}-d "
-                f"and the drafter's embeddings {drafter_dim}-d: train the projector for this target."
-            )
     return CausalLMDrafter(
         language_model,
         target_vocab_size=target.vocab_size,
@@ -76,17 +70,42 @@ def load_drafter(path: str | Path | None, target: Target, trust_remote_code: boo
     )
 
 
-def check_vocabulary(target: Target, language_model, drafter_tokenizer, drafter_name: str) -> None:
+def check_drafter(path: str | Path, target_tokenizer, target_text_config, name: str,
+                  trust_remote_code: bool = False) -> None:
+    """Every check load_drafter makes, from config and tokenizer files only (no weights): for the job's preflight."""
+    path = Path(path)
+    config = read_drafter_config(path)
+    lm_config = AutoConfig.from_pretrained(language_model_dir(path, config), trust_remote_code=trust_remote_code)
+    lm_config = lm_config.get_text_config()
+    check_vocabulary(target_tokenizer, target_text_config.vocab_size, lm_config.vocab_size,
+                     _tokenizer_or_none(language_model_dir(path, config)), name)
+    if config["kind"] == "massv":
+        check_projector(config["projector"], target_text_config.hidden_size, lm_config.hidden_size, name)
+
+
+def read_drafter_config(path: Path) -> dict:
+    config_file = path / DRAFTER_CONFIG
+    config = json.loads(config_file.read_text()) if config_file.exists() else {"kind": "text-only"}
+    if config.get("kind") not in ("text-only", "massv"):
+        raise ValueError(f"{config_file} names an unknown drafter kind {config.get('kind')!r}: use text-only or massv.")
+    return config
+
+
+def language_model_dir(path: Path, config: dict) -> Path:
+    return path / LANGUAGE_MODEL_DIR if config["kind"] == "massv" else path
+
+
+def check_vocabulary(target_tokenizer, target_vocab_size: int, drafter_vocab_size: int, drafter_tokenizer,
+                     drafter_name: str) -> None:
     """Every token the drafter knows must have the same id in the target's tokenizer."""
-    drafter_vocab_size = language_model.get_output_embeddings().weight.shape[0]
     if drafter_tokenizer is None:
-        if drafter_vocab_size != target.vocab_size:
+        if drafter_vocab_size != target_vocab_size:
             raise ValueError(
                 f"drafter {drafter_name} has a vocabulary of {drafter_vocab_size} tokens but the target has "
-                f"{target.vocab_size}: use a drafter with the target's tokenizer."
+                f"{target_vocab_size}: use a drafter with the target's tokenizer."
             )
         return
-    target_vocab = target.tokenizer.get_vocab()
+    target_vocab = target_tokenizer.get_vocab()
     for token, token_id in sorted(drafter_tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
         if target_vocab.get(token) != token_id:
             where = f"id {target_vocab[token]}" if token in target_vocab else "absent"
@@ -94,6 +113,15 @@ def check_vocabulary(target: Target, language_model, drafter_tokenizer, drafter_
                 f"drafter {drafter_name} does not share the target's vocabulary: token {token!r} is id {token_id} "
                 f"in the drafter but {where} in the target; use a drafter with the target's tokenizer."
             )
+
+
+def check_projector(projector_config: dict, feature_dim: int, drafter_dim: int, drafter_name: str) -> None:
+    if projector_config["in_features"] != feature_dim or projector_config["out_features"] != drafter_dim:
+        raise ValueError(
+            f"MASSV drafter {drafter_name} maps {projector_config['in_features']}-d image features to "
+            f"{projector_config['out_features']}-d embeddings, but the target's features are {feature_dim}-d "
+            f"and the drafter's embeddings {drafter_dim}-d: train the projector for this target."
+        )
 
 
 def _tokenizer_or_none(path: Path):

@@ -2,16 +2,28 @@
 
 Runs on CPU workers. A row that cannot be prepared raises PromptError with a
 message meant for the row's `error` column; other rows are unaffected.
+`prepare_batch` is the job's CPU stage: source rows in (see sources.py),
+rows with the prepared prompt serialised as safetensors bytes out.
 """
 
 from __future__ import annotations
 
-import numpy as np
-from PIL import Image
+import io
 
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image, UnidentifiedImageError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from pipeline.sources import image_from_row
 from pipeline.target import PreparedPrompt
 
 TEXT_KEYS = ("input_ids", "attention_mask")
+PREPARED_SCHEMA = pa.schema(
+    [("id", pa.string()), ("prompt", pa.string()), ("prepared", pa.binary()), ("error", pa.string())]
+)
 
 
 class PromptError(ValueError):
@@ -74,3 +86,51 @@ def _checked_rgb(image) -> Image.Image:
         return to_rgb(image)
     except Exception as exc:
         raise PromptError(f"image cannot be decoded: {exc}") from exc
+
+
+def encode_prepared(prompt: PreparedPrompt) -> bytes:
+    """A PreparedPrompt as safetensors bytes (no pickles cross the object store)."""
+    tensors = {"input_ids": torch.tensor(prompt.input_ids, dtype=torch.long)}
+    tensors.update({f"vision.{k}": v.contiguous() for k, v in prompt.vision_inputs.items()})
+    tensors.update({f"token.{k}": torch.tensor(v, dtype=torch.long) for k, v in prompt.token_inputs.items()})
+    return save_tensors(tensors)
+
+
+def decode_prepared(data: bytes) -> PreparedPrompt:
+    tensors = load_tensors(data)
+    return PreparedPrompt(
+        input_ids=tensors.pop("input_ids").tolist(),
+        vision_inputs={k.removeprefix("vision."): v for k, v in tensors.items() if k.startswith("vision.")},
+        token_inputs={k.removeprefix("token."): v.tolist() for k, v in tensors.items() if k.startswith("token.")},
+    )
+
+
+def prepare_batch(batch: pa.Table, processor, context_length: int | None) -> pa.Table:
+    """The CPU stage: fetch and decode each row's image, template and tokenise; failures become `error`."""
+    out = []
+    for row in batch.to_pylist():
+        prepared, error = None, row["error"]
+        if error is None:
+            try:
+                prepared = encode_prepared(prepare_prompt(processor, row["prompt"], _load_image(row), context_length))
+            except PromptError as exc:
+                error = str(exc)
+        out.append({"id": row["id"], "prompt": row["prompt"], "prepared": prepared, "error": error})
+    return pa.Table.from_pylist(out, schema=PREPARED_SCHEMA)
+
+
+def _load_image(row: dict) -> Image.Image | None:
+    try:
+        data = image_from_row(row)
+    except FileNotFoundError:
+        raise PromptError(f"image file not found: {row['image_url']}") from None
+    except Exception as exc:
+        raise PromptError(f"image cannot be read from {row['image_url']}: {exc}") from None
+    if data is None:
+        return None
+    if not data:
+        raise PromptError("image is empty")
+    try:
+        return Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise PromptError(f"image cannot be decoded: {exc}") from None

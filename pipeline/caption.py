@@ -1,0 +1,99 @@
+"""The caption/VQA job on Ray Data: read -> prepare (CPU tasks) -> engine (actor pool) -> Parquet + summary.json.
+
+    source files --read tasks--> rows {id, prompt, image|image_url, error}
+      --CPU tasks: fetch, decode, chat template, tokenise--> rows {id, prompt, prepared, error}
+      --actor pool (one target + drafter per actor, num_gpus each)--> OUTPUT_SCHEMA rows
+      --write_parquet--> <output>/parts/*.parquet, then <output>/summary.json
+
+Everything that can be wrong with the job is checked first (preflight.py), so a
+bad configuration fails in seconds with one sentence, before any cluster work.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pyarrow as pa
+import ray
+
+from pipeline.actor import CaptionActor
+from pipeline.config import CaptionConfig, JobConfigError
+from pipeline.preflight import JobPlan, preflight
+from pipeline.preprocess import prepare_batch
+from pipeline.sink import format_summary, part_files, parts_dir, summarize, write_summary
+from pipeline.sources import SourcePlan, read_rows
+
+log = logging.getLogger(__name__)
+
+
+def run_caption(config: CaptionConfig) -> dict:
+    """Run the job to completion on the current Ray cluster (a local one when none is running); returns the summary."""
+    print(f"caption job config:\n{config.to_json()}", flush=True)
+    start = time.perf_counter()
+    plan = preflight(config)
+    if plan.skip_ids:
+        print(f"resuming: {len(plan.skip_ids)} rows already in {config.output} are skipped", flush=True)
+    if not ray.is_initialized():
+        ray.init()
+    parts_before = set(part_files(config.output))
+    build_dataset(config, plan).write_parquet(parts_dir(config.output))
+    run_parts = set(part_files(config.output)) - parts_before
+    summary = summarize(config.output, config.to_dict(), time.perf_counter() - start, run_parts)
+    summary["rows_skipped_by_resume"] = len(plan.skip_ids)
+    where = write_summary(config.output, summary)
+    print(format_summary(summary), flush=True)
+    print(f"summary: {where}", flush=True)
+    return summary
+
+
+def actor_gpus(config: CaptionConfig) -> float:
+    """GPUs per engine actor; raises JobConfigError when CPU-only actors would starve the CPU stages."""
+    resources = ray.cluster_resources()
+    gpus = config.gpus_per_actor
+    if gpus is None:
+        gpus = 1 if resources.get("GPU", 0) > 0 else 0
+    held = config.num_actors[0] * config.cpus_per_actor
+    if gpus == 0 and resources.get("CPU", 0) - held < 1:
+        raise JobConfigError(
+            f"{config.num_actors[0]} engine actors x {config.cpus_per_actor:g} CPU take all "
+            f"{resources.get('CPU', 0):g} CPUs of the cluster, leaving none to read and prepare rows: "
+            "lower --num-actors or --cpus-per-actor."
+        )
+    return gpus
+
+
+def build_dataset(config: CaptionConfig, plan: JobPlan) -> ray.data.Dataset:
+    gpus = actor_gpus(config)
+    reads = plan.source.reads
+    low, high = config.num_actors
+    # Streaming repartitions make blocks of one engine batch each, so work spreads over every actor even
+    # from a single input file, and keep Ray Data from fusing the CPU stage into the engine actors.
+    return (
+        ray.data.from_items([{"relatives": r} for r in reads], override_num_blocks=min(len(reads), 1000))
+        .map_batches(
+            _read_task, batch_size=1, batch_format="pyarrow", fn_kwargs={"plan": plan.source, "skip": plan.skip_ids}
+        )
+        .repartition(target_num_rows_per_block=config.batch_size)
+        .map_batches(
+            prepare_batch,
+            batch_size=None,
+            batch_format="pyarrow",
+            fn_kwargs={"processor": plan.processor, "context_length": plan.context_length},
+        )
+        .repartition(target_num_rows_per_block=config.batch_size)
+        .map_batches(
+            CaptionActor,
+            fn_constructor_kwargs={"config": config},
+            batch_size=config.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+            num_gpus=gpus,
+            num_cpus=config.cpus_per_actor,
+        )
+    )
+
+
+def _read_task(batch: pa.Table, plan: SourcePlan, skip: frozenset[str]):
+    for relatives in batch.column("relatives").to_pylist():
+        yield from read_rows(plan, relatives, skip)

@@ -1,0 +1,113 @@
+"""Paths and object storage: fsspec URLs (local or s3:// through s3fs), model checkpoints copied once per node.
+
+s3fs reads the standard AWS environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_REGION, AWS_ENDPOINT_URL, profiles, instance roles). Credentials are never
+logged: only URLs are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import uuid
+from pathlib import Path
+
+import fsspec
+from filelock import FileLock
+
+DEFAULT_MODEL_CACHE = "~/.cache/vlm-specdec/models"
+WEIGHT_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_COMPLETE = ".complete"
+
+
+def is_remote(url: str) -> bool:
+    return "://" in str(url) and not str(url).startswith("file://")
+
+
+def url_to_fs(url: str):
+    """(filesystem, path within it) for a local path or any fsspec URL."""
+    return fsspec.core.url_to_fs(str(url))
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or a URL, keeping its protocol."""
+    return "/".join([str(base).rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def resolve(reference: str, base: str) -> str:
+    """An image reference from a table: absolute paths and URLs as they are, relative ones against `base`."""
+    if "://" in reference or reference.startswith("/"):
+        return reference
+    return join(base, reference)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = url_to_fs(url)
+    return fs.cat_file(path)
+
+
+def check_writable(url: str) -> None:
+    """Create the output location and prove it takes a file; raises OSError with the reason."""
+    fs, path = url_to_fs(url)
+    fs.makedirs(path, exist_ok=True)
+    probe = join(path, f".write-probe-{uuid.uuid4().hex}")
+    with fs.open(probe, "wb") as f:
+        f.write(b"ok")
+    fs.rm(probe)
+
+
+def model_files(url: str) -> list[str]:
+    """Every file of a checkpoint directory, relative to it."""
+    fs, path = url_to_fs(url)
+    if not fs.isdir(path):
+        raise FileNotFoundError(f"{url} is not a directory")
+    root = path.rstrip("/") + "/"
+    return sorted(p[len(root) :] for p in fs.find(path) if p.startswith(root))
+
+
+def safetensors_header(url: str) -> dict:
+    """The JSON header of a .safetensors file, read without its tensor data (a cheap integrity check)."""
+    fs, path = url_to_fs(url)
+    with fs.open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > 100_000_000:
+            raise ValueError(f"{url} has an implausible safetensors header length {length}")
+        return json.loads(f.read(length))
+
+
+def localize(url: str, cache_dir: str = DEFAULT_MODEL_CACHE, weights: bool = True) -> str:
+    """A local directory holding the checkpoint at `url`, copied at most once per node.
+
+    Local paths are returned as they are. Remote ones are copied into `cache_dir`
+    under a lock, into a temporary directory renamed when complete, so concurrent
+    actors on one node share a single copy and a crash never leaves a partial one.
+    weights=False copies only configs, tokenizer and processor files (for the driver's checks).
+    """
+    if not is_remote(url):
+        return str(url).removeprefix("file://")
+    fs, path = url_to_fs(url)
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    kind = "full" if weights else "light"
+    digest = hashlib.sha256(f"{url}|{kind}".encode()).hexdigest()[:16]
+    cache = Path(os.path.expanduser(cache_dir))
+    cache.mkdir(parents=True, exist_ok=True)
+    local = cache / f"{name}-{digest}"
+    with FileLock(str(local) + ".lock"):
+        if (local / _COMPLETE).exists():
+            return str(local)
+        staging = cache / f".{name}-{digest}-{uuid.uuid4().hex}"
+        root = path.rstrip("/") + "/"
+        for relative in model_files(url):
+            if not weights and relative.endswith(WEIGHT_SUFFIXES + PICKLE_SUFFIXES):
+                continue
+            destination = staging / relative
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(root + relative, str(destination))
+        (staging / _COMPLETE).write_text(url)
+        shutil.rmtree(local, ignore_errors=True)
+        staging.rename(local)
+    return str(local)
