@@ -16,6 +16,7 @@ import time
 
 import pyarrow as pa
 import ray
+from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from pipeline.actor import CaptionActor
 from pipeline.config import CaptionConfig, JobConfigError
@@ -23,6 +24,7 @@ from pipeline.preflight import JobPlan, preflight
 from pipeline.preprocess import prepare_batch
 from pipeline.sink import format_summary, part_files, parts_dir, summarize, write_summary
 from pipeline.sources import SourcePlan, read_rows
+from pipeline.storage import url_to_fs
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,8 @@ def run_caption(config: CaptionConfig) -> dict:
     if not ray.is_initialized():
         ray.init()
     parts_before = set(part_files(config.output))
-    build_dataset(config, plan).write_parquet(parts_dir(config.output))
+    fs, parts_path = url_to_fs(parts_dir(config.output))  # written through fsspec, as everything else is
+    build_dataset(config, plan).write_parquet(parts_path, filesystem=PyFileSystem(FSSpecHandler(fs)))
     run_parts = set(part_files(config.output)) - parts_before
     summary = summarize(config.output, config.to_dict(), time.perf_counter() - start, run_parts)
     summary["rows_skipped_by_resume"] = len(plan.skip_ids)

@@ -79,6 +79,7 @@ def parts_dir(output: str) -> str:
 
 def part_files(output: str) -> list[str]:
     fs, path = url_to_fs(parts_dir(output))
+    fs.invalidate_cache()  # object stores list through a cache; other processes wrote these parts
     if not fs.exists(path):
         return []
     return sorted(p for p in fs.find(path) if p.endswith(".parquet") and "/." not in p[len(path) :])

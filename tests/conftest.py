@@ -31,8 +31,8 @@ def ragged_rows(n: int) -> list[tuple[str, Image.Image | None]]:
     rows = []
     for i in range(n):
         colour = [(220, 30, 30), (30, 160, 60), (40, 60, 220), (230, 200, 40)][i % 4]
-        image = Image.new("RGB", (24 + 7 * i, 40 - i), (100 + 5 * i, 100, 100))
-        image.paste(colour, (2, 2, 12 + i, 14))
+        image = Image.new("RGB", (24 + 7 * (i % 16), 40 - i % 30), (100 + 5 * (i % 30), 100, 100))
+        image.paste(colour, (2, 2, 12 + i % 16, 14))
         rows.append((QUESTIONS[i % len(QUESTIONS)], None if i % 5 == 4 else image))
     return rows
 
@@ -60,3 +60,40 @@ def hf_greedy(target: Target, prompt, max_new_tokens: int) -> list[int]:
     inputs.update({k: torch.tensor([v], device=target.device) for k, v in prompt.token_inputs.items()})
     out = target.model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
     return out[0, len(prompt.input_ids) :].tolist()
+
+
+# Rows the caption job must fail one by one (id -> the start of its error), with good rows around them.
+BAD_ROWS = {
+    "bad-undecodable": "image cannot be decoded",
+    "bad-missing-image": "image is missing",
+    "bad-missing-file": "image file not found",
+    "bad-empty-prompt": "prompt is empty",
+    "bad-null-prompt": "prompt is empty",
+    "bad-long-prompt": "prompt is",  # ... N tokens, which leaves no room in the target's context of 512
+}
+
+
+def write_caption_dataset(directory: Path, num_good: int, parts: int = 3) -> dict[str, str | None]:
+    """Parquet parts with image paths relative to `directory` plus BAD_ROWS; returns id -> expected error."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, (prompt, image) in enumerate(ragged_rows(num_good)):
+        image = image or Image.new("RGB", (16, 20), (i % 256, 80, 160))  # every job row has an image
+        image.save(directory / f"images/{i}.png")
+        records.append({"id": f"row-{i}", "prompt": prompt, "image": f"images/{i}.png"})
+    (directory / "images" / "garbage.png").write_bytes(b"this is not an image")
+    records += [
+        {"id": "bad-undecodable", "prompt": "Describe.", "image": "images/garbage.png"},
+        {"id": "bad-missing-image", "prompt": "Describe.", "image": None},
+        {"id": "bad-missing-file", "prompt": "Describe.", "image": "images/absent.png"},
+        {"id": "bad-empty-prompt", "prompt": "  ", "image": "images/0.png"},
+        {"id": "bad-null-prompt", "prompt": None, "image": "images/0.png"},
+        {"id": "bad-long-prompt", "prompt": "word " * 600, "image": "images/0.png"},
+    ]
+    schema = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("image", pa.string())])
+    for p in range(parts):
+        pq.write_table(pa.Table.from_pylist(records[p::parts], schema=schema), directory / f"part-{p}.parquet")
+    return {r["id"]: BAD_ROWS.get(r["id"]) for r in records}
