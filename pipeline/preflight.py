@@ -65,15 +65,18 @@ def check_target(config: CaptionConfig):
     light = localize(config.target, config.model_cache, weights=False)
     try:
         model_config = AutoConfig.from_pretrained(light, trust_remote_code=config.trust_remote_code)
-        processor = AutoProcessor.from_pretrained(light, trust_remote_code=config.trust_remote_code)
     except Exception as exc:
-        raise JobConfigError(f"target {config.target} cannot be loaded ({_first_line(exc)}).") from None
+        raise JobConfigError(f"target {config.target} has no loadable config.json ({_first_line(exc)}).") from None
     class_name = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_config.model_type)
     if class_name is None and not config.trust_remote_code:
         raise JobConfigError(
             f"target {config.target} is a {model_config.model_type!r} model, which is not an image-text-to-text "
             "architecture transformers knows: use a VLM checkpoint such as LLaVA or Gemma3."
         )
+    try:
+        processor = AutoProcessor.from_pretrained(light, trust_remote_code=config.trust_remote_code)
+    except Exception as exc:
+        raise JobConfigError(f"target {config.target} has no loadable processor ({_first_line(exc)}).") from None
     model_class = getattr(transformers, class_name, None) if class_name else None
     module = sys.modules.get(model_class.__module__) if model_class else None
     if module and any(hasattr(obj, "get_rope_index") for obj in vars(module).values() if isinstance(obj, type)):

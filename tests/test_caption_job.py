@@ -16,7 +16,7 @@ import ray
 from conftest import write_caption_dataset
 
 from pipeline.caption import run_caption
-from pipeline.config import CaptionConfig
+from pipeline.config import CaptionConfig, JobConfigError
 from pipeline.sink import OUTPUT_SCHEMA
 
 pytestmark = pytest.mark.slow
@@ -127,3 +127,10 @@ def test_s3_input_output_and_models(local_ray, s3_server, world, tmp_path):
     # each checkpoint was copied into the node's cache once (plus a light copy for the driver's checks)
     cached = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "cache").iterdir() if p.is_dir())
     assert cached == ["massv", "massv", "target", "target"]
+
+
+def test_cpu_actors_that_would_starve_the_cpu_stages_are_refused(local_ray, world, tmp_path):
+    data = tmp_path / "data"
+    write_caption_dataset(data, num_good=2, parts=1)
+    with pytest.raises(JobConfigError, match="4 engine actors x 1 CPU take all 4 CPUs of the cluster"):
+        run_caption(job(world, data, tmp_path / "out", tmp_path, num_actors=4))
