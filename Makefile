@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: setup
-	$(BIN)/python jobs/smoke.py
+	$(BIN)/python jobs/caption.py
 
 test: setup
 	$(BIN)/python -m pytest -q tests

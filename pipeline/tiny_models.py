@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import torch
+from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForImageTextToText,
@@ -256,3 +257,26 @@ def _target_language_model(target, num_layers: int | None = None):
 def _family_of(target_dir: str | Path) -> str:
     model_type = json.loads((Path(target_dir) / "config.json").read_text())["model_type"]
     return "llava" if model_type == "llava" else "gemma3"
+
+
+QUESTIONS = [
+    "Describe the image.",
+    "What colour is the shape on the left of the grey background?",
+    "How many shapes are there?",
+    "the image shows a small red circle. What else?",
+    "Is there a star?",
+    "Describe the image in one long sentence with every colour you can see and where each shape is.",
+    "hi",
+]
+
+
+def sample_rows(n: int, text_only_every: int = 5) -> list[tuple[str, Image.Image | None]]:
+    """n (prompt, image) rows of varied prompt lengths and image sizes; every text_only_every-th has no image."""
+    rows = []
+    for i in range(n):
+        colour = [(220, 30, 30), (30, 160, 60), (40, 60, 220), (230, 200, 40)][i % 4]
+        image = Image.new("RGB", (24 + 7 * (i % 16), 40 - i % 30), (100 + 5 * (i % 30), 100, 100))
+        image.paste(colour, (2, 2, 12 + i % 16, 14))
+        text_only = text_only_every and i % text_only_every == text_only_every - 1
+        rows.append((QUESTIONS[i % len(QUESTIONS)], None if text_only else image))
+    return rows

@@ -7,34 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import tiny_models  # noqa: E402
 from pipeline.preprocess import prepare_prompt  # noqa: E402
 from pipeline.target import Target  # noqa: E402
-
-QUESTIONS = [
-    "Describe the image.",
-    "What colour is the shape on the left of the grey background?",
-    "How many shapes are there?",
-    "the image shows a small red circle. What else?",
-    "Is there a star?",
-    "Describe the image in one long sentence with every colour you can see and where each shape is.",
-    "hi",
-]
-
-
-def ragged_rows(n: int) -> list[tuple[str, Image.Image | None]]:
-    """n rows of varied prompt lengths and image sizes; every 5th row has no image."""
-    rows = []
-    for i in range(n):
-        colour = [(220, 30, 30), (30, 160, 60), (40, 60, 220), (230, 200, 40)][i % 4]
-        image = Image.new("RGB", (24 + 7 * (i % 16), 40 - i % 30), (100 + 5 * (i % 30), 100, 100))
-        image.paste(colour, (2, 2, 12 + i % 16, 14))
-        rows.append((QUESTIONS[i % len(QUESTIONS)], None if i % 5 == 4 else image))
-    return rows
+from pipeline.tiny_models import sample_rows as ragged_rows  # noqa: E402, F401  (tests import it from here)
 
 
 @pytest.fixture(scope="session")
@@ -80,8 +59,7 @@ def write_caption_dataset(directory: Path, num_good: int, parts: int = 3) -> dic
 
     (directory / "images").mkdir(parents=True, exist_ok=True)
     records = []
-    for i, (prompt, image) in enumerate(ragged_rows(num_good)):
-        image = image or Image.new("RGB", (16, 20), (i % 256, 80, 160))  # every job row has an image
+    for i, (prompt, image) in enumerate(ragged_rows(num_good, text_only_every=0)):
         image.save(directory / f"images/{i}.png")
         records.append({"id": f"row-{i}", "prompt": prompt, "image": f"images/{i}.png"})
     (directory / "images" / "garbage.png").write_bytes(b"this is not an image")
