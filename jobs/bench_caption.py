@@ -3,8 +3,9 @@
     python jobs/bench_caption.py [--rows 256] [--max-new-tokens 32] [--batch-size 32] [--drafter none]
 
 Both paths decode the images, apply the chat template and run the engine with
-the same target, drafter and batch size; the direct path has its models loaded
-before the clock starts, the job pays for its actors' loading (as users do).
+the same target, drafter, batch size and (on CPU) torch threads as one actor;
+the direct path has its models loaded before the clock starts, the job pays for
+its actors' start-up and loading (as users do).
 Prints a Markdown table. Information, not a test: the ratio depends on the machine.
 """
 
@@ -20,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from drafters import load_drafter  # noqa: E402
@@ -33,6 +35,8 @@ from pipeline.target import Target  # noqa: E402
 
 def run_direct(config) -> tuple[float, int]:
     """(seconds, generated tokens) for the engine in this process over the job's input rows."""
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, int(config.cpus_per_actor)))  # the threads one actor gets
     target = Target.load(config.target)
     drafter = load_drafter(config.drafter_name, target)
     engine = SpecDecodeEngine(target, drafter, engine_config(config))

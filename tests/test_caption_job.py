@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 
 import pandas as pd
 import pytest
@@ -134,3 +135,32 @@ def test_cpu_actors_that_would_starve_the_cpu_stages_are_refused(local_ray, worl
     write_caption_dataset(data, num_good=2, parts=1)
     with pytest.raises(JobConfigError, match="4 engine actors x 1 CPU take all 4 CPUs of the cluster"):
         run_caption(job(world, data, tmp_path / "out", tmp_path, num_actors=4))
+
+
+def test_crashed_actor_is_restarted_and_its_batch_retried(local_ray, world, tmp_path):
+    import threading
+
+    import psutil
+
+    data = tmp_path / "data"
+    expected = write_caption_dataset(data, num_good=120, parts=2)
+    output = tmp_path / "out"
+    killed = []
+
+    def kill_an_actor_midway():
+        deadline = time.monotonic() + 120
+        while not list((output / "parts").glob("*.parquet")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for process in psutil.process_iter(["cmdline"]):
+            if "MapWorker(MapBatches(CaptionActor))" in " ".join(process.info["cmdline"] or []):
+                process.kill()  # as an out-of-memory kill or a lost GPU would
+                killed.append(len(list((output / "parts").glob("*.parquet"))))
+                return
+
+    killer = threading.Thread(target=kill_an_actor_midway)
+    killer.start()
+    summary = run_caption(job(world, data, output, tmp_path, max_new_tokens=24, batch_size=4, num_actors=1))
+    killer.join()
+    assert killed and killed[0] < len(expected) // 4, "an engine actor was killed while the job ran"
+    check_exactly_once(read_output(output), expected)
+    assert summary["duplicate_ids"] == 0
