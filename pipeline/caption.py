@@ -44,6 +44,7 @@ def run_caption(config: CaptionConfig) -> dict:
     run_parts = set(part_files(config.output)) - parts_before
     summary = summarize(config.output, config.to_dict(), time.perf_counter() - start, run_parts)
     summary["rows_skipped_by_resume"] = len(plan.skip_ids)
+    summary["rows_in"] = summary["this_run"]["rows"] + len(plan.skip_ids)  # every row read is written once
     where = write_summary(config.output, summary)
     print(format_summary(summary), flush=True)
     print(f"summary: {where}", flush=True)

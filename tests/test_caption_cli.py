@@ -89,5 +89,5 @@ def test_killed_job_resumed_writes_every_row_exactly_once(world, tmp_path):
     final = pd.read_parquet(output / "parts")
     assert sorted(final["id"]) == sorted(expected), "every id exactly once after resume"
     summary = json.loads((output / "summary.json").read_text())
-    assert summary["duplicate_ids"] == 0 and summary["rows_out"] == len(expected)
+    assert summary["duplicate_ids"] == 0 and summary["rows_out"] == summary["rows_in"] == len(expected)
     assert summary["this_run"]["rows"] == len(expected) - len(set(first["id"]))
