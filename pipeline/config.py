@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pipeline.gamma import parse_gamma
 from pipeline.storage import DEFAULT_MODEL_CACHE
@@ -59,7 +59,6 @@ class CaptionConfig:
     seed: int | None = None
     model_cache: str = DEFAULT_MODEL_CACHE
     trust_remote_code: bool = False
-    extra: dict = field(default_factory=dict)  # free-form notes carried into summary.json
 
     def __post_init__(self):
         self.num_actors = parse_num_actors(self.num_actors)
