@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> CaptionConfig:
                    "dataset), a data: URL, or {bytes, path} (default 'image' when present)")
     p.add_argument("--format", default="auto", choices=FORMATS, help="input format (default: from file names)")
     p.add_argument("--resume", action="store_true", help="skip ids already in --output and add the rest")
+    p.add_argument("--keep-images", action="store_true", help="also write each row's image bytes (column image):\n"
+                   "a self-distillation corpus that jobs/train_drafter.py --phase distill reads as it is")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (temperature > 0)")
     p.add_argument("--model-cache", default=DEFAULT_MODEL_CACHE, help="per-node copy of s3:// checkpoints")
     p.add_argument("--trust-remote-code", action="store_true", help="allow checkpoints' own Python code (off)")

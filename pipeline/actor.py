@@ -56,7 +56,7 @@ class CaptionActor:
             result = results.get(i)
             error = result if isinstance(result, str) else row["error"]
             result = None if isinstance(result, str) else result
-            out.append(output_row(row["id"], row["prompt"], result, error, self.run_columns))
+            out.append(output_row(row["id"], row["prompt"], result, error, self.run_columns, row["image"]))
         return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
 
     def _generate(self, rows: list[dict]) -> list[GenerationResult | str]:

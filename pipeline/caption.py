@@ -83,7 +83,8 @@ def build_dataset(config: CaptionConfig, plan: JobPlan) -> ray.data.Dataset:
             prepare_batch,
             batch_size=None,
             batch_format="pyarrow",
-            fn_kwargs={"processor": plan.processor, "context_length": plan.context_length},
+            fn_kwargs={"processor": plan.processor, "context_length": plan.context_length,
+                       "keep_images": config.keep_images},
         )
         .repartition(target_num_rows_per_block=config.batch_size)
         .map_batches(

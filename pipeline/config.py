@@ -56,6 +56,7 @@ class CaptionConfig:
     image_column: str | None = None  # None: "image" when present
     format: str = "auto"
     resume: bool = False
+    keep_images: bool = False  # also write each row's image bytes: a self-distillation corpus for train_drafter
     seed: int | None = None
     model_cache: str = DEFAULT_MODEL_CACHE
     trust_remote_code: bool = False

@@ -22,7 +22,8 @@ from pipeline.target import PreparedPrompt
 
 TEXT_KEYS = ("input_ids", "attention_mask")
 PREPARED_SCHEMA = pa.schema(
-    [("id", pa.string()), ("prompt", pa.string()), ("prepared", pa.binary()), ("error", pa.string())]
+    [("id", pa.string()), ("prompt", pa.string()), ("prepared", pa.binary()), ("image", pa.binary()),
+     ("error", pa.string())]
 )
 
 
@@ -105,27 +106,35 @@ def decode_prepared(data: bytes) -> PreparedPrompt:
     )
 
 
-def prepare_batch(batch: pa.Table, processor, context_length: int | None) -> pa.Table:
-    """The CPU stage: fetch and decode each row's image, template and tokenise; failures become `error`."""
+def prepare_batch(batch: pa.Table, processor, context_length: int | None, keep_images: bool = False) -> pa.Table:
+    """The CPU stage: fetch and decode each row's image, template and tokenise; failures become `error`.
+
+    keep_images carries each row's image bytes on to the output (a self-distillation corpus needs them).
+    """
     out = []
     for row in batch.to_pylist():
-        prepared, error = None, row["error"]
+        prepared, data, error = None, None, row["error"]
         if error is None:
             try:
-                prepared = encode_prepared(prepare_prompt(processor, row["prompt"], _load_image(row), context_length))
+                data = _fetch_image(row)
+                prepared = encode_prepared(prepare_prompt(processor, row["prompt"], _decode(data), context_length))
             except PromptError as exc:
                 error = str(exc)
-        out.append({"id": row["id"], "prompt": row["prompt"], "prepared": prepared, "error": error})
+        out.append({"id": row["id"], "prompt": row["prompt"], "prepared": prepared,
+                    "image": data if keep_images else None, "error": error})
     return pa.Table.from_pylist(out, schema=PREPARED_SCHEMA)
 
 
-def _load_image(row: dict) -> Image.Image | None:
+def _fetch_image(row: dict) -> bytes | None:
     try:
-        data = image_from_row(row)
+        return image_from_row(row)
     except FileNotFoundError:
         raise PromptError(f"image file not found: {row['image_url']}") from None
     except Exception as exc:
         raise PromptError(f"image cannot be read from {row['image_url']}: {exc}") from None
+
+
+def _decode(data: bytes | None) -> Image.Image | None:
     if data is None:
         return None
     if not data:

@@ -42,6 +42,7 @@ OUTPUT_SCHEMA = pa.schema(
         ("target", pa.string()),
         ("drafter", pa.string()),  # null without a drafter
         ("node_id", pa.string()),  # the Ray node whose actor decoded the row
+        ("image", pa.binary()),  # the input image's bytes with --keep-images (a distillation corpus), else null
         ("error", pa.string()),  # null when the row succeeded
     ]
 )
@@ -51,10 +52,10 @@ _COUNT_COLUMNS = ["num_generated_tokens", "num_steps", "num_drafted", "num_accep
 
 
 def output_row(row_id: str, prompt: str | None, result: GenerationResult | None, error: str | None,
-               run: dict) -> dict:
+               run: dict, image: bytes | None = None) -> dict:
     """One OUTPUT_SCHEMA row; `run` holds the per-job columns (gamma, target, drafter, node_id)."""
     row = {name: None for name in OUTPUT_SCHEMA.names}
-    row.update(run, id=row_id, prompt=prompt, error=error)
+    row.update(run, id=row_id, prompt=prompt, error=error, image=image)
     if result is not None:
         counts = result.counts
         row.update(

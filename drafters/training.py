@@ -1,0 +1,270 @@
+"""Drafter distillation on Ray Train: a text-only LM, then MASSV phase 1 (adapt) and phase 2 (distill).
+
+    text     the small LM learns the answers' language from text (image placeholders stripped, as the
+             text-only drafter reads prompts): the baseline drafter, and MASSV's starting point
+    adapt    MASSV phase 1: a new projector maps the target's image features into the frozen LM
+    distill  MASSV phase 2: projector + LM learn the target's own answers (a corpus the caption job writes)
+
+Rows come from Parquet through Ray Data (`get_dataset_shard`); each worker runs
+`train_loop` on its shard. The loss is cross-entropy on answer tokens only. Rank 0
+reports a checkpoint (safetensors: weights, optimizer state, step) every
+`checkpoint_every` steps; after a worker failure Ray Train restarts the group and
+the loop resumes from the latest one. The result is saved in the format the
+caption job loads: an HF causal-LM directory (text) or a MASSV directory.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from drafters import PROJECTOR_WEIGHTS, language_model_dir, read_drafter_config, save_massv
+from drafters.causal_lm import MassvProjector
+from pipeline.decoder import embed_with_image_features
+from pipeline.preprocess import prepare_prompt
+from pipeline.storage import is_remote, url_to_fs
+from pipeline.target import Target, pick_device
+
+PHASES = ("text", "adapt", "distill")
+IGNORE = -100  # label of positions that carry no loss (prompt and padding)
+TRAINING_LOG = "training_log.json"
+
+
+@dataclass
+class TrainConfig:
+    phase: str  # text | adapt | distill
+    data: str  # Parquet file or directory (local or s3://) with prompt, answer and (adapt, distill) image columns
+    target: str  # the target checkpoint: tokenizer and chat template; image features for adapt and distill
+    drafter: str  # start from: a causal-LM directory (text, adapt) or a MASSV directory (distill)
+    output: str  # the trained drafter, in the format the caption job loads
+    storage_path: str  # Ray Train run directory (checkpoints), local or s3://
+    name: str = "drafter"
+    answer_column: str = "answer"  # "text" for a corpus written by the caption job
+    num_workers: int = 1
+    use_gpu: bool = False
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 3e-4
+    checkpoint_every: int = 50
+    max_failures: int = 2
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.phase not in PHASES:
+            raise ValueError(f"--phase must be one of {', '.join(PHASES)}, got {self.phase!r}.")
+        for name in ("steps", "batch_size", "checkpoint_every", "num_workers", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        if not is_remote(self.storage_path):
+            self.storage_path = os.path.abspath(self.storage_path)  # Ray Train wants an absolute path or a URI
+
+
+class DraftModel(nn.Module):
+    """The drafter being trained: LM, plus the projector for MASSV phases; forward gives logits [B, L, V]."""
+
+    def __init__(self, language_model: nn.Module, projector: MassvProjector | None, image_token_id: int | None):
+        super().__init__()
+        self.language_model = language_model
+        self.projector = projector
+        self.image_token_id = image_token_id
+
+    def forward(self, input_ids, attention_mask, image_features=None):
+        features = self.projector(image_features) if self.projector is not None and image_features is not None else None
+        embeds = embed_with_image_features(self.language_model.get_input_embeddings(), input_ids, self.image_token_id,
+                                           features)
+        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask).logits
+
+
+def build_draft_model(config: TrainConfig, target: Target) -> DraftModel:
+    """The phase's starting drafter, with what it trains set to require grad."""
+    start = Path(config.drafter)
+    lm_dir = language_model_dir(start, read_drafter_config(start))
+    lm = AutoModelForCausalLM.from_pretrained(lm_dir, use_safetensors=True, dtype=torch.float32)
+    projector = None
+    if config.phase == "adapt":
+        projector = MassvProjector(target.text_config.hidden_size, lm.get_input_embeddings().weight.shape[1])
+        lm.requires_grad_(False)  # phase 1 trains the projector only
+    elif config.phase == "distill":
+        drafter_config = read_drafter_config(start)
+        if drafter_config["kind"] != "massv":
+            raise ValueError(f"--phase distill starts from a MASSV drafter (after adapt), but {start} is text-only.")
+        projector = MassvProjector(**drafter_config["projector"])
+        projector.load_state_dict(load_file(start / PROJECTOR_WEIGHTS))
+    return DraftModel(lm, projector, target.image_token_id if config.phase != "text" else None)
+
+
+def encode_batch(rows: list[dict], config: TrainConfig, target: Target, device) -> dict:
+    """Right-padded input ids, attention mask and labels (answer tokens + EOS only), and image features."""
+    sequences, labels, vision = [], [], []
+    eos = min(target.eos_token_ids) if target.eos_token_ids else None
+    for row in rows:
+        image = Image.open(io.BytesIO(row["image"])) if config.phase != "text" and row.get("image") else None
+        prompt = prepare_prompt(target.processor, row["prompt"], image, target.context_length)
+        prompt_ids = prompt.input_ids
+        if config.phase == "text":  # the text-only drafter reads prompts without image placeholders
+            prompt_ids = [t for t in prompt_ids if t != target.image_token_id]
+        answer_ids = target.tokenizer(row[config.answer_column], add_special_tokens=False)["input_ids"]
+        answer_ids = answer_ids + ([eos] if eos is not None else [])
+        sequences.append(prompt_ids + answer_ids)
+        labels.append([IGNORE] * len(prompt_ids) + answer_ids)
+        if prompt.vision_inputs:
+            vision.append(prompt.vision_inputs)
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(rows), width), target.pad_token_id, dtype=torch.long)
+    label_ids = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (sequence, label) in enumerate(zip(sequences, labels)):
+        ids[i, : len(sequence)] = torch.tensor(sequence)
+        label_ids[i, : len(label)] = torch.tensor(label)
+        mask[i, : len(sequence)] = 1
+    features = None
+    if vision and config.phase != "text":
+        features = target.image_features({k: torch.cat([v[k] for v in vision]) for k in vision[0]}).float()
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": label_ids.to(device),
+            "image_features": features}
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy over answer positions: logits [B, L, V], labels [B, L] (IGNORE elsewhere)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+
+def train_loop(loop_config: dict) -> None:
+    """Ray Train's per-worker loop."""
+    import ray.train
+    import ray.train.torch
+
+    config = TrainConfig(**loop_config)
+    context = ray.train.get_context()
+    torch.manual_seed(config.seed + context.get_world_rank())
+    device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
+    target = Target.load(config.target, device=device, dtype=pick_device()[1] if config.use_gpu else torch.float32)
+    target.model.requires_grad_(False)
+    model = build_draft_model(config, target).to(device)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr)
+    step, losses, resumed_at = 0, [], []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            step, losses, resumed_at = load_training_state(Path(directory), model, optimizer)
+        resumed_at.append(step)
+        print(f"[{config.phase}] resumed from the checkpoint at step {step}", flush=True)
+    model = ray.train.torch.prepare_model(model) if context.get_world_size() > 1 else model
+    inner = model.module if hasattr(model, "module") else model
+    shard = ray.train.get_dataset_shard("train")
+    started = time.perf_counter()
+    while step < config.steps:
+        for batch in shard.iter_batches(batch_size=config.batch_size, batch_format="pandas"):
+            inputs = encode_batch(batch.to_dict("records"), config, target, device)
+            labels = inputs.pop("labels")
+            loss = answer_loss(model(**inputs), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            losses.append(float(loss))
+            if step % config.log_every == 0 and context.get_world_rank() == 0:
+                recent = sum(losses[-config.log_every :]) / config.log_every
+                print(f"[{config.phase}] step {step}/{config.steps} loss {recent:.4f} "
+                      f"({time.perf_counter() - started:.0f} s)", flush=True)
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                report(config, inner, optimizer, (step, losses, resumed_at), context.get_world_rank())
+            if step >= config.steps:
+                break
+    if context.get_world_rank() == 0:
+        save_drafter(config, inner, target, {"losses": losses, "resumed_at": resumed_at})
+
+
+def report(config: TrainConfig, model: DraftModel, optimizer, progress: tuple, rank: int) -> None:
+    """Every worker reports (a barrier); rank 0 attaches the checkpoint."""
+    import ray.train
+
+    step, losses, _ = progress
+    metrics = {"step": step, "loss": sum(losses[-config.log_every :]) / len(losses[-config.log_every :])}
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if rank == 0:
+            save_training_state(Path(directory), model, optimizer, progress)
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def save_training_state(directory: Path, model: DraftModel, optimizer, progress: tuple) -> None:
+    """Trainable weights and AdamW moments as safetensors (no pickles); step, losses, resumptions as JSON."""
+    step, losses, resumed_at = progress
+    trainable = {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, directory / "weights.safetensors")
+    names = {id(p): name for name, p in model.named_parameters()}
+    moments = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                moments[f"{names[id(p)]}::{key}"] = value.detach().contiguous().clone()
+    save_file(moments, directory / "optimizer.safetensors")
+    (directory / "progress.json").write_text(json.dumps({"step": step, "losses": losses, "resumed_at": resumed_at}))
+
+
+def load_training_state(directory: Path, model: DraftModel, optimizer) -> tuple[int, list[float], list[int]]:
+    weights = load_file(directory / "weights.safetensors")
+    model.load_state_dict(weights, strict=False)
+    by_name = dict(model.named_parameters())
+    for key, value in load_file(directory / "optimizer.safetensors").items():
+        name, state_key = key.split("::")
+        optimizer.state[by_name[name]][state_key] = value
+    progress = json.loads((directory / "progress.json").read_text())
+    return progress["step"], progress["losses"], progress["resumed_at"]
+
+
+def save_drafter(config: TrainConfig, model: DraftModel, target: Target, history: dict) -> None:
+    """The trained drafter in the caption job's format, written locally then copied when the output is remote."""
+    with tempfile.TemporaryDirectory() as staging:
+        local = Path(staging) if is_remote(config.output) else Path(config.output)
+        if model.projector is None:
+            model.language_model.save_pretrained(local)
+            target.tokenizer.save_pretrained(local)
+        else:
+            save_massv(local, model.language_model, model.projector, target.tokenizer)
+        (local / TRAINING_LOG).write_text(json.dumps({"config": asdict(config), **history}, indent=1))
+        if is_remote(config.output):
+            fs, path = url_to_fs(config.output)
+            fs.put(str(local) + os.sep, path, recursive=True)
+
+
+def run_training(config: TrainConfig):
+    """Start the Ray Train job (on the current cluster, or a local one) and wait for it; returns its Result."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init()
+    print(f"train drafter config:\n{json.dumps(asdict(config), indent=2)}", flush=True)
+    data = ray.data.read_parquet(config.data)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=asdict(config),
+        scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu),
+        run_config=ray.train.RunConfig(
+            name=config.name,
+            storage_path=config.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": data},
+    )
+    return trainer.fit()
+
