@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 TORCH_INDEX ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench world clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,9 @@ test: setup
 
 bench: setup
 	$(BIN)/python jobs/bench_engine.py
+
+world: setup
+	$(BIN)/python jobs/build_demo_world.py
 
 clean:
 	rm -rf $(VENV) out

@@ -1,5 +1,6 @@
 """Drafter distillation on Ray Train: a text-only LM, then MASSV phase 1 (adapt) and phase 2 (distill).
 
+    target   (the demo world only) the target VLM itself learns the answers, image in; same machinery
     text     the small LM learns the answers' language from text (image placeholders stripped, as the
              text-only drafter reads prompts): the baseline drafter, and MASSV's starting point
     adapt    MASSV phase 1: a new projector maps the target's image features into the frozen LM
@@ -34,10 +35,10 @@ from drafters import PROJECTOR_WEIGHTS, language_model_dir, read_drafter_config,
 from drafters.causal_lm import MassvProjector
 from pipeline.decoder import embed_with_image_features
 from pipeline.preprocess import prepare_prompt
-from pipeline.storage import is_remote, url_to_fs
-from pipeline.target import Target, pick_device
+from pipeline.storage import absolute, is_remote, url_to_fs
+from pipeline.target import Target
 
-PHASES = ("text", "adapt", "distill")
+PHASES = ("target", "text", "adapt", "distill")
 IGNORE = -100  # label of positions that carry no loss (prompt and padding)
 TRAINING_LOG = "training_log.json"
 
@@ -47,8 +48,8 @@ class TrainConfig:
     phase: str  # text | adapt | distill
     data: str  # Parquet file or directory (local or s3://) with prompt, answer and (adapt, distill) image columns
     target: str  # the target checkpoint: tokenizer and chat template; image features for adapt and distill
-    drafter: str  # start from: a causal-LM directory (text, adapt) or a MASSV directory (distill)
-    output: str  # the trained drafter, in the format the caption job loads
+    drafter: str  # start from: a causal-LM directory (text, adapt) or a MASSV directory (distill); unused by target
+    output: str  # the trained drafter (or target), in the format the caption job loads
     storage_path: str  # Ray Train run directory (checkpoints), local or s3://
     name: str = "drafter"
     answer_column: str = "answer"  # "text" for a corpus written by the caption job
@@ -68,8 +69,10 @@ class TrainConfig:
         for name in ("steps", "batch_size", "checkpoint_every", "num_workers", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
-        if not is_remote(self.storage_path):
-            self.storage_path = os.path.abspath(self.storage_path)  # Ray Train wants an absolute path or a URI
+        if self.phase != "target" and not self.drafter:
+            raise ValueError(f"--phase {self.phase} needs --drafter, the checkpoint it starts from.")
+        for name in ("data", "target", "drafter", "output", "storage_path"):  # Ray Train workers run elsewhere
+            setattr(self, name, absolute(getattr(self, name)))
 
 
 class DraftModel(nn.Module):
@@ -86,6 +89,26 @@ class DraftModel(nn.Module):
         embeds = embed_with_image_features(self.language_model.get_input_embeddings(), input_ids, self.image_token_id,
                                            features)
         return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask).logits
+
+
+class TargetModel(nn.Module):
+    """The target VLM trained end to end (demo world): forward gives logits [B, L, V]."""
+
+    def __init__(self, vlm: nn.Module):
+        super().__init__()
+        self.vlm = vlm
+
+    def forward(self, input_ids, attention_mask, vision_inputs=None, token_inputs=None):
+        return self.vlm(input_ids=input_ids, attention_mask=attention_mask, **(vision_inputs or {}),
+                        **(token_inputs or {})).logits
+
+
+def build_model(config: TrainConfig, target: Target) -> nn.Module:
+    if config.phase == "target":
+        target.model.train().requires_grad_(True)
+        return TargetModel(target.model)
+    target.model.requires_grad_(False)
+    return build_draft_model(config, target)
 
 
 def build_draft_model(config: TrainConfig, target: Target) -> DraftModel:
@@ -107,8 +130,9 @@ def build_draft_model(config: TrainConfig, target: Target) -> DraftModel:
 
 
 def encode_batch(rows: list[dict], config: TrainConfig, target: Target, device) -> dict:
-    """Right-padded input ids, attention mask and labels (answer tokens + EOS only), and image features."""
-    sequences, labels, vision = [], [], []
+    """Right-padded input ids, attention mask and labels (answer tokens + EOS only), plus the image inputs:
+    raw vision inputs for the target phase, the target's image features for MASSV phases, none for text."""
+    sequences, labels, prompts = [], [], []
     eos = min(target.eos_token_ids) if target.eos_token_ids else None
     for row in rows:
         image = Image.open(io.BytesIO(row["image"])) if config.phase != "text" and row.get("image") else None
@@ -120,21 +144,30 @@ def encode_batch(rows: list[dict], config: TrainConfig, target: Target, device) 
         answer_ids = answer_ids + ([eos] if eos is not None else [])
         sequences.append(prompt_ids + answer_ids)
         labels.append([IGNORE] * len(prompt_ids) + answer_ids)
-        if prompt.vision_inputs:
-            vision.append(prompt.vision_inputs)
+        prompts.append(prompt)
     width = max(len(s) for s in sequences)
-    ids = torch.full((len(rows), width), target.pad_token_id, dtype=torch.long)
-    label_ids = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (sequence, label) in enumerate(zip(sequences, labels)):
-        ids[i, : len(sequence)] = torch.tensor(sequence)
-        label_ids[i, : len(label)] = torch.tensor(label)
-        mask[i, : len(sequence)] = 1
-    features = None
-    if vision and config.phase != "text":
-        features = target.image_features({k: torch.cat([v[k] for v in vision]) for k in vision[0]}).float()
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": label_ids.to(device),
-            "image_features": features}
+    batch = {"input_ids": _right_pad(sequences, width, target.pad_token_id),
+             "attention_mask": _right_pad([[1] * len(s) for s in sequences], width, 0),
+             "labels": _right_pad(labels, width, IGNORE)}
+    vision = [p.vision_inputs for p in prompts if p.vision_inputs]
+    vision = {k: torch.cat([v[k] for v in vision]).to(device) for k in vision[0]} if vision else {}
+    if config.phase == "target":
+        batch["vision_inputs"] = vision
+        batch["token_inputs"] = {
+            name: _right_pad([p.token_inputs[name] + [0] * (len(s) - len(p.input_ids)) for p, s in
+                              zip(prompts, sequences)], width, 0).to(device)
+            for name in prompts[0].token_inputs
+        }
+    elif config.phase != "text":
+        batch["image_features"] = target.image_features(vision).float() if vision else None
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _right_pad(rows: list[list[int]], width: int, value: int) -> torch.Tensor:
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
 
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -151,9 +184,8 @@ def train_loop(loop_config: dict) -> None:
     context = ray.train.get_context()
     torch.manual_seed(config.seed + context.get_world_rank())
     device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
-    target = Target.load(config.target, device=device, dtype=pick_device()[1] if config.use_gpu else torch.float32)
-    target.model.requires_grad_(False)
-    model = build_draft_model(config, target).to(device)
+    target = Target.load(config.target, device=device, dtype=torch.float32)
+    model = build_model(config, target).to(device)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr)
     step, losses, resumed_at = 0, [], []
@@ -169,14 +201,17 @@ def train_loop(loop_config: dict) -> None:
     started = time.perf_counter()
     while step < config.steps:
         for batch in shard.iter_batches(batch_size=config.batch_size, batch_format="pandas"):
-            inputs = encode_batch(batch.to_dict("records"), config, target, device)
+            rows = [r for r in batch.to_dict("records") if r.get(config.answer_column)]  # failed corpus rows: none
+            if not rows:
+                continue
+            inputs = encode_batch(rows, config, target, device)
             labels = inputs.pop("labels")
             loss = answer_loss(model(**inputs), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
-            losses.append(float(loss))
+            losses.append(loss.item())
             if step % config.log_every == 0 and context.get_world_rank() == 0:
                 recent = sum(losses[-config.log_every :]) / config.log_every
                 print(f"[{config.phase}] step {step}/{config.steps} loss {recent:.4f} "
@@ -229,11 +264,14 @@ def load_training_state(directory: Path, model: DraftModel, optimizer) -> tuple[
     return progress["step"], progress["losses"], progress["resumed_at"]
 
 
-def save_drafter(config: TrainConfig, model: DraftModel, target: Target, history: dict) -> None:
-    """The trained drafter in the caption job's format, written locally then copied when the output is remote."""
+def save_drafter(config: TrainConfig, model: nn.Module, target: Target, history: dict) -> None:
+    """The trained model in the caption job's format, written locally then copied when the output is remote."""
     with tempfile.TemporaryDirectory() as staging:
         local = Path(staging) if is_remote(config.output) else Path(config.output)
-        if model.projector is None:
+        if isinstance(model, TargetModel):
+            model.vlm.save_pretrained(local)
+            target.processor.save_pretrained(local)
+        elif model.projector is None:
             model.language_model.save_pretrained(local)
             target.tokenizer.save_pretrained(local)
         else:

@@ -27,7 +27,7 @@ from PIL import Image  # noqa: E402
 from drafters import load_drafter  # noqa: E402
 from pipeline.actor import engine_config  # noqa: E402
 from pipeline.caption import run_caption  # noqa: E402
-from pipeline.demo import build_demo  # noqa: E402
+from pipeline.demo import demo_configs  # noqa: E402
 from pipeline.engine import SpecDecodeEngine  # noqa: E402
 from pipeline.preprocess import prepare_prompt  # noqa: E402
 from pipeline.target import Target  # noqa: E402
@@ -40,7 +40,7 @@ def run_direct(config) -> tuple[float, int]:
     target = Target.load(config.target)
     drafter = load_drafter(config.drafter_name, target)
     engine = SpecDecodeEngine(target, drafter, engine_config(config))
-    rows = pq.read_table(f"{config.input}/prompts.parquet").to_pylist()
+    rows = pq.read_table(config.input).to_pylist()
     start, tokens = time.perf_counter(), 0
     for i in range(0, len(rows), config.batch_size):
         batch = rows[i : i + config.batch_size]
@@ -55,12 +55,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--drafter", choices=["none", "massv-shallow-oracle"], default="massv-shallow-oracle")
+    parser.add_argument("--drafter", choices=["none", "massv"], default="massv", help="the demo world's")
     parser.add_argument("--out", default="out/bench_caption")
     args = parser.parse_args()
     print(f"config: {vars(args)}")
 
-    configs = build_demo(Path(args.out), rows=args.rows, max_new_tokens=args.max_new_tokens)
+    configs = demo_configs(Path(args.out), rows=args.rows, max_new_tokens=args.max_new_tokens)
     config = configs["plain" if args.drafter == "none" else "speculative"]
     config.batch_size = args.batch_size
     direct_s, direct_tokens = run_direct(config)

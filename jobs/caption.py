@@ -9,7 +9,8 @@ parts (one row per input row; see README for the schema) and summary.json under 
 From Python: `pipeline.caption.run_caption(CaptionConfig(...))`.
 
 With no arguments (`python jobs/caption.py`) it runs the embedded demo on a local
-Ray: a tiny world built on the spot, captioned without and with a drafter, compared.
+Ray: the committed demo world's held-out scenes, captioned without and with its
+MASSV drafter, compared (outputs, summaries and acceptance.png under out/demo).
 """
 
 from __future__ import annotations
@@ -63,9 +64,9 @@ def run_demo() -> None:
     import ray
 
     from pipeline.caption import run_caption
-    from pipeline.demo import build_demo, compare
+    from pipeline.demo import compare, demo_configs
 
-    configs = build_demo()
+    configs = demo_configs()
     ray.init()  # once, so neither run is charged for starting Ray
     summaries = {name: run_caption(config) for name, config in configs.items()}
     plain, speculative = (summaries[name]["this_run"] for name in ("plain", "speculative"))
@@ -75,7 +76,7 @@ def run_demo() -> None:
           f"tau {summaries['speculative']['mean_accepted_length']:.2f}   "
           f"x{speculative['tokens_per_s'] / max(plain['tokens_per_s'], 1e-9):.2f}")
     print(f"  {compare(configs['plain'].output, configs['speculative'].output)}")
-    print(f"  outputs: {configs['speculative'].output}/parts/*.parquet and summary.json")
+    print(f"  outputs: {configs['speculative'].output}/parts/*.parquet, summary.json and acceptance.png")
 
 
 def main(argv: list[str] | None = None) -> int:

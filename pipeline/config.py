@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 
 from pipeline.gamma import parse_gamma
-from pipeline.storage import DEFAULT_MODEL_CACHE
+from pipeline.storage import DEFAULT_MODEL_CACHE, absolute
 
 FORMATS = ("auto", "parquet", "jsonl", "images", "webdataset")
 DEFAULT_PROMPT = "Describe the image."
@@ -62,6 +62,8 @@ class CaptionConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self):
+        for name in ("input", "output", "target", "drafter"):  # actors may run in another directory
+            setattr(self, name, absolute(getattr(self, name)))
         self.num_actors = parse_num_actors(self.num_actors)
         try:
             self.gamma = parse_gamma(self.gamma)

@@ -1,44 +1,44 @@
-"""The embedded demo of the caption job: a tiny world built here (nothing is downloaded) and a prompt dataset.
+"""The embedded demo of the caption job: the committed demo world (demo_world/, built by jobs/build_demo_world.py).
 
-The target is a tiny random LLaVA whose 8 decoder layers leave the residual
-stream to the first one alone, and the drafter is that first layer behind a
-MASSV projector: every draft is accepted at 1/8 of the target's decoder cost,
-so the demo shows what speculation buys, and that answers stay identical.
-Trained demo checkpoints replace this world in a later change.
+A small LLaVA trained on synthetic scenes, its MASSV drafter (phase 1+2), and
+held-out scene instructions. The demo captions them without and with the drafter
+and compares the two runs: same answers, fewer target steps.
 """
 
 from __future__ import annotations
 
-import io
 import shutil
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import tiny_models
 from pipeline.config import CaptionConfig
 
-DEMO_DIR = Path("out/demo")
+DEMO_WORLD = Path(__file__).resolve().parents[1] / "demo_world"
+DEMO_OUT = Path("out/demo")
 
 
-def build_demo(directory: Path = DEMO_DIR, rows: int = 96, max_new_tokens: int = 48) -> dict[str, CaptionConfig]:
-    """Checkpoints and prompts under `directory`; returns the job configs "plain" (no drafter) and "speculative"."""
-    world = tiny_models.build_world("llava", directory / "models", target_layers=8, active_layers=1)
-    prompts = directory / "prompts"
-    prompts.mkdir(parents=True, exist_ok=True)
-    records = []
-    for i, (prompt, image) in enumerate(tiny_models.sample_rows(rows, text_only_every=0)):
-        encoded = io.BytesIO()
-        image.save(encoded, "PNG")
-        records.append({"id": f"demo-{i:04d}", "prompt": prompt, "image": encoded.getvalue()})
-    pq.write_table(pa.Table.from_pylist(records), prompts / "prompts.parquet")
+def demo_configs(output_root: Path = DEMO_OUT, rows: int | None = None, max_new_tokens: int = 48,
+                 gamma: int | str = "auto") -> dict[str, CaptionConfig]:
+    """Caption-job configs "plain" (no drafter) and "speculative" (MASSV) over the demo's held-out prompts.
+
+    rows: repeat the prompts (with new ids) to this many rows, for timing on more work.
+    """
+    prompts = DEMO_WORLD / "prompts"
+    if rows is not None:
+        table = pq.read_table(prompts)
+        repeated = pa.concat_tables([table] * (rows // table.num_rows + 1)).slice(0, rows)
+        ids = pa.array([f"{i:06d}-{row_id}" for i, row_id in enumerate(repeated["id"].to_pylist())])
+        prompts = output_root / "prompts"
+        prompts.mkdir(parents=True, exist_ok=True)
+        pq.write_table(repeated.set_column(repeated.schema.get_field_index("id"), "id", ids), prompts / "rows.parquet")
     configs = {}
-    for name, drafter in (("plain", "none"), ("speculative", str(world["massv-shallow-oracle"]))):
-        output = directory / f"captions-{name}"
+    for name, drafter in (("plain", "none"), ("speculative", str(DEMO_WORLD / "massv"))):
+        output = output_root / f"captions-{name}"
         shutil.rmtree(output, ignore_errors=True)  # the demo's own output: a fresh run each time
-        configs[name] = CaptionConfig(input=str(prompts), output=str(output), target=str(world["target"]),
-                                      drafter=drafter, gamma="auto", max_new_tokens=max_new_tokens, batch_size=32)
+        configs[name] = CaptionConfig(input=str(prompts), output=str(output), target=str(DEMO_WORLD / "target"),
+                                      drafter=drafter, gamma=gamma, max_new_tokens=max_new_tokens, batch_size=64)
     return configs
 
 

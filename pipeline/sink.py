@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.engine import GenerationResult
+from pipeline.plots import acceptance_chart
 from pipeline.storage import join, url_to_fs
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ OUTPUT_SCHEMA = pa.schema(
     ]
 )
 SUMMARY_FILE = "summary.json"
+ACCEPTANCE_PLOT = "acceptance.png"
 PARTS_DIR = "parts"
 _COUNT_COLUMNS = ["num_generated_tokens", "num_steps", "num_drafted", "num_accepted"]
 
@@ -153,10 +155,16 @@ def summarize(output: str, config_dict: dict, wall_time_s: float, run_parts: set
 
 
 def write_summary(output: str, summary: dict) -> str:
+    """summary.json, and acceptance.png (per-position acceptance) when anything was drafted."""
     fs, path = url_to_fs(output)
-    target = join(path, SUMMARY_FILE)
-    with fs.open(target, "w") as f:
+    with fs.open(join(path, SUMMARY_FILE), "w") as f:
         json.dump(summary, f, indent=2, default=str)
+    if summary["drafted"]:
+        drafter = str(summary["config"]["drafter"]).rsplit("/", 1)[-1]
+        title = (f"acceptance by draft position: tau {summary['mean_accepted_length']:.2f}, "
+                 f"acceptance rate {summary['acceptance_rate']:.1%}, drafter {drafter}")
+        with fs.open(join(path, ACCEPTANCE_PLOT), "wb") as f:
+            f.write(acceptance_chart(summary["acceptance_per_position"], title))
     return join(output, SUMMARY_FILE)
 
 

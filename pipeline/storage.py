@@ -28,6 +28,13 @@ def is_remote(url: str) -> bool:
     return "://" in str(url) and not str(url).startswith("file://")
 
 
+def absolute(url: str) -> str:
+    """URLs as they are, local paths made absolute (Ray workers may run in another directory)."""
+    if not url or is_remote(url) or str(url).lower() == "none":
+        return url
+    return os.path.abspath(str(url).removeprefix("file://"))
+
+
 def url_to_fs(url: str):
     """(filesystem, path within it) for a local path or any fsspec URL."""
     return fsspec.core.url_to_fs(str(url))

@@ -109,7 +109,8 @@ def _gemma3_text_config(vocab_size: int, hidden: int, layers: int, init_range: f
 
 
 def build_target(family: str, directory: str | Path, seed: int = 0, hidden: int = 64, layers: int = 4,
-                 init_range: float = 0.2, active_layers: int | None = None) -> Path:
+                 init_range: float = 0.2, active_layers: int | None = None,
+                 tokenizer: PreTrainedTokenizerFast | None = None) -> Path:
     """A tiny random VLM of the family with its processor, saved to `directory`.
 
     A large init range gives peaked next-token distributions, so greedy decoding
@@ -120,7 +121,7 @@ def build_target(family: str, directory: str | Path, seed: int = 0, hidden: int 
     """
     directory = Path(directory)
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer()
+    tokenizer = tokenizer or build_tokenizer()
     vocab = len(tokenizer)
     if family == "llava":
         config = LlavaConfig(

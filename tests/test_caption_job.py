@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import ray
 from conftest import write_caption_dataset
+from PIL import Image
 
 from pipeline.caption import run_caption
 from pipeline.config import CaptionConfig, JobConfigError
@@ -101,6 +102,9 @@ def test_local_job_every_row_once_and_drafter_lossless(local_ray, world, tmp_pat
     assert on_disk["config"]["drafter"] == str(world["llava"]["massv"])
     assert plain["acceptance_rate"] == 0.0 and plain["this_run"]["rows"] == len(expected)
     assert sum(node["rows"] for node in on_disk["nodes"].values()) == len(expected)
+    chart = Image.open(tmp_path / "drafted" / "acceptance.png")
+    assert chart.format == "PNG" and chart.size == (640, 360)
+    assert not (tmp_path / "plain" / "acceptance.png").exists()  # nothing drafted, nothing to chart
 
 
 def test_s3_input_output_and_models(local_ray, s3_server, world, tmp_path):
