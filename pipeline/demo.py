@@ -31,7 +31,8 @@ def demo_configs(output_root: Path = DEMO_OUT, rows: int | None = None, max_new_
         repeated = pa.concat_tables([table] * (rows // table.num_rows + 1)).slice(0, rows)
         ids = pa.array([f"{i:06d}-{row_id}" for i, row_id in enumerate(repeated["id"].to_pylist())])
         prompts = output_root / "prompts"
-        prompts.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(prompts, ignore_errors=True)
+        prompts.mkdir(parents=True)
         pq.write_table(repeated.set_column(repeated.schema.get_field_index("id"), "id", ids), prompts / "rows.parquet")
     configs = {}
     for name, drafter in (("plain", "none"), ("speculative", str(DEMO_WORLD / "massv"))):
