@@ -26,7 +26,8 @@ def acceptance_chart(acceptance_per_position: list[float], title: str) -> bytes:
     for i, rate in enumerate(acceptance_per_position):
         x0 = left + i * slot + slot * 0.15
         x1 = left + (i + 1) * slot - slot * 0.15
-        draw.rectangle([x0, bottom - rate * (bottom - top), x1, bottom - 1], fill=(60, 110, 200))
+        if rate > 0:
+            draw.rectangle([x0, bottom - rate * (bottom - top), x1, bottom], fill=(60, 110, 200))
         draw.text((x0, bottom - rate * (bottom - top) - 14), f"{rate:.2f}", fill="black")
         draw.text(((x0 + x1) / 2 - 3, bottom + 6), str(i + 1), fill="black")
     draw.text(((left + right) / 2 - 60, bottom + 24), "draft position", fill="black")
