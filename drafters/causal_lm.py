@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pipeline.acceptance import SamplingConfig, logits_to_probs, sample_from
-from pipeline.decoder import RaggedDecoder, embed_with_image_features, left_pad
+from pipeline.decoder import RaggedDecoder, embed_with_image_features, left_pad, right_pad
 from pipeline.target import PreparedPrompt
 
 
@@ -84,7 +84,7 @@ class CausalLMDrafter:
         """k >= 1 drafts per row; steps with k = 0 skip the drafter and it catches up here."""
         batch = len(self.pending)
         # Catch up: read the committed tokens not yet in the cache (ragged, right-padded).
-        pending, counts = _right_pad(self.pending, self.pad_token_id, self.device)
+        pending, counts = right_pad(self.pending, self.pad_token_id, self.device)
         logits = self.decoder.forward(pending)
         self.decoder.advance(counts)
         logits = logits[torch.arange(batch, device=self.device), (counts - 1).to(self.device)]
@@ -128,11 +128,3 @@ def _fit_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
         return logits[..., :vocab_size]
     pad = logits.new_full((*logits.shape[:-1], vocab_size - have), float("-inf"))
     return torch.cat([logits, pad], dim=-1)
-
-
-def _right_pad(rows: list[list[int]], pad_value: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_value, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return ids.to(device), torch.tensor([len(r) for r in rows])  # counts stay on the host

@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM
 
 from drafters import PROJECTOR_WEIGHTS, language_model_dir, read_drafter_config, save_massv
 from drafters.causal_lm import MassvProjector
-from pipeline.decoder import embed_with_image_features
+from pipeline.decoder import embed_with_image_features, right_pad
 from pipeline.preprocess import prepare_prompt
 from pipeline.storage import absolute, is_remote, url_to_fs
 from pipeline.target import Target
@@ -145,29 +145,22 @@ def encode_batch(rows: list[dict], config: TrainConfig, target: Target, device) 
         sequences.append(prompt_ids + answer_ids)
         labels.append([IGNORE] * len(prompt_ids) + answer_ids)
         prompts.append(prompt)
-    width = max(len(s) for s in sequences)
-    batch = {"input_ids": _right_pad(sequences, width, target.pad_token_id),
-             "attention_mask": _right_pad([[1] * len(s) for s in sequences], width, 0),
-             "labels": _right_pad(labels, width, IGNORE)}
+    input_ids, lengths = right_pad(sequences, target.pad_token_id, device)
+    attention_mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+             "labels": right_pad(labels, IGNORE, device)[0]}
     vision = [p.vision_inputs for p in prompts if p.vision_inputs]
     vision = {k: torch.cat([v[k] for v in vision]).to(device) for k in vision[0]} if vision else {}
     if config.phase == "target":
         batch["vision_inputs"] = vision
         batch["token_inputs"] = {
-            name: _right_pad([p.token_inputs[name] + [0] * (len(s) - len(p.input_ids)) for p, s in
-                              zip(prompts, sequences)], width, 0).to(device)
+            name: right_pad([p.token_inputs[name] + [0] * (len(s) - len(p.input_ids)) for p, s in
+                             zip(prompts, sequences)], 0, device)[0]
             for name in prompts[0].token_inputs
         }
     elif config.phase != "text":
         batch["image_features"] = target.image_features(vision).float() if vision else None
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def _right_pad(rows: list[list[int]], width: int, value: int) -> torch.Tensor:
-    out = torch.full((len(rows), width), value, dtype=torch.long)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return out
 
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,6 @@ bad configuration fails in seconds with one sentence, before any cluster work.
 
 from __future__ import annotations
 
-import logging
 import time
 
 import pyarrow as pa
@@ -25,8 +24,6 @@ from pipeline.preprocess import prepare_batch
 from pipeline.sink import format_summary, part_files, parts_dir, summarize, write_summary
 from pipeline.sources import SourcePlan, read_rows
 from pipeline.storage import url_to_fs
-
-log = logging.getLogger(__name__)
 
 
 def run_caption(config: CaptionConfig) -> dict:

@@ -27,6 +27,15 @@ def left_pad(rows: list[list[int]], pad_value: int, device) -> tuple[torch.Tenso
     return ids.to(device), mask.to(device)
 
 
+def right_pad(rows: list[list[int]], pad_value: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists: returns ids [B, L] on `device` and the row lengths [B] on the host."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return ids.to(device), torch.tensor([len(r) for r in rows])
+
+
 def embed_with_image_features(
     embedding: nn.Module,
     input_ids: torch.Tensor,  # [B, L]

@@ -22,6 +22,7 @@ from pipeline.config import CaptionConfig, JobConfigError
 from pipeline.sink import existing_ids, remove_parts
 from pipeline.sources import SourcePlan, plan_source
 from pipeline.storage import check_writable, join, localize, model_files, safetensors_header
+from pipeline.target import MULTI_AXIS_ROPE
 
 
 @dataclass
@@ -80,10 +81,7 @@ def check_target(config: CaptionConfig):
     model_class = getattr(transformers, class_name, None) if class_name else None
     module = sys.modules.get(model_class.__module__) if model_class else None
     if module and any(hasattr(obj, "get_rope_index") for obj in vars(module).values() if isinstance(obj, type)):
-        raise JobConfigError(
-            f"target {config.target} ({class_name}) uses multi-axis rotary positions (Qwen2-VL style), which the "
-            "engine does not support yet: use a target with 1D positions such as LLaVA or Gemma3."
-        )
+        raise JobConfigError(f"target {config.target} ({class_name}) {MULTI_AXIS_ROPE}")
     if getattr(processor, "tokenizer", None) is None or getattr(processor, "chat_template", None) is None:
         raise JobConfigError(f"target {config.target} has no processor with a tokenizer and a chat template.")
     return processor, model_config.get_text_config()

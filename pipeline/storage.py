@@ -52,11 +52,6 @@ def resolve(reference: str, base: str) -> str:
     return join(base, reference)
 
 
-def read_bytes(url: str) -> bytes:
-    fs, path = url_to_fs(url)
-    return fs.cat_file(path)
-
-
 def check_writable(url: str) -> None:
     """Create the output location and prove it takes a file; raises OSError with the reason."""
     fs, path = url_to_fs(url)

@@ -37,15 +37,18 @@ class TargetPrefill:
     image_features: torch.Tensor | None  # [image tokens of the batch, hidden], row-major
 
 
+MULTI_AXIS_ROPE = (
+    "uses multi-axis rotary positions (Qwen2-VL style), which the engine does not support yet: "
+    "use a target with 1D positions such as LLaVA or Gemma3."
+)
+
+
 class Target:
     """Owns the target model and its ragged cache; `verify` runs one forward for the whole batch."""
 
     def __init__(self, model, processor, name: str = "target"):
         if any(hasattr(m, "get_rope_index") for m in (model, getattr(model, "model", None))):
-            raise ValueError(
-                f"{type(model).__name__} uses multi-axis rotary positions (Qwen2-VL style), which the engine "
-                "does not support yet: use a target with 1D positions such as LLaVA or Gemma3."
-            )
+            raise ValueError(f"{type(model).__name__} {MULTI_AXIS_ROPE}")
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)

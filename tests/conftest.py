@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 
@@ -50,6 +51,13 @@ BAD_ROWS = {
     "bad-null-prompt": "prompt is empty",
     "bad-long-prompt": "prompt is",  # ... N tokens, which leaves no room in the target's context of 512
 }
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (servers the tests start bind only 127.0.0.1)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_caption_dataset(directory: Path, num_good: int, parts: int = 3) -> dict[str, str | None]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,17 +15,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import write_caption_dataset
+from conftest import free_port, write_caption_dataset
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:
@@ -45,7 +38,7 @@ def test_ray_job_submit_against_a_local_head(world, tmp_path):
     data = tmp_path / "data"
     expected = write_caption_dataset(data, num_good=20, parts=2)
     env = _env()
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     start = [str(BIN / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}",
              "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--num-cpus=3", "--include-dashboard=true",
              "--disable-usage-stats"]

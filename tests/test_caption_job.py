@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 
 import pandas as pd
 import pytest
 import ray
-from conftest import write_caption_dataset
+from conftest import free_port, write_caption_dataset
 from PIL import Image
 
 from pipeline.caption import run_caption
@@ -24,18 +23,12 @@ from pipeline.sink import OUTPUT_SCHEMA
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_server():
     """An S3-compatible server on loopback; the standard AWS variables point s3fs (and Ray's workers) at it."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     variables = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
