@@ -10,7 +10,8 @@ Every step uses the project's own machinery on a local Ray:
   3. drafters about 1/16 of the target's parameters: text-only (--phase text), MASSV after phase 1 (adapt),
      MASSV after phase 2 (distill, on a corpus the caption job writes with the target's own answers);
   4. tau and acceptance rate of each drafter on held-out instructions at gamma 5, temperature 0 and 1.
-Only the final checkpoints, held-out demo prompts and world.json stay under --out (committed; 25 MB at most).
+Only the final checkpoints, held-out demo and benchmark prompts and world.json stay under --out (committed;
+25 MB at most).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pipeline import scenes, tiny_models  # noqa: E402
 from pipeline.acceptance import SamplingConfig  # noqa: E402
 from pipeline.caption import run_caption  # noqa: E402
 from pipeline.config import CaptionConfig  # noqa: E402
+from pipeline.demo import BENCH_PROMPTS  # noqa: E402
 from pipeline.engine import EngineConfig, SpecDecodeEngine  # noqa: E402
 from pipeline.preprocess import prepare_prompt  # noqa: E402
 from pipeline.stats import SpecDecodeCounts  # noqa: E402
@@ -100,6 +102,7 @@ def main() -> None:
     }
     held_out = scenes.records(128, seed + 1000, "instruct")
     scenes.write_parquet(held_out, out / "prompts" / "held_out.parquet")
+    scenes.write_parquet(scenes.records(64, seed + 1001, "caption"), out / BENCH_PROMPTS)  # jobs/bench.py's
 
     ray.init()
     tokenizer = tiny_models.build_tokenizer(vocab_size=512, extra_corpus=tuple(scenes.vocabulary_corpus()) * 4)

@@ -17,6 +17,7 @@ from pipeline.config import CaptionConfig
 
 DEMO_WORLD = Path(__file__).resolve().parents[1] / "demo_world"
 DEMO_OUT = Path("out/demo")
+BENCH_PROMPTS = "bench/held_out_captions.parquet"  # under a world: held-out caption prompts for jobs/bench.py
 
 
 def demo_configs(output_root: Path = DEMO_OUT, rows: int | None = None, max_new_tokens: int = 48,

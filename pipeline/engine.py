@@ -20,7 +20,7 @@ import torch
 
 from pipeline.acceptance import SamplingConfig, accept_greedy, accept_sampled, logits_to_probs, sample_from
 from pipeline.gamma import GammaPolicy, parse_gamma
-from pipeline.stats import SpecDecodeCounts
+from pipeline.stats import EngineTimes, SpecDecodeCounts
 from pipeline.target import PreparedPrompt, Target
 
 FINISH_STOP = "stop"  # an end-of-sequence token
@@ -90,6 +90,7 @@ class SpecDecodeEngine:
         self.config = config or EngineConfig()
         self.sampling = self.config.sampling
         self.gamma_policy = GammaPolicy(gamma=self.config.gamma if drafter else 0, max_gamma=self.config.max_gamma)
+        self.times = EngineTimes()  # summed over generate calls; read (or replace) between them
         self.generator = torch.Generator(device=target.device)
         if self.sampling.seed is not None:
             self.generator.manual_seed(self.sampling.seed)
@@ -116,13 +117,16 @@ class SpecDecodeEngine:
                 emitted = rows[i].emit(out[: n + 1])
                 rows[i].counts.observe_step(k, min(n, emitted))  # drafts cut off by EOS/budget do not count
             active, last_tokens = self._drop_finished(active, last_tokens, rows, start)
+        self.times.observe_generate(synchronized_time(self.target.device) - start)
         return [row.result(self.target.tokenizer) for row in rows]
 
     def _prefill(self, prompts: list[PreparedPrompt]) -> torch.Tensor:
+        start = time.perf_counter()
         prefill = self.target.prefill(prompts)
         first_tokens = self._choose(prefill.first_logits)
         if self.drafter is not None:
             self.drafter.prefill(prompts, prefill.image_features, first_tokens)
+        self.times.observe_prefill(synchronized_time(first_tokens.device) - start)
         return first_tokens
 
     def _step(self, last_tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -158,6 +162,7 @@ class SpecDecodeEngine:
         if self.drafter is not None:
             self.drafter.commit(num_accepted, output_tokens)
         self.gamma_policy.observe(k, k * len(last_tokens), int(num_accepted.sum()), t1 - t0, t2 - t1)
+        self.times.observe_step(k, t1 - t0, t2 - t1)
         return num_accepted, output_tokens, next_tokens
 
     def _drop_finished(self, active: list[int], last_tokens: torch.Tensor, rows: list[_Row], start: float):

@@ -1,4 +1,7 @@
-"""PNG charts drawn with Pillow (no plotting dependency): per-position acceptance of a run."""
+"""PNG charts drawn with Pillow (no plotting dependency): grouped bars (per-position acceptance) and lines.
+
+Each function returns PNG bytes; `acceptance_chart` is the caption job's per-run chart.
+"""
 
 from __future__ import annotations
 
@@ -6,31 +9,91 @@ import io
 
 from PIL import Image, ImageDraw
 
-WIDTH, HEIGHT, MARGIN = 640, 360, 56
+WIDTH, HEIGHT, MARGIN = 720, 400, 60
+COLOURS = [(60, 110, 200), (220, 120, 40), (60, 160, 80), (200, 60, 60), (140, 90, 180), (120, 120, 120)]
+
+
+class _Axes:
+    """A plotting area with a y axis from 0 to y_max, gridlines and a legend."""
+
+    def __init__(self, title: str, x_label: str, y_label: str, y_max: float, legend: list[str]):
+        self.image = Image.new("RGB", (WIDTH, HEIGHT), "white")
+        self.draw = ImageDraw.Draw(self.image)
+        self.left, self.top, self.right, self.bottom = MARGIN, MARGIN, WIDTH - MARGIN // 2, HEIGHT - MARGIN
+        self.y_max = y_max
+        draw = self.draw
+        draw.text((self.left, 14), title, fill="black")
+        draw.line([(self.left, self.top), (self.left, self.bottom), (self.right, self.bottom)], fill="black")
+        for i in range(5):
+            value = y_max * i / 4
+            y = self.y(value)
+            draw.line([(self.left - 4, y), (self.left, y)], fill="black")
+            draw.line([(self.left + 1, y), (self.right, y)], fill=(225, 225, 225))
+            draw.text((6, y - 6), f"{value:.2f}", fill="black")
+        draw.text((6, self.top - 22), y_label, fill="black")
+        draw.text(((self.left + self.right) / 2 - 40, self.bottom + 28), x_label, fill="black")
+        x = self.left + 8
+        for i, name in enumerate(legend if len(legend) > 1 else []):
+            draw.rectangle([x, 34, x + 10, 44], fill=COLOURS[i % len(COLOURS)])
+            draw.text((x + 14, 33), name, fill="black")
+            x += 24 + 7 * len(name)
+
+    def y(self, value: float) -> float:
+        return self.bottom - min(max(value, 0.0), self.y_max) / self.y_max * (self.bottom - self.top)
+
+    def x_tick(self, x: float, label: str) -> None:
+        self.draw.line([(x, self.bottom), (x, self.bottom + 4)], fill="black")
+        self.draw.text((x - 3 * len(label), self.bottom + 8), label, fill="black")
+
+    def png(self) -> bytes:
+        encoded = io.BytesIO()
+        self.image.save(encoded, "PNG")
+        return encoded.getvalue()
+
+
+def bar_chart(groups: dict[str, list[float]], title: str, x_label: str, y_label: str = "",
+              y_max: float = 1.0) -> bytes:
+    """Grouped bars: bar i of each named series sits in slot i (labelled 1, 2, ...), with its value on top."""
+    axes = _Axes(title, x_label, y_label, y_max, list(groups))
+    slots = max((len(values) for values in groups.values()), default=1) or 1
+    slot = (axes.right - axes.left) / slots
+    width = slot * 0.7 / max(len(groups), 1)
+    for g, values in enumerate(groups.values()):
+        for i, value in enumerate(values):
+            x0 = axes.left + i * slot + slot * 0.15 + g * width
+            if value > 0:  # a zero-height rectangle is an error in Pillow
+                axes.draw.rectangle([x0, axes.y(value), x0 + width - 1, axes.bottom], fill=COLOURS[g % len(COLOURS)])
+            if len(groups) == 1:
+                axes.draw.text((x0, axes.y(value) - 14), f"{value:.2f}", fill="black")
+    for i in range(slots):
+        axes.x_tick(axes.left + (i + 0.5) * slot, str(i + 1))
+    return axes.png()
+
+
+def line_chart(series: dict[str, list[tuple[int, float]]], title: str, x_label: str, y_label: str,
+               x_ticks: list, reference: float | None = None) -> bytes:
+    """Lines over categorical x positions `x_ticks` (points whose x is not a tick are skipped); an optional dashed
+    horizontal reference line (e.g. speedup 1.0)."""
+    values = [y for points in series.values() for _, y in points] + ([reference] if reference is not None else [])
+    axes = _Axes(title, x_label, y_label, max(values, default=1.0) * 1.15 or 1.0, list(series))
+    step = (axes.right - axes.left) / max(len(x_ticks), 1)
+    position = {tick: axes.left + (i + 0.5) * step for i, tick in enumerate(x_ticks)}
+    for tick, x in position.items():
+        axes.x_tick(x, str(tick))
+    if reference is not None:
+        y = axes.y(reference)
+        for x in range(int(axes.left), int(axes.right), 12):
+            axes.draw.line([(x, y), (x + 6, y)], fill="black")
+    for s, points in enumerate(series.values()):
+        colour = COLOURS[s % len(COLOURS)]
+        xy = [(position[x], axes.y(y)) for x, y in points if x in position]
+        if len(xy) > 1:
+            axes.draw.line(xy, fill=colour, width=2)
+        for x, y in xy:
+            axes.draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+    return axes.png()
 
 
 def acceptance_chart(acceptance_per_position: list[float], title: str) -> bytes:
-    """Bars of how often each draft position was accepted (0..1), as PNG bytes."""
-    image = Image.new("RGB", (WIDTH, HEIGHT), "white")
-    draw = ImageDraw.Draw(image)
-    left, top, right, bottom = MARGIN, MARGIN, WIDTH - MARGIN // 2, HEIGHT - MARGIN
-    draw.text((left, 16), title, fill="black")
-    draw.line([(left, top), (left, bottom), (right, bottom)], fill="black")
-    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
-        y = bottom - tick * (bottom - top)
-        draw.line([(left - 4, y), (left, y)], fill="black")
-        draw.line([(left + 1, y), (right, y)], fill=(225, 225, 225))
-        draw.text((8, y - 6), f"{tick:.2f}", fill="black")
-    count = max(len(acceptance_per_position), 1)
-    slot = (right - left) / count
-    for i, rate in enumerate(acceptance_per_position):
-        x0 = left + i * slot + slot * 0.15
-        x1 = left + (i + 1) * slot - slot * 0.15
-        if rate > 0:
-            draw.rectangle([x0, bottom - rate * (bottom - top), x1, bottom], fill=(60, 110, 200))
-        draw.text((x0, bottom - rate * (bottom - top) - 14), f"{rate:.2f}", fill="black")
-        draw.text(((x0 + x1) / 2 - 3, bottom + 6), str(i + 1), fill="black")
-    draw.text(((left + right) / 2 - 60, bottom + 24), "draft position", fill="black")
-    encoded = io.BytesIO()
-    image.save(encoded, "PNG")
-    return encoded.getvalue()
+    """Bars of how often each draft position was accepted (0..1)."""
+    return bar_chart({"acceptance": acceptance_per_position}, title, "draft position", "accepted")

@@ -78,3 +78,55 @@ class SpecDecodeCounts:
             "acceptance_rate": round(self.acceptance_rate, 4),
             "acceptance_per_position": [round(x, 4) for x in self.acceptance_per_position],
         }
+
+
+@dataclass
+class EngineTimes:
+    """Where an engine's wall time went, summed over generate calls (per batch, not per row).
+
+    Phases: prefill (target and drafter), draft (drafter forwards), verify (the target
+    forward and the acceptance rule); the rest of `total_s` is bookkeeping (roll back,
+    emit, finished rows leaving the batch).
+    """
+
+    total_s: float = 0.0
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    num_steps: int = 0
+    num_draft_forwards: int = 0  # drafter forwards over the batch: k per step
+
+    def observe_generate(self, seconds: float) -> None:
+        self.total_s += seconds
+
+    def observe_prefill(self, seconds: float) -> None:
+        self.prefill_s += seconds
+
+    def observe_step(self, k: int, draft_s: float, verify_s: float) -> None:
+        self.num_steps += 1
+        self.num_draft_forwards += k
+        self.draft_s += draft_s
+        self.verify_s += verify_s
+
+    @property
+    def other_s(self) -> float:
+        return max(self.total_s - self.prefill_s - self.draft_s - self.verify_s, 0.0)
+
+    @property
+    def decode_s(self) -> float:
+        """Everything after prefill: the speculative steps and their bookkeeping."""
+        return max(self.total_s - self.prefill_s, 0.0)
+
+    @property
+    def seconds_per_draft_forward(self) -> float:
+        return self.draft_s / self.num_draft_forwards if self.num_draft_forwards else 0.0
+
+    @property
+    def seconds_per_verify(self) -> float:
+        return self.verify_s / self.num_steps if self.num_steps else 0.0
+
+    def shares(self) -> dict[str, float]:
+        """Fraction of the total time in each phase."""
+        total = self.total_s or 1.0
+        return {"prefill": self.prefill_s / total, "draft": self.draft_s / total, "verify": self.verify_s / total,
+                "other": self.other_s / total}
