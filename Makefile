@@ -26,7 +26,7 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 bench: setup
-	$(BIN)/python jobs/bench_engine.py
+	$(BIN)/python jobs/bench.py
 
 world: setup
 	$(BIN)/python jobs/build_demo_world.py

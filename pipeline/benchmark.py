@@ -95,11 +95,12 @@ class Measurement:
     rows: int
     seconds: float  # median over the timed runs, all rows
     tokens: int  # generated per run
-    peak_memory_mb: float
+    peak_memory_mb: float | None  # None where not measured (the caption job runs in other processes)
     identical: int | None = None  # rows whose tokens equal the engine's without a drafter (same batch size)
     speedup: float | None = None  # against HF generate at the same batch size
     counts: dict | None = None  # SpecDecodeCounts.report() over the timed runs
     time_shares: dict | None = None  # EngineTimes.shares()
+    rows_per_step: float | None = None  # mean rows in the batch per target forward (rows leave as they finish)
     cost_ratio: float | None = None  # c: one drafter forward / one plain target step, same batch size
     verify_cost: float | None = None  # one verification forward (gamma + 1 tokens a row) / one plain target step
     predicted_speedup: float | None = None  # tau / (1 + mean gamma * c), over the engine without a drafter
@@ -293,7 +294,7 @@ class Benchmark:
         measurement = Measurement(
             ENGINE, drafter_name or NO_DRAFTER, str(gamma) if drafter else NO_DRAFTER, batch_size, len(last),
             seconds, sum(len(r.tokens) for r in last), peak,
-            counts=counts.report(), time_shares=engine.times.shares())
+            counts=counts.report(), time_shares=engine.times.shares(), rows_per_step=engine.times.mean_rows_per_step)
         return _EngineRun(measurement, engine.times, [r.tokens for r in last])
 
     def _add(self, m: Measurement, tokens: list[list[int]], reference: list[list[int]] | None = None) -> Measurement:
@@ -329,7 +330,7 @@ class Benchmark:
         summary = run_caption(job)
         wall = summary["this_run"]["wall_time_s"]
         m = Measurement(CAPTION_JOB, drafter_name or NO_DRAFTER, AUTO if drafter_name else NO_DRAFTER,
-                        job.batch_size, summary["rows_out"], wall, summary["generated_tokens"], float("nan"))
+                        job.batch_size, summary["rows_out"], wall, summary["generated_tokens"], None)
         engine = next((e for e in self.measurements if e.method == ENGINE and e.drafter == m.drafter
                        and e.gamma == m.gamma and e.batch_size == m.batch_size), None)
         hf = next((h for h in self.measurements if h.method == HF_GENERATE and h.batch_size == m.batch_size), None)
@@ -366,7 +367,7 @@ def progress_line(m: Measurement) -> str:
 
 COLUMNS = ["method", "drafter", "gamma", "batch", "tokens/s", "rows/s", "vs HF generate", "tau", "acceptance",
            "per-position acceptance", "c", "verify cost", "predicted", "measured (decode)", "measured / predicted",
-           "time: prefill / draft / verify / other", "peak MB", "identical"]
+           "time: prefill / draft / verify / other", "rows per step", "peak MB", "identical"]
 
 
 def table_row(m: Measurement) -> list[str]:
@@ -381,7 +382,7 @@ def table_row(m: Measurement) -> list[str]:
         " ".join(f"{a:.2f}" for a in counts.get("acceptance_per_position", [])) or "-",
         _fmt(m.cost_ratio), _fmt(m.verify_cost), _fmt(m.predicted_speedup), _fmt(m.measured_speedup), _fmt(ratio),
         " / ".join(f"{100 * shares[k]:.0f}%" for k in ("prefill", "draft", "verify", "other")) if shares else "-",
-        _fmt(m.peak_memory_mb, ".0f"),
+        _fmt(m.rows_per_step, ".1f"), _fmt(m.peak_memory_mb, ".0f"),
         f"{m.identical}/{m.rows}" if m.identical is not None else "-",
     ]
 

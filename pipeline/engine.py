@@ -111,12 +111,16 @@ class SpecDecodeEngine:
                 rows[i].emit([token])
             active, last_tokens = self._drop_finished(active, last_tokens, rows, start)
         while active:
-            k = self.gamma_policy.choose()
-            num_accepted, output_tokens, last_tokens = self._step(last_tokens, k)
-            for i, n, out in zip(active, num_accepted.tolist(), output_tokens.tolist()):
+            k = self.gamma_policy.choose(len(active))
+            step_start = time.perf_counter()
+            num_accepted, output_tokens, last_tokens, draft_s = self._step(last_tokens, k)
+            accepted = num_accepted.tolist()
+            for i, n, out in zip(active, accepted, output_tokens.tolist()):
                 emitted = rows[i].emit(out[: n + 1])
                 rows[i].counts.observe_step(k, min(n, emitted))  # drafts cut off by EOS/budget do not count
             active, last_tokens = self._drop_finished(active, last_tokens, rows, start)
+            # auto gamma weighs whole steps: verification and all bookkeeping count against the width
+            self.gamma_policy.observe(k, accepted, draft_s, time.perf_counter() - step_start - draft_s)
         self.times.observe_generate(synchronized_time(self.target.device) - start)
         return [row.result(self.target.tokenizer) for row in rows]
 
@@ -129,18 +133,20 @@ class SpecDecodeEngine:
         self.times.observe_prefill(synchronized_time(first_tokens.device) - start)
         return first_tokens
 
-    def _step(self, last_tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _step(self, last_tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
         """One speculative step from last_tokens [B].
 
-        Returns num_accepted [B] and output_tokens [B, k+1] on the CPU, and the new last tokens [B].
+        Returns num_accepted [B] and output_tokens [B, k+1] on the CPU, the new last tokens [B], and the
+        seconds spent drafting.
         """
         # Draft: k tokens per row (and their distributions when sampling).
         t0 = time.perf_counter()
         if k > 0:
             draft_tokens, draft_probs = self.drafter.propose(k, self.sampling, self.generator)
+            t1 = synchronized_time(last_tokens.device)
         else:
             draft_tokens, draft_probs = last_tokens.new_empty(len(last_tokens), 0), None
-        t1 = synchronized_time(last_tokens.device)
+            t1 = t0
 
         # Verify: one target forward over [last, d1..dk] for the whole batch.
         target_logits = self.target.verify(torch.cat([last_tokens[:, None], draft_tokens], dim=1))
@@ -161,9 +167,8 @@ class SpecDecodeEngine:
         self.target.keep(num_accepted + 1)
         if self.drafter is not None:
             self.drafter.commit(num_accepted, output_tokens)
-        self.gamma_policy.observe(k, k * len(last_tokens), int(num_accepted.sum()), t1 - t0, t2 - t1)
-        self.times.observe_step(k, t1 - t0, t2 - t1)
-        return num_accepted, output_tokens, next_tokens
+        self.times.observe_step(k, len(last_tokens), t1 - t0, t2 - t1)
+        return num_accepted, output_tokens, next_tokens, t1 - t0
 
     def _drop_finished(self, active: list[int], last_tokens: torch.Tensor, rows: list[_Row], start: float):
         """Finished rows leave the batch (target, drafter and last tokens alike)."""

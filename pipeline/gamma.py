@@ -1,17 +1,21 @@
 """Choosing gamma (the draft length): fixed, or `auto` from measured acceptance and step costs.
 
-With acceptance rate a, k drafts yield E(k) = (1 - a^(k+1)) / (1 - a) tokens per
-step. A step costs T(k+1) (the target verifying k+1 tokens per row; flat while
-memory-bound, growing with k at large batch) plus k drafter steps of cost c.
-`auto` picks the k in [0, max_gamma] that maximises E(k) / (T(k+1) + k c),
-using running averages of measured times, so when speculation does not pay
-(large batch, poor drafter) it falls to k = 0: plain decoding. The regime not in
-use is re-measured by an occasional probe step, at intervals that double while
-the choice stays the same, so a settled choice costs almost nothing to confirm.
+With a_i the chance that draft i is accepted given drafts 1..i-1 were, k drafts yield
+E(k) = 1 + sum_{j<=k} a_1 * ... * a_j tokens per step (acceptance usually falls along
+the draft, so one average rate would overrate long drafts). A step costs T(k+1) (the
+target verifying k+1 tokens per row, flat while memory-bound and growing with k at large
+batch, plus the step's bookkeeping) plus k drafter forwards of cost c. `auto` picks the k in [0, max_gamma] that
+maximises E(k) / (T(k+1) + k c). Costs depend on the batch size, which shrinks as rows
+finish, so they are measured per batch-size bucket (powers of two); acceptance does
+not, so it is shared. When speculation does not pay (large batch, poor drafter) it
+falls to k = 0: plain decoding. The regime not in use is re-measured by an occasional
+probe step, at intervals that double while the choice stays the same, so a settled
+choice costs almost nothing to confirm.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 AUTO = "auto"
@@ -30,76 +34,128 @@ def parse_gamma(value: int | str) -> int | str:
     return gamma
 
 
+def batch_bucket(batch_size: int) -> int:
+    """1, 2-3, 4-7, 8-15, ... share cost measurements."""
+    return max(batch_size, 1).bit_length()
+
+
+@dataclass
+class _BucketCosts:
+    """Measured costs at one batch-size bucket, and when to probe the regime not in use there."""
+
+    draft_s: float | None = None  # one drafter forward
+    verify_s: dict[int, float] = field(default_factory=dict)  # tokens per row -> a step's time besides drafting
+    steps: int = 0
+    probe_interval: int = 0
+    next_probe: int = 0
+    last_best: int = -1
+
+
 @dataclass
 class GammaPolicy:
     gamma: int | str = 3
     max_gamma: int = 8
     probe_every: int = 16  # first interval between re-measurements of the regime not in use
     max_probe_every: int = 256
-    smoothing: float = 0.3  # weight of the newest measurement in running averages
+    smoothing: float = 0.3  # weight of the newest cost measurement in running averages
+    memory: float = 0.98  # per speculative step, how much of the past acceptance counts stays
+    prior_acceptance: float = 0.6  # per position, until measured
 
-    acceptance: float = 0.6  # prior until measured
-    draft_s: float | None = None  # one drafter forward
-    verify_s: dict[int, float] = field(default_factory=dict)  # tokens per row -> one target forward
-    steps: int = 0
-    _probe_interval: int = field(default=0, init=False, repr=False)
-    _next_probe: int = field(default=0, init=False, repr=False)
-    _last_best: int = field(default=-1, init=False, repr=False)
+    # Acceptance per draft position, as decayed counts: drafts that reached position i (all before it
+    # accepted) and how many of those were accepted.
+    reached: list[float] = field(default_factory=list)
+    accepted: list[float] = field(default_factory=list)
+    buckets: dict[int, _BucketCosts] = field(default_factory=dict)
+    _last_k: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self):
         self.gamma = parse_gamma(self.gamma)
-        self._probe_interval = self._next_probe = self.probe_every
+        self.reached = [0.0] * self.max_gamma
+        self.accepted = [0.0] * self.max_gamma
 
     @property
     def auto(self) -> bool:
         return self.gamma == AUTO
 
-    def choose(self) -> int:
+    def choose(self, batch_size: int) -> int:
         if not self.auto:
             return self.gamma
-        if self.steps == 0:
+        costs = self._costs(batch_size)
+        if 1 not in costs.verify_s:
             return 0  # measure plain decoding first
-        if self.draft_s is None:
+        if costs.draft_s is None:
             return min(4, self.max_gamma)  # then a speculative step
-        best = self.best_gamma()
-        if best != self._last_best:  # the choice moved: watch more closely again
-            self._last_best, self._probe_interval = best, self.probe_every
-        if self.steps >= self._next_probe:  # keep the estimate of the other regime fresh
-            self._next_probe = self.steps + self._probe_interval
-            self._probe_interval = min(2 * self._probe_interval, self.max_probe_every)
+        best = self.best_gamma(batch_size)
+        if best != costs.last_best:  # the choice moved: watch more closely again
+            costs.last_best, costs.probe_interval = best, self.probe_every
+        if costs.steps >= costs.next_probe:  # keep the estimate of the other regime fresh
+            costs.next_probe = costs.steps + costs.probe_interval
+            costs.probe_interval = min(2 * costs.probe_interval, self.max_probe_every)
             return 1 if best == 0 else 0
         return best
 
-    def best_gamma(self) -> int:
-        return max(range(self.max_gamma + 1), key=self.expected_rate)
+    def best_gamma(self, batch_size: int) -> int:
+        return max(range(self.max_gamma + 1), key=lambda k: self.expected_rate(k, batch_size))
 
-    def expected_rate(self, k: int) -> float:
-        """Predicted tokens per second per row with k drafts."""
-        a = min(self.acceptance, 0.999)
-        tokens = (1 - a ** (k + 1)) / (1 - a)
-        return tokens / (self._verify_cost(k + 1) + k * (self.draft_s or 0.0))
+    def acceptance_per_position(self) -> list[float]:
+        """a_i, measured where drafts reached position i, else the last measured position's (or the prior)."""
+        rates, last = [], self.prior_acceptance
+        for reached, accepted in zip(self.reached, self.accepted):
+            last = accepted / reached if reached >= 1.0 else last
+            rates.append(last)
+        return rates
 
-    def observe(self, k: int, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
-        self.steps += 1
-        self.verify_s[k + 1] = self._average(self.verify_s.get(k + 1), verify_s)
+    def expected_tokens(self, k: int) -> float:
+        """E(k): tokens per step with k drafts."""
+        tokens, survive = 1.0, 1.0
+        for rate in self.acceptance_per_position()[:k]:
+            survive *= min(rate, 0.999)
+            tokens += survive
+        return tokens
+
+    def expected_rate(self, k: int, batch_size: int) -> float:
+        """Predicted tokens per second per row with k drafts at this batch size."""
+        costs = self._costs(batch_size)
+        return self.expected_tokens(k) / (self._verify_cost(costs, k + 1) + k * (costs.draft_s or 0.0))
+
+    def observe(self, k: int, num_accepted: list[int], draft_s: float, verify_s: float) -> None:
+        """One step at batch size len(num_accepted): k drafts per row, of which row i kept num_accepted[i]."""
+        costs = self._costs(len(num_accepted))
+        costs.steps += 1
+        costs.verify_s[k + 1] = self._average(costs.verify_s.get(k + 1), verify_s)
         if k > 0:
-            self.draft_s = self._average(self.draft_s, draft_s / k)
-            if drafted:
-                self.acceptance = self._average(self.acceptance, accepted / drafted)
+            if self._last_k > 0:  # after plain steps, the drafter's catch-up reads many tokens: not a typical cost
+                costs.draft_s = self._average(costs.draft_s, draft_s / k)
+            self.reached = [r * self.memory for r in self.reached]
+            self.accepted = [a * self.memory for a in self.accepted]
+            for n, rows in Counter(num_accepted).items():
+                for i in range(min(n + 1, k)):
+                    self.reached[i] += rows
+                for i in range(n):
+                    self.accepted[i] += rows
+        self._last_k = k
+
+    def _costs(self, batch_size: int) -> _BucketCosts:
+        bucket = batch_bucket(batch_size)
+        if bucket not in self.buckets:
+            self.buckets[bucket] = _BucketCosts(probe_interval=self.probe_every, next_probe=self.probe_every)
+        return self.buckets[bucket]
 
     def _average(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
 
-    def _verify_cost(self, q: int) -> float:
+    @staticmethod
+    def _verify_cost(costs: _BucketCosts, q: int) -> float:
         """T(q): interpolated linearly from the widths measured so far, and never below a narrower
         width's measurement (timing noise must not make verifying more tokens look cheaper)."""
-        widths = sorted(self.verify_s)
-        floor = max((self.verify_s[w] for w in widths if w <= q), default=0.0)
-        if q in self.verify_s or len(widths) == 1:
-            return max(self.verify_s.get(q, self.verify_s[widths[0]]), floor)
+        verify_s = costs.verify_s
+        widths = sorted(verify_s)
+        floor = max((verify_s[w] for w in widths if w <= q), default=0.0)
+        if q in verify_s or len(widths) == 1:
+            return max(verify_s.get(q, verify_s[widths[0]]), floor)
         lo = max([w for w in widths if w < q], default=widths[0])
         hi = min([w for w in widths if w > q], default=widths[-1])
         if lo == hi:  # extrapolate from the two nearest widths
             lo, hi = (widths[-2], widths[-1]) if q > widths[-1] else (widths[0], widths[1])
-        slope = (self.verify_s[hi] - self.verify_s[lo]) / (hi - lo)
-        return max(self.verify_s[lo] + slope * (q - lo), floor, 1e-9)
+        slope = (verify_s[hi] - verify_s[lo]) / (hi - lo)
+        return max(verify_s[lo] + slope * (q - lo), floor, 1e-9)

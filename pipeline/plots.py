@@ -10,7 +10,8 @@ import io
 from PIL import Image, ImageDraw
 
 WIDTH, HEIGHT, MARGIN = 720, 400, 60
-COLOURS = [(60, 110, 200), (220, 120, 40), (60, 160, 80), (200, 60, 60), (140, 90, 180), (120, 120, 120)]
+COLOURS = [(60, 110, 200), (220, 120, 40), (60, 160, 80), (200, 60, 60), (140, 90, 180), (120, 120, 120),
+           (30, 170, 190), (190, 150, 30)]
 
 
 class _Axes:
@@ -19,24 +20,27 @@ class _Axes:
     def __init__(self, title: str, x_label: str, y_label: str, y_max: float, legend: list[str]):
         self.image = Image.new("RGB", (WIDTH, HEIGHT), "white")
         self.draw = ImageDraw.Draw(self.image)
-        self.left, self.top, self.right, self.bottom = MARGIN, MARGIN, WIDTH - MARGIN // 2, HEIGHT - MARGIN
-        self.y_max = y_max
         draw = self.draw
-        draw.text((self.left, 14), title, fill="black")
+        draw.text((MARGIN, 10), title, fill="black")
+        x, y = MARGIN, 28
+        for i, name in enumerate(legend if len(legend) > 1 else []):  # wrapped onto as many lines as it needs
+            width = 24 + 7 * len(name)
+            if x + width > WIDTH - 10:
+                x, y = MARGIN, y + 16
+            draw.rectangle([x, y + 1, x + 10, y + 11], fill=COLOURS[i % len(COLOURS)])
+            draw.text((x + 14, y), name, fill="black")
+            x += width
+        self.left, self.top, self.right, self.bottom = MARGIN, y + 36, WIDTH - MARGIN // 2, HEIGHT - MARGIN
+        self.y_max = y_max
         draw.line([(self.left, self.top), (self.left, self.bottom), (self.right, self.bottom)], fill="black")
         for i in range(5):
             value = y_max * i / 4
-            y = self.y(value)
-            draw.line([(self.left - 4, y), (self.left, y)], fill="black")
-            draw.line([(self.left + 1, y), (self.right, y)], fill=(225, 225, 225))
-            draw.text((6, y - 6), f"{value:.2f}", fill="black")
-        draw.text((6, self.top - 22), y_label, fill="black")
+            tick_y = self.y(value)
+            draw.line([(self.left - 4, tick_y), (self.left, tick_y)], fill="black")
+            draw.line([(self.left + 1, tick_y), (self.right, tick_y)], fill=(225, 225, 225))
+            draw.text((6, tick_y - 6), f"{value:.2f}", fill="black")
+        draw.text((6, self.top - 20), y_label, fill="black")
         draw.text(((self.left + self.right) / 2 - 40, self.bottom + 28), x_label, fill="black")
-        x = self.left + 8
-        for i, name in enumerate(legend if len(legend) > 1 else []):
-            draw.rectangle([x, 34, x + 10, 44], fill=COLOURS[i % len(COLOURS)])
-            draw.text((x + 14, 33), name, fill="black")
-            x += 24 + 7 * len(name)
 
     def y(self, value: float) -> float:
         return self.bottom - min(max(value, 0.0), self.y_max) / self.y_max * (self.bottom - self.top)

@@ -95,6 +95,7 @@ class EngineTimes:
     verify_s: float = 0.0
     num_steps: int = 0
     num_draft_forwards: int = 0  # drafter forwards over the batch: k per step
+    num_row_steps: int = 0  # rows in the batch, summed over steps (finished rows leave it)
 
     def observe_generate(self, seconds: float) -> None:
         self.total_s += seconds
@@ -102,8 +103,9 @@ class EngineTimes:
     def observe_prefill(self, seconds: float) -> None:
         self.prefill_s += seconds
 
-    def observe_step(self, k: int, draft_s: float, verify_s: float) -> None:
+    def observe_step(self, k: int, rows: int, draft_s: float, verify_s: float) -> None:
         self.num_steps += 1
+        self.num_row_steps += rows
         self.num_draft_forwards += k
         self.draft_s += draft_s
         self.verify_s += verify_s
@@ -124,6 +126,11 @@ class EngineTimes:
     @property
     def seconds_per_verify(self) -> float:
         return self.verify_s / self.num_steps if self.num_steps else 0.0
+
+    @property
+    def mean_rows_per_step(self) -> float:
+        """How full the batch stayed: a batch runs until its slowest row is done, with the rest gone."""
+        return self.num_row_steps / self.num_steps if self.num_steps else 0.0
 
     def shares(self) -> dict[str, float]:
         """Fraction of the total time in each phase."""

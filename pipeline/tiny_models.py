@@ -1,4 +1,4 @@
-"""Tiny checkpoints built from configs with real HF classes, for tests and the smoke demo.
+"""Tiny checkpoints built from configs with real HF classes, for tests and benchmarks.
 
 Each is saved with save_pretrained (config, safetensors, a real byte-level BPE
 tokenizer, image processor and chat template), so the pipeline loads it through

@@ -1,5 +1,7 @@
 """Statistics are summable counts; rates come out only when reporting."""
 
+import pytest
+
 from pipeline.stats import SpecDecodeCounts
 
 
@@ -27,3 +29,17 @@ def test_counts_add_up_across_rows_and_batches():
 def test_rates_of_nothing_are_zero():
     empty = SpecDecodeCounts()
     assert empty.mean_accepted_length == 0.0 and empty.acceptance_rate == 0.0
+
+
+def test_engine_times_split_a_run_into_phases():
+    from pipeline.stats import EngineTimes
+
+    times = EngineTimes()
+    times.observe_prefill(1.0)
+    times.observe_step(k=3, rows=4, draft_s=0.6, verify_s=1.0)
+    times.observe_step(k=0, rows=2, draft_s=0.0, verify_s=0.8)
+    times.observe_generate(4.0)
+    assert times.seconds_per_draft_forward == pytest.approx(0.2) and times.seconds_per_verify == pytest.approx(0.9)
+    assert times.decode_s == 3.0 and times.other_s == pytest.approx(0.6) and times.mean_rows_per_step == 3.0
+    assert times.shares() == pytest.approx({"prefill": 0.25, "draft": 0.15, "verify": 0.45, "other": 0.15})
+    assert EngineTimes().shares() == {"prefill": 0.0, "draft": 0.0, "verify": 0.0, "other": 0.0}
