@@ -23,6 +23,7 @@ class Drafter(Protocol):
         prompts: list[PreparedPrompt],
         image_features: torch.Tensor | None,  # [image tokens of the batch, target hidden], from the target
         first_tokens: torch.Tensor,  # [B] the target's first generated token per row
+        append: bool = False,  # these rows join the rows already drafting (continuous batching)
     ) -> None: ...
 
     def propose(

@@ -67,7 +67,7 @@ class CausalLMDrafter:
         return self.model.device
 
     @torch.no_grad()
-    def prefill(self, prompts: list[PreparedPrompt], image_features, first_tokens) -> None:
+    def prefill(self, prompts: list[PreparedPrompt], image_features, first_tokens, append: bool = False) -> None:
         rows = [p.input_ids for p in prompts]
         features = None
         if self.projector is None:
@@ -76,8 +76,8 @@ class CausalLMDrafter:
             features = self.projector(image_features.to(self.device, self.model.dtype))
         ids, mask = left_pad(rows, self.pad_token_id, self.device)
         embeds = embed_with_image_features(self.model.get_input_embeddings(), ids, self.image_token_id, features)
-        self.decoder.prefill(embeds, mask)
-        self.pending = [[t] for t in first_tokens.tolist()]
+        self.decoder.prefill(embeds, mask, append=append)
+        self.pending = (self.pending if append else []) + [[t] for t in first_tokens.tolist()]
 
     @torch.no_grad()
     def propose(self, k, sampling: SamplingConfig, generator):

@@ -189,9 +189,6 @@ class Workload:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def prompt_batches(self, batch_size: int) -> list:
-        return [self.prompts[i : i + batch_size] for i in range(0, len(self), batch_size)]
-
     def hf_batches(self, batch_size: int) -> list[dict]:
         """What a user writes for HF generate: chat template, left padding, the processor on the batch."""
         processor = self.target.processor
@@ -278,10 +275,10 @@ class Benchmark:
         drafter = self.drafters[drafter_name] if drafter_name else None
         engine = SpecDecodeEngine(self.target, drafter,
                                   EngineConfig(gamma=gamma, max_new_tokens=self.config.max_new_tokens))
-        batches = self.workload.prompt_batches(batch_size)
+        prompts = self.workload.prompts
 
-        def run():
-            return [result for batch in batches for result in engine.generate(batch)]
+        def run():  # continuous batching: batch_size rows decode at once, the next joining as one finishes
+            return engine.generate(prompts, max_batch_size=batch_size)
 
         def reset_times():  # the warm-up teaches auto gamma, as a long-running actor would learn; it is not timed
             engine.times = EngineTimes()

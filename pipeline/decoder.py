@@ -81,6 +81,7 @@ class RaggedDecoder:
         self,
         inputs_embeds: torch.Tensor,  # [B, L] left-padded embeddings
         attention_mask: torch.Tensor,  # [B, L] 0/1, zeros on the left
+        append: bool = False,  # add these rows after those already in the cache, instead of replacing them
         **model_kwargs,  # per-token extras a family needs in prefill (e.g. token_type_ids)
     ) -> torch.Tensor:  # [B, V] logits of each row's last prompt token
         lengths = attention_mask.sum(dim=1)
@@ -93,7 +94,11 @@ class RaggedDecoder:
             logits_to_keep=1,
             **model_kwargs,
         )
-        self.cache = RaggedKVCache.from_left_padded(out.past_key_values, lengths, attention_mask.shape[1])
+        cache = RaggedKVCache.from_left_padded(out.past_key_values, lengths, attention_mask.shape[1])
+        if append and self.cache is not None:
+            self.cache.append_rows(cache)
+        else:
+            self.cache = cache
         return out.logits[:, -1]
 
     @torch.no_grad()

@@ -14,6 +14,7 @@ however many drafts are rejected (see kv_cache.py).
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,7 @@ from pipeline.target import PreparedPrompt, Target
 
 FINISH_STOP = "stop"  # an end-of-sequence token
 FINISH_LENGTH = "length"  # max_new_tokens or the target's context
+ADMIT_WHEN_FREE = 4  # continuous batching: waiting rows join once a quarter of the batch is free (one prefill each)
 
 
 @dataclass
@@ -60,6 +62,7 @@ class _Row:
         self.tokens: list[int] = []
         self.finish_reason = FINISH_LENGTH
         self.counts = SpecDecodeCounts(num_sequences=1)
+        self.started = 0.0  # when it joined the batch
 
     @property
     def finished(self) -> bool:
@@ -98,19 +101,24 @@ class SpecDecodeEngine:
             self.generator.seed()
 
     def generate(
-        self, prompts: list[PreparedPrompt], max_new_tokens: list[int] | None = None
+        self, prompts: list[PreparedPrompt], max_new_tokens: list[int] | None = None, max_batch_size: int | None = None
     ) -> list[GenerationResult]:
-        """Generate for every prompt; rows are independent of each other's lengths and outcomes."""
+        """Generate for every prompt; rows are independent of each other's lengths and outcomes.
+
+        With max_batch_size, at most that many rows decode at once and waiting rows join the running
+        batch as others finish (continuous batching), so the batch stays full instead of draining to
+        its slowest row.
+        """
         start = time.perf_counter()
         eos = frozenset() if self.config.ignore_eos else self.target.eos_token_ids
         rows = [_Row(self._budget(p, n), eos) for p, n in zip(prompts, max_new_tokens or [None] * len(prompts))]
-        active = [i for i, row in enumerate(rows) if row.budget > 0]
-        if active:
-            last_tokens = self._prefill([prompts[i] for i in active])
-            for i, token in zip(active, last_tokens.tolist()):
-                rows[i].emit([token])
-            active, last_tokens = self._drop_finished(active, last_tokens, rows, start)
-        while active:
+        waiting = deque(i for i, row in enumerate(rows) if row.budget > 0)
+        limit = max_batch_size or len(waiting)
+        active, last_tokens = [], None
+        while waiting or active:
+            if waiting and limit - len(active) >= max(1, limit // ADMIT_WHEN_FREE):
+                active, last_tokens = self._admit(waiting, limit, active, last_tokens, prompts, rows)
+                continue
             k = self.gamma_policy.choose(len(active))
             step_start = time.perf_counter()
             num_accepted, output_tokens, last_tokens, draft_s = self._step(last_tokens, k)
@@ -118,18 +126,33 @@ class SpecDecodeEngine:
             for i, n, out in zip(active, accepted, output_tokens.tolist()):
                 emitted = rows[i].emit(out[: n + 1])
                 rows[i].counts.observe_step(k, min(n, emitted))  # drafts cut off by EOS/budget do not count
-            active, last_tokens = self._drop_finished(active, last_tokens, rows, start)
+            active, last_tokens = self._drop_finished(active, last_tokens, rows)
             # auto gamma weighs whole steps: verification and all bookkeeping count against the width
             self.gamma_policy.observe(k, accepted, draft_s, time.perf_counter() - step_start - draft_s)
         self.times.observe_generate(synchronized_time(self.target.device) - start)
         return [row.result(self.target.tokenizer) for row in rows]
 
-    def _prefill(self, prompts: list[PreparedPrompt]) -> torch.Tensor:
+    def _admit(self, waiting: deque, limit: int, active: list[int], last_tokens, prompts, rows):
+        """Prefill waiting rows up to the batch limit; they join the running batch (or start a new one)."""
+        admitted = [waiting.popleft() for _ in range(min(limit - len(active), len(waiting)))]
+        started = time.perf_counter()
+        for i in admitted:
+            rows[i].started = started
+        first_tokens = self._prefill([prompts[i] for i in admitted], append=bool(active))
+        for i, token in zip(admitted, first_tokens.tolist()):
+            rows[i].emit([token])
+        if active:
+            active, first_tokens = active + admitted, torch.cat([last_tokens, first_tokens])
+        else:
+            active = admitted
+        return self._drop_finished(active, first_tokens, rows)
+
+    def _prefill(self, prompts: list[PreparedPrompt], append: bool) -> torch.Tensor:
         start = time.perf_counter()
-        prefill = self.target.prefill(prompts)
+        prefill = self.target.prefill(prompts, append=append)
         first_tokens = self._choose(prefill.first_logits)
         if self.drafter is not None:
-            self.drafter.prefill(prompts, prefill.image_features, first_tokens)
+            self.drafter.prefill(prompts, prefill.image_features, first_tokens, append=append)
         self.times.observe_prefill(synchronized_time(first_tokens.device) - start)
         return first_tokens
 
@@ -170,14 +193,14 @@ class SpecDecodeEngine:
         self.times.observe_step(k, len(last_tokens), t1 - t0, t2 - t1)
         return num_accepted, output_tokens, next_tokens, t1 - t0
 
-    def _drop_finished(self, active: list[int], last_tokens: torch.Tensor, rows: list[_Row], start: float):
+    def _drop_finished(self, active: list[int], last_tokens: torch.Tensor, rows: list[_Row]):
         """Finished rows leave the batch (target, drafter and last tokens alike)."""
         keep = [j for j, i in enumerate(active) if not rows[i].finished]
         if len(keep) == len(active):
             return active, last_tokens
         for i in active:
             if rows[i].finished:
-                rows[i].counts.latency_s = time.perf_counter() - start
+                rows[i].counts.latency_s = time.perf_counter() - rows[i].started
         keep = torch.tensor(keep, dtype=torch.long)
         if len(keep):
             self.target.select_rows(keep)

@@ -90,6 +90,13 @@ class RaggedKVCache(Cache):
         self.keys = [None if k is None else k[rows] for k in self.keys]
         self.values = [None if v is None else v[rows] for v in self.values]
 
+    def append_rows(self, other: RaggedKVCache) -> None:
+        """Add another cache's rows after these: rows admitted into a running batch."""
+        capacity = max(self.capacity, other.capacity)
+        self.lengths = torch.cat([self.lengths, other.lengths])
+        self.keys = [_concat_rows(a, b, capacity) for a, b in zip(self.keys, other.keys)]
+        self.values = [_concat_rows(a, b, capacity) for a, b in zip(self.values, other.values)]
+
     @property
     def capacity(self) -> int:
         return max((k.shape[2] for k in self.keys if k is not None), default=0)
@@ -125,6 +132,12 @@ def _grow(buffer: torch.Tensor, capacity: int) -> torch.Tensor:
     grown = buffer.new_zeros(*buffer.shape[:2], capacity, buffer.shape[3])
     grown[:, :, : buffer.shape[2]] = buffer
     return grown
+
+
+def _concat_rows(a: torch.Tensor, b: torch.Tensor, capacity: int) -> torch.Tensor:
+    """[B1, H, _, D] and [B2, H, _, D] -> [B1 + B2, H, capacity, D]."""
+    return torch.cat([a if a.shape[2] == capacity else _grow(a, capacity),
+                      b if b.shape[2] == capacity else _grow(b, capacity)])
 
 
 def _gather_slots(

@@ -101,7 +101,8 @@ class Target:
         return features.reshape(-1, features.shape[-1])
 
     @torch.no_grad()
-    def prefill(self, prompts: list[PreparedPrompt]) -> TargetPrefill:
+    def prefill(self, prompts: list[PreparedPrompt], append: bool = False) -> TargetPrefill:
+        """Prefill these rows, as the whole batch or (append) after the rows already decoding."""
         ids, mask = left_pad([p.input_ids for p in prompts], self.pad_token_id, self.device)
         vision = _concat_vision_inputs(prompts)
         features = self.image_features(vision)
@@ -110,7 +111,7 @@ class Target:
             name: left_pad([p.token_inputs[name] for p in prompts], 0, self.device)[0]
             for name in prompts[0].token_inputs
         }
-        logits = self.decoder.prefill(embeds, mask, **token_inputs)
+        logits = self.decoder.prefill(embeds, mask, append=append, **token_inputs)
         return TargetPrefill(first_logits=logits, image_features=features)
 
     def verify(self, tokens: torch.Tensor) -> torch.Tensor:
