@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--repeats", type=int, default=None, help="timed runs after the warm-up; the median counts "
                                                              "(default 3)")
     p.add_argument("--no-caption-job", action="store_true", help="skip the Ray caption job")
+    p.add_argument("--continuous-batching", action="store_true",
+                   help="run the engine with continuous batching (rows join as others finish) instead of batch by "
+                        "batch as HF generate does")
     args = p.parse_args(argv)
 
     values = dict(QUICK) if args.quick else {}
@@ -76,6 +79,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     if args.gammas is not None:
         values["gammas"] = args.gammas.split(",")
     values["caption_job"] = not args.no_caption_job
+    values["continuous_batching"] = args.continuous_batching
     return BenchConfig(**values)
 
 

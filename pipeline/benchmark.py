@@ -59,6 +59,7 @@ class BenchConfig:
     max_new_tokens: int = 48
     repeats: int = 3
     caption_job: bool = True
+    continuous_batching: bool = False  # the engine admits waiting rows as others finish, instead of batch by batch
     output: str = "out/bench"
 
     def __post_init__(self):
@@ -246,7 +247,7 @@ class Benchmark:
         hf_batches = self.workload.hf_batches(batch_size)
         seconds, outputs, peak = timed(
             lambda: hf_generate_tokens(self.target, hf_batches, config.max_new_tokens), config.repeats, device)
-        hf = self._add(Measurement(HF_GENERATE, NO_DRAFTER, NO_DRAFTER, batch_size, len(self.workload), seconds,
+        self._add(Measurement(HF_GENERATE, NO_DRAFTER, NO_DRAFTER, batch_size, len(self.workload), seconds,
                                    sum(map(len, outputs[-1])), peak), outputs[-1], reference)
         if batch_size == 1 and config.assistant is not None:
             assistant = self.drafters[config.assistant].model
@@ -267,9 +268,6 @@ class Benchmark:
                     m.predicted_speedup = analytic_speedup(m.counts["tau"], mean_gamma, m.cost_ratio)
                 m.measured_speedup = plain.times.decode_s / run.times.decode_s if run.times.decode_s else None
                 self._add(m, run.tokens, reference)
-        for m in self.measurements:
-            if m.batch_size == batch_size and m.method != CAPTION_JOB:
-                m.speedup = hf.seconds / m.seconds
 
     def _engine(self, drafter_name: str | None, gamma: int | str, batch_size: int) -> _EngineRun:
         drafter = self.drafters[drafter_name] if drafter_name else None
@@ -277,8 +275,10 @@ class Benchmark:
                                   EngineConfig(gamma=gamma, max_new_tokens=self.config.max_new_tokens))
         prompts = self.workload.prompts
 
-        def run():  # continuous batching: batch_size rows decode at once, the next joining as one finishes
-            return engine.generate(prompts, max_batch_size=batch_size)
+        def run():
+            if self.config.continuous_batching:  # batch_size rows decode at once; the next join as rows finish
+                return engine.generate(prompts, max_batch_size=batch_size)
+            return [r for i in range(0, len(prompts), batch_size) for r in engine.generate(prompts[i : i + batch_size])]
 
         def reset_times():  # the warm-up teaches auto gamma, as a long-running actor would learn; it is not timed
             engine.times = EngineTimes()
@@ -294,12 +294,17 @@ class Benchmark:
             counts=counts.report(), time_shares=engine.times.shares(), rows_per_step=engine.times.mean_rows_per_step)
         return _EngineRun(measurement, engine.times, [r.tokens for r in last])
 
-    def _add(self, m: Measurement, tokens: list[list[int]], reference: list[list[int]] | None = None) -> Measurement:
+    def _add(self, m: Measurement, tokens: list[list[int]], reference: list[list[int]] | None = None) -> None:
         if reference is not None:
             m.identical = sum(a == b for a, b in zip(tokens, reference))
         self.measurements.append(m)
+        hf = self._hf_generate(m.batch_size)  # measured first at each batch size
+        if hf is not None:
+            m.speedup = hf.seconds / m.seconds
         self.log(progress_line(m))
-        return m
+
+    def _hf_generate(self, batch_size: int) -> Measurement | None:
+        return next((m for m in self.measurements if m.method == HF_GENERATE and m.batch_size == batch_size), None)
 
     def _caption_job(self) -> Measurement:
         """The Ray caption job on the same rows, with the last drafter (MASSV by default) and gamma auto."""
@@ -330,7 +335,7 @@ class Benchmark:
                         job.batch_size, summary["rows_out"], wall, summary["generated_tokens"], None)
         engine = next((e for e in self.measurements if e.method == ENGINE and e.drafter == m.drafter
                        and e.gamma == m.gamma and e.batch_size == m.batch_size), None)
-        hf = next((h for h in self.measurements if h.method == HF_GENERATE and h.batch_size == m.batch_size), None)
+        hf = self._hf_generate(m.batch_size)
         if hf is not None:
             m.speedup = hf.seconds / wall
         if engine is not None:
@@ -519,8 +524,9 @@ def run_benchmark(config: BenchConfig, log=_print) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     (output / "results.json").write_text(json.dumps(report, indent=2))
     described = ", ".join(f"{k} {v}" for k, v in report["machine"].items())
+    batching = "continuous batching" if config.continuous_batching else "batch by batch, as HF generate"
     (output / "table.md").write_text(f"{len(benchmark.workload)} prompts from {config.prompts}, at most "
-                                     f"{config.max_new_tokens} new tokens, greedy; {described}\n\n"
+                                     f"{config.max_new_tokens} new tokens, greedy, engine {batching}; {described}\n\n"
                                      f"{markdown_table(measurements)}\n\n{goals_table(report['goals'])}\n")
     for name, png in charts(measurements, config).items():
         (output / name).write_bytes(png)

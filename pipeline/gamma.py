@@ -60,6 +60,7 @@ class GammaPolicy:
     smoothing: float = 0.3  # weight of the newest cost measurement in running averages
     memory: float = 0.98  # per speculative step, how much of the past acceptance counts stays
     prior_acceptance: float = 0.6  # per position, until measured
+    margin: float = 0.1  # speculate only when it promises this much more than plain decoding (see best_gamma)
 
     # Acceptance per draft position, as decayed counts: drafts that reached position i (all before it
     # accepted) and how many of those were accepted.
@@ -95,7 +96,11 @@ class GammaPolicy:
         return best
 
     def best_gamma(self, batch_size: int) -> int:
-        return max(range(self.max_gamma + 1), key=lambda k: self.expected_rate(k, batch_size))
+        """The k with the best predicted rate; 0 unless speculating beats plain decoding by the margin, since the
+        model misses costs that grow with speculation (a batch drains to its slowest row; drafter catch-ups)."""
+        best = max(range(1, self.max_gamma + 1), key=lambda k: self.expected_rate(k, batch_size))
+        plain = self.expected_rate(0, batch_size)
+        return best if self.expected_rate(best, batch_size) > (1 + self.margin) * plain else 0
 
     def acceptance_per_position(self) -> list[float]:
         """a_i, measured where drafts reached position i, else the last measured position's (or the prior)."""

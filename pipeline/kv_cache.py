@@ -147,8 +147,7 @@ def _gather_slots(
 ) -> torch.Tensor:  # [B, H, T, D], zeros where not valid (padding may hold NaN from fully masked rows)
     b, h, _, d = states.shape
     index = source[:, None, :, None].expand(b, h, -1, d)
-    gathered = states.gather(2, index)
-    return torch.where(valid[:, None, :, None], gathered, torch.zeros((), dtype=states.dtype, device=states.device))
+    return states.gather(2, index).masked_fill_(~valid[:, None, :, None], 0)
 
 
 def attention_masks(

@@ -18,6 +18,7 @@ from PIL import Image
 
 from pipeline.caption import run_caption
 from pipeline.config import CaptionConfig, JobConfigError
+from pipeline.plots import HEIGHT, WIDTH
 from pipeline.sink import OUTPUT_SCHEMA
 
 pytestmark = pytest.mark.slow
@@ -96,7 +97,7 @@ def test_local_job_every_row_once_and_drafter_lossless(local_ray, world, tmp_pat
     assert plain["acceptance_rate"] == 0.0 and plain["this_run"]["rows"] == len(expected)
     assert sum(node["rows"] for node in on_disk["nodes"].values()) == len(expected)
     chart = Image.open(tmp_path / "drafted" / "acceptance.png")
-    assert chart.format == "PNG" and chart.size == (640, 360)
+    assert chart.format == "PNG" and chart.size == (WIDTH, HEIGHT)
     assert not (tmp_path / "plain" / "acceptance.png").exists()  # nothing drafted, nothing to chart
 
 
