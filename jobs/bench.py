@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.benchmark import QUICK, BenchConfig, run_benchmark  # noqa: E402
+from pipeline.benchmark import QUICK, BenchConfig, demo_drafters, run_benchmark  # noqa: E402
 from pipeline.config import JobConfigError  # noqa: E402
 
 
@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         values["drafters"] = {}
     if args.drafter is not None:
         values["drafters"] = dict(args.drafter)
-    drafters = values.get("drafters", BenchConfig.__dataclass_fields__["drafters"].default_factory())
+    drafters = values.get("drafters", demo_drafters())
     if args.assistant is not None:
         values["assistant"] = None if args.assistant.lower() == "none" else args.assistant
     elif "text-only" not in drafters:

@@ -236,7 +236,7 @@ class Benchmark:
         for batch_size in self.config.batch_sizes:
             self._batch_size(batch_size)
         if self.config.caption_job:
-            self.measurements.append(self._caption_job())
+            self._caption_job()
         return self.measurements
 
     def _batch_size(self, batch_size: int) -> None:
@@ -294,7 +294,10 @@ class Benchmark:
             counts=counts.report(), time_shares=engine.times.shares(), rows_per_step=engine.times.mean_rows_per_step)
         return _EngineRun(measurement, engine.times, [r.tokens for r in last])
 
-    def _add(self, m: Measurement, tokens: list[list[int]], reference: list[list[int]] | None = None) -> None:
+    def _add(self, m: Measurement, tokens: list[list[int]] | None = None,
+             reference: list[list[int]] | None = None) -> None:
+        """Record a measurement: its speedup over HF generate at its batch size and, given a reference, how many
+        rows it decoded identically."""
         if reference is not None:
             m.identical = sum(a == b for a, b in zip(tokens, reference))
         self.measurements.append(m)
@@ -306,7 +309,7 @@ class Benchmark:
     def _hf_generate(self, batch_size: int) -> Measurement | None:
         return next((m for m in self.measurements if m.method == HF_GENERATE and m.batch_size == batch_size), None)
 
-    def _caption_job(self) -> Measurement:
+    def _caption_job(self) -> None:
         """The Ray caption job on the same rows, with the last drafter (MASSV by default) and gamma auto."""
         import shutil
 
@@ -335,13 +338,9 @@ class Benchmark:
                         job.batch_size, summary["rows_out"], wall, summary["generated_tokens"], None)
         engine = next((e for e in self.measurements if e.method == ENGINE and e.drafter == m.drafter
                        and e.gamma == m.gamma and e.batch_size == m.batch_size), None)
-        hf = self._hf_generate(m.batch_size)
-        if hf is not None:
-            m.speedup = hf.seconds / wall
         if engine is not None:
-            m.against_engine = engine.rows_per_s and m.rows_per_s / engine.rows_per_s
-        self.log(progress_line(m))
-        return m
+            m.against_engine = m.rows_per_s / engine.rows_per_s
+        self._add(m)
 
 
 @dataclass
@@ -352,7 +351,7 @@ class _EngineRun:
 
 
 def _fmt(value, spec: str = ".2f", missing: str = "-") -> str:
-    return missing if value is None or value != value else format(value, spec)  # value != value: NaN
+    return missing if value is None else format(value, spec)
 
 
 def progress_line(m: Measurement) -> str:
@@ -405,7 +404,7 @@ def _best_fixed(measurements: list[Measurement], drafter: str, batch_size: int) 
     return max(fixed, key=lambda m: m.tokens_per_s, default=None)
 
 
-def goals(measurements: list[Measurement], massv: str | None, text_only: str | None) -> list[dict]:
+def goals(measurements: list[Measurement], massv: str | None) -> list[dict]:
     """The issue's speed goals, each with the measured figure and whether it was met (reported, never asserted)."""
     results = []
 
@@ -433,7 +432,7 @@ def goals(measurements: list[Measurement], massv: str | None, text_only: str | N
         goal("engine without a drafter >= HF generate at every batch size", worst.speedup, 1.0,
              f"lowest at batch {worst.batch_size}")
     assisted = next((m for m in measurements if m.method == HF_ASSISTED), None)
-    if assisted and text_only:
+    if assisted:
         same_drafter = [m for m in _engine_rows(measurements, assisted.drafter) if m.batch_size == assisted.batch_size]
         auto = next((m for m in same_drafter if m.gamma == AUTO), None)
         best = max(same_drafter, key=lambda m: m.tokens_per_s, default=None)
@@ -512,24 +511,23 @@ def run_benchmark(config: BenchConfig, log=_print) -> dict:
     log(f"config: {json.dumps(dataclasses.asdict(config))}")
     started = time.perf_counter()
     benchmark = Benchmark(config, log)
-    kinds = {name: read_drafter_config(Path(path))["kind"] for name, path in config.drafters.items()}
-    massv = next((n for n, k in reversed(kinds.items()) if k == "massv"), None)
-    text_only = next((n for n, k in kinds.items() if k == "text-only"), None)
+    massv = next((n for n, d in reversed(benchmark.drafters.items()) if d.kind == "massv"), None)
     measurements = benchmark.run()
     report = {"machine": machine(), "config": dataclasses.asdict(config), "rows": len(benchmark.workload),
               "seconds": time.perf_counter() - started,
               "measurements": [dataclasses.asdict(m) | {"tokens_per_s": m.tokens_per_s} for m in measurements],
-              "goals": goals(measurements, massv, text_only)}
+              "goals": goals(measurements, massv)}
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     (output / "results.json").write_text(json.dumps(report, indent=2))
     described = ", ".join(f"{k} {v}" for k, v in report["machine"].items())
     batching = "continuous batching" if config.continuous_batching else "batch by batch, as HF generate"
+    tables = f"{markdown_table(measurements)}\n\n{goals_table(report['goals'])}"
     (output / "table.md").write_text(f"{len(benchmark.workload)} prompts from {config.prompts}, at most "
                                      f"{config.max_new_tokens} new tokens, greedy, engine {batching}; {described}\n\n"
-                                     f"{markdown_table(measurements)}\n\n{goals_table(report['goals'])}\n")
+                                     f"{tables}\n")
     for name, png in charts(measurements, config).items():
         (output / name).write_bytes(png)
-    log(f"\n{markdown_table(measurements)}\n\n{goals_table(report['goals'])}\n\nmachine: {described}\n"
+    log(f"\n{tables}\n\nmachine: {described}\n"
         f"wrote results.json, table.md and plots under {output} in {report['seconds']:.0f} s")
     return report

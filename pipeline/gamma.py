@@ -64,9 +64,9 @@ class GammaPolicy:
 
     # Acceptance per draft position, as decayed counts: drafts that reached position i (all before it
     # accepted) and how many of those were accepted.
-    reached: list[float] = field(default_factory=list)
-    accepted: list[float] = field(default_factory=list)
-    buckets: dict[int, _BucketCosts] = field(default_factory=dict)
+    reached: list[float] = field(init=False)
+    accepted: list[float] = field(init=False)
+    buckets: dict[int, _BucketCosts] = field(default_factory=dict, init=False)
     _last_k: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self):

@@ -135,9 +135,11 @@ def _grow(buffer: torch.Tensor, capacity: int) -> torch.Tensor:
 
 
 def _concat_rows(a: torch.Tensor, b: torch.Tensor, capacity: int) -> torch.Tensor:
-    """[B1, H, _, D] and [B2, H, _, D] -> [B1 + B2, H, capacity, D]."""
-    return torch.cat([a if a.shape[2] == capacity else _grow(a, capacity),
-                      b if b.shape[2] == capacity else _grow(b, capacity)])
+    """[B1, H, _, D] and [B2, H, _, D] -> [B1 + B2, H, capacity, D], each copied once."""
+    rows = a.new_zeros(a.shape[0] + b.shape[0], a.shape[1], capacity, a.shape[3])
+    rows[: a.shape[0], :, : a.shape[2]] = a
+    rows[a.shape[0] :, :, : b.shape[2]] = b
+    return rows
 
 
 def _gather_slots(

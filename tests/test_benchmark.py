@@ -128,7 +128,7 @@ def test_goals_judge_each_figure():
         _m(ENGINE, NO_DRAFTER, NO_DRAFTER, 8, 1.1),
         _m(ENGINE, "massv", AUTO, 8, 1.1),
     ]
-    judged = {g["goal"]: g for g in goals(measurements, "massv", "text-only")}
+    judged = {g["goal"]: g for g in goals(measurements, "massv")}
     at_1, at_8 = judged["massv >= 2.0x HF generate at batch 1"], judged["massv >= 1.3x HF generate at batch 8"]
     assert at_1["figure"] == 2.5 and at_1["met"] and "best fixed gamma 3" in at_1["detail"]
     assert at_8["figure"] == pytest.approx(1 / 1.1, abs=1e-3) and not at_8["met"]
