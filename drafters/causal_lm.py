@@ -1,38 +1,104 @@
-"""Drafters built on a small HF causal LM: text-only, and MASSV (with a projector over the target's image features).
+"""What the drafter kinds built on a small HF causal LM share: the model base class, decoding, loading checks.
 
-Text-only (the MASSV paper's baseline) reads the prompt with the image
-placeholder tokens removed. MASSV keeps the placeholders and fills them with the
-target's image features mapped into the drafter's embedding space by a 2-layer
-MLP projector (LLaVA style); the features are computed once by the target.
+`CausalLMDraftModel` is the one model class of such a kind, for decoding and training
+alike: `prompt_ids` says which prompt tokens the drafter reads, `embed` turns them
+(and the target's image features) into input embeddings, `forward` gives logits.
+`CausalLMDrafter` decodes with any of them over its own RaggedKVCache (the engine's
+Drafter protocol). The kinds: text_only.py and massv.py.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.acceptance import SamplingConfig, logits_to_probs, sample_from
-from pipeline.decoder import RaggedDecoder, embed_with_image_features, left_pad, right_pad
-from pipeline.target import PreparedPrompt
+from pipeline.engine.acceptance import SamplingConfig, logits_to_probs, sample_from
+from pipeline.engine.decoder import RaggedDecoder
+from pipeline.engine.padding import left_pad, right_pad
+from pipeline.engine.prompts import PreparedPrompt
 
 
-class MassvProjector(nn.Module):
-    """Maps target image features [N, in_features] to drafter embeddings [N, out_features]."""
+class CausalLMDraftModel(nn.Module):
+    """A small causal LM as a drafter; kinds override `prompt_ids` and `embed`."""
 
-    def __init__(self, in_features: int, out_features: int, hidden_features: int | None = None):
+    kind = "causal-lm"
+
+    def __init__(self, language_model: nn.Module, image_token_id: int | None):
         super().__init__()
-        hidden_features = hidden_features or out_features
-        self.config = {"in_features": in_features, "hidden_features": hidden_features, "out_features": out_features}
-        self.linear_1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU()
-        self.linear_2 = nn.Linear(hidden_features, out_features)
+        self.language_model = language_model
+        self.image_token_id = image_token_id
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(features)))
+    def prompt_ids(self, input_ids: list[int]) -> list[int]:
+        """The prompt tokens this drafter reads (placeholders included or not)."""
+        return input_ids
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,  # [B, L]
+        image_features: torch.Tensor | None,  # [image tokens in input_ids, target hidden]
+    ) -> torch.Tensor:  # [B, L, drafter hidden]
+        return self.language_model.get_input_embeddings()(input_ids)
+
+    def forward(self, input_ids, attention_mask, image_features=None) -> torch.Tensor:
+        """Logits [B, L, V] of a right-padded batch (training)."""
+        embeds = self.embed(input_ids, image_features)
+        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask).logits
+
+    @classmethod
+    def load(cls, path: Path, config: dict, target, trust_remote_code: bool = False) -> CausalLMDrafter:
+        """The drafter at `path` ready to decode for `target` (its device and dtype); checks the vocabulary."""
+        model = cls.from_pretrained(path, config, target.image_token_id, target.model.dtype, trust_remote_code)
+        check_vocabulary(target.tokenizer, target.vocab_size, model.vocab_size,
+                         tokenizer_or_none(cls.language_model_dir(path)), str(path))
+        model.check_target(target.text_config.hidden_size, str(path))
+        return CausalLMDrafter(model.to(target.device), target.vocab_size, target.pad_token_id, name=str(path))
+
+    @classmethod
+    def check(cls, path: Path, config: dict, target_tokenizer, target_text_config, name: str,
+              trust_remote_code: bool = False) -> None:
+        """Every check `load` makes, from config and tokenizer files only (no weights): for the job's preflight."""
+        lm_dir = cls.language_model_dir(path)
+        lm_config = AutoConfig.from_pretrained(lm_dir, trust_remote_code=trust_remote_code).get_text_config()
+        check_vocabulary(target_tokenizer, target_text_config.vocab_size, lm_config.vocab_size,
+                         tokenizer_or_none(lm_dir), name)
+        cls.check_config(config, target_text_config.hidden_size, lm_config.hidden_size, name)
+
+    @classmethod
+    def language_model_dir(cls, path: Path) -> Path:
+        return path
+
+    @classmethod
+    def check_config(cls, config: dict, target_hidden: int, drafter_hidden: int, name: str) -> None:
+        """Raise ValueError when the drafter's own configuration does not fit this target."""
+
+    def check_target(self, target_hidden: int, name: str) -> None:
+        self.check_config(self.config, target_hidden, self.hidden_size, name)
+
+    @property
+    def config(self) -> dict:
+        """The drafter_config.json of this kind."""
+        return {"kind": self.kind}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.language_model.get_output_embeddings().weight.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.language_model.get_input_embeddings().weight.shape[1]
+
+
+def load_language_model(path: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, use_safetensors=True, attn_implementation="sdpa", trust_remote_code=trust_remote_code
+    )
 
 
 class CausalLMDrafter:
-    """Drafts with a causal LM over its own RaggedKVCache.
+    """Drafts with a CausalLMDraftModel over its own RaggedKVCache.
 
     State between steps: the cache holds the prompt and every committed token the
     drafter has read; `pending` holds committed tokens it has not read yet (one
@@ -40,53 +106,38 @@ class CausalLMDrafter:
     them in one ragged forward, then drafts k tokens, feeding back the first k-1.
     """
 
-    def __init__(
-        self,
-        language_model: nn.Module,
-        target_vocab_size: int,
-        image_token_id: int | None,
-        projector: MassvProjector | None = None,
-        pad_token_id: int = 0,
-        name: str = "drafter",
-    ):
-        self.model = language_model.eval()
-        self.projector = projector.eval() if projector is not None else None
+    def __init__(self, model: CausalLMDraftModel, target_vocab_size: int, pad_token_id: int = 0,
+                 name: str = "drafter"):
+        self.model = model.eval()
         self.target_vocab_size = target_vocab_size
-        self.image_token_id = image_token_id
         self.pad_token_id = pad_token_id
         self.name = name
-        self.decoder = RaggedDecoder(language_model)
+        self.decoder = RaggedDecoder(model.language_model)
         self.pending: list[list[int]] = []
 
     @property
     def kind(self) -> str:
-        return "massv" if self.projector is not None else "text-only"
+        return self.model.kind
 
     @property
     def device(self) -> torch.device:
-        return self.model.device
+        return self.decoder.device
 
     @torch.no_grad()
     def prefill(self, prompts: list[PreparedPrompt], image_features, first_tokens, append: bool = False) -> None:
-        rows = [p.input_ids for p in prompts]
-        features = None
-        if self.projector is None:
-            rows = [[t for t in r if t != self.image_token_id] for r in rows]
-        elif image_features is not None:
-            features = self.projector(image_features.to(self.device, self.model.dtype))
-        ids, mask = left_pad(rows, self.pad_token_id, self.device)
-        embeds = embed_with_image_features(self.model.get_input_embeddings(), ids, self.image_token_id, features)
-        self.decoder.prefill(embeds, mask, append=append)
+        ids, mask = left_pad([self.model.prompt_ids(p.input_ids) for p in prompts], self.pad_token_id, self.device)
+        if image_features is not None:
+            image_features = image_features.to(self.device, self.decoder.dtype)
+        self.decoder.prefill(self.model.embed(ids, image_features), mask, append=append)
         self.pending = (self.pending if append else []) + [[t] for t in first_tokens.tolist()]
 
     @torch.no_grad()
-    def propose(self, k, sampling: SamplingConfig, generator):
+    def propose(self, k: int, sampling: SamplingConfig, generator):
         """k >= 1 drafts per row; steps with k = 0 skip the drafter and it catches up here."""
         batch = len(self.pending)
         # Catch up: read the committed tokens not yet in the cache (ragged, right-padded).
         pending, counts = right_pad(self.pending, self.pad_token_id, self.device)
-        logits = self.decoder.forward(pending)
-        self.decoder.advance(counts)
+        logits = self.decoder.forward(pending, num_new=counts)
         logits = logits[torch.arange(batch, device=self.device), (counts - 1).to(self.device)]
         self.pending = [[] for _ in range(batch)]
         tokens, probs = [], []
@@ -96,15 +147,14 @@ class CausalLMDrafter:
             probs.append(prob)
             if j < k - 1:
                 logits = self.decoder.forward(token[:, None])[:, 0]
-                self.decoder.advance(torch.ones_like(counts))
         return torch.stack(tokens, dim=1), (torch.stack(probs, dim=1) if not sampling.greedy else None)
 
-    def commit(self, num_accepted, output_tokens) -> None:
+    def commit(self, k: int, num_accepted: torch.Tensor, output_tokens: torch.Tensor) -> None:
         """num_accepted [B] and output_tokens [B, k+1] on the host."""
-        # After propose(k) the cache holds the k-1 drafts fed back; drop those after the first rejection.
-        fed_drafts = max(output_tokens.shape[1] - 2, 0)
+        # propose(k) appended the first k-1 drafts to the cache; roll back those after the first rejection.
+        fed_drafts = max(k - 1, 0)
         kept_drafts = num_accepted.clamp_max(fed_drafts)
-        self.decoder.rewind(fed_drafts - kept_drafts)
+        self.decoder.rollback(fed_drafts - kept_drafts)
         kept, emitted = kept_drafts.tolist(), (num_accepted + 1).tolist()
         for i, row in enumerate(output_tokens.tolist()):
             self.pending[i].extend(row[kept[i] : emitted[i]])
@@ -128,3 +178,29 @@ def _fit_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
         return logits[..., :vocab_size]
     pad = logits.new_full((*logits.shape[:-1], vocab_size - have), float("-inf"))
     return torch.cat([logits, pad], dim=-1)
+
+
+def check_vocabulary(target_tokenizer, target_vocab_size: int, drafter_vocab_size: int, drafter_tokenizer,
+                     drafter_name: str) -> None:
+    """Every token the drafter knows must have the same id in the target's tokenizer."""
+    if drafter_tokenizer is None:
+        if drafter_vocab_size != target_vocab_size:
+            raise ValueError(
+                f"drafter {drafter_name} has a vocabulary of {drafter_vocab_size} tokens but the target has "
+                f"{target_vocab_size}: use a drafter with the target's tokenizer."
+            )
+        return
+    target_vocab = target_tokenizer.get_vocab()
+    for token, token_id in sorted(drafter_tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
+        if target_vocab.get(token) != token_id:
+            where = f"id {target_vocab[token]}" if token in target_vocab else "absent"
+            raise ValueError(
+                f"drafter {drafter_name} does not share the target's vocabulary: token {token!r} is id {token_id} "
+                f"in the drafter but {where} in the target; use a drafter with the target's tokenizer."
+            )
+
+
+def tokenizer_or_none(path: Path):
+    if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    return AutoTokenizer.from_pretrained(path)

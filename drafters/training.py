@@ -29,14 +29,15 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM
 
-from drafters import PROJECTOR_WEIGHTS, language_model_dir, read_drafter_config, save_massv
-from drafters.causal_lm import MassvProjector
-from pipeline.decoder import embed_with_image_features, right_pad
-from pipeline.preprocess import prepare_prompt
-from pipeline.storage import absolute, is_remote, url_to_fs
-from pipeline.target import Target
+from drafters.causal_lm import CausalLMDraftModel
+from drafters.massv import MassvDraftModel, MassvProjector
+from drafters.registry import drafter_kind
+from drafters.text_only import TextOnlyDraftModel
+from pipeline.engine.padding import right_pad
+from pipeline.engine.prompts import prepare_prompt
+from pipeline.engine.target import Target
+from pipeline.job.storage import absolute, is_remote, url_to_fs
 
 PHASES = ("target", "text", "adapt", "distill")
 IGNORE = -100  # label of positions that carry no loss (prompt and padding)
@@ -75,28 +76,15 @@ class TrainConfig:
             setattr(self, name, absolute(getattr(self, name)))
 
 
-class DraftModel(nn.Module):
-    """The drafter being trained: LM, plus the projector for MASSV phases; forward gives logits [B, L, V]."""
-
-    def __init__(self, language_model: nn.Module, projector: MassvProjector | None, image_token_id: int | None):
-        super().__init__()
-        self.language_model = language_model
-        self.projector = projector
-        self.image_token_id = image_token_id
-
-    def forward(self, input_ids, attention_mask, image_features=None):
-        features = self.projector(image_features) if self.projector is not None and image_features is not None else None
-        embeds = embed_with_image_features(self.language_model.get_input_embeddings(), input_ids, self.image_token_id,
-                                           features)
-        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask).logits
-
-
 class TargetModel(nn.Module):
     """The target VLM trained end to end (demo world): forward gives logits [B, L, V]."""
 
     def __init__(self, vlm: nn.Module):
         super().__init__()
         self.vlm = vlm
+
+    def prompt_ids(self, input_ids: list[int]) -> list[int]:
+        return input_ids
 
     def forward(self, input_ids, attention_mask, vision_inputs=None, token_inputs=None):
         return self.vlm(input_ids=input_ids, attention_mask=attention_mask, **(vision_inputs or {}),
@@ -111,25 +99,23 @@ def build_model(config: TrainConfig, target: Target) -> nn.Module:
     return build_draft_model(config, target)
 
 
-def build_draft_model(config: TrainConfig, target: Target) -> DraftModel:
+def build_draft_model(config: TrainConfig, target: Target) -> CausalLMDraftModel:
     """The phase's starting drafter, with what it trains set to require grad."""
-    start = Path(config.drafter)
-    lm_dir = language_model_dir(start, read_drafter_config(start))
-    lm = AutoModelForCausalLM.from_pretrained(lm_dir, use_safetensors=True, dtype=torch.float32)
-    projector = None
+    kind, drafter_config = drafter_kind(config.drafter)
+    if config.phase == "distill" and kind is not MassvDraftModel:
+        raise ValueError(f"--phase distill starts from a MASSV drafter (after adapt), but {config.drafter} is "
+                         f"{kind.kind}.")
+    start = kind.from_pretrained(Path(config.drafter), drafter_config, target.image_token_id, torch.float32)
+    if config.phase == "text":
+        return TextOnlyDraftModel(start.language_model, target.image_token_id)
     if config.phase == "adapt":
-        projector = MassvProjector(target.text_config.hidden_size, lm.get_input_embeddings().weight.shape[1])
-        lm.requires_grad_(False)  # phase 1 trains the projector only
-    elif config.phase == "distill":
-        drafter_config = read_drafter_config(start)
-        if drafter_config["kind"] != "massv":
-            raise ValueError(f"--phase distill starts from a MASSV drafter (after adapt), but {start} is text-only.")
-        projector = MassvProjector(**drafter_config["projector"])
-        projector.load_state_dict(load_file(start / PROJECTOR_WEIGHTS))
-    return DraftModel(lm, projector, target.image_token_id if config.phase != "text" else None)
+        start.language_model.requires_grad_(False)  # phase 1 trains the projector only
+        projector = MassvProjector(target.text_config.hidden_size, start.hidden_size)
+        return MassvDraftModel(start.language_model, projector, target.image_token_id)
+    return start
 
 
-def encode_batch(rows: list[dict], config: TrainConfig, target: Target, device) -> dict:
+def encode_batch(rows: list[dict], config: TrainConfig, target: Target, model: nn.Module, device) -> dict:
     """Right-padded input ids, attention mask and labels (answer tokens + EOS only), plus the image inputs:
     raw vision inputs for the target phase, the target's image features for MASSV phases, none for text."""
     sequences, labels, prompts = [], [], []
@@ -137,9 +123,7 @@ def encode_batch(rows: list[dict], config: TrainConfig, target: Target, device) 
     for row in rows:
         image = Image.open(io.BytesIO(row["image"])) if config.phase != "text" and row.get("image") else None
         prompt = prepare_prompt(target.processor, row["prompt"], image, target.context_length)
-        prompt_ids = prompt.input_ids
-        if config.phase == "text":  # the text-only drafter reads prompts without image placeholders
-            prompt_ids = [t for t in prompt_ids if t != target.image_token_id]
+        prompt_ids = model.prompt_ids(prompt.input_ids)  # what the drafter reads (text-only: no placeholders)
         answer_ids = target.tokenizer(row[config.answer_column], add_special_tokens=False)["input_ids"]
         answer_ids = answer_ids + ([eos] if eos is not None else [])
         sequences.append(prompt_ids + answer_ids)
@@ -197,7 +181,7 @@ def train_loop(loop_config: dict) -> None:
             rows = [r for r in batch.to_dict("records") if r.get(config.answer_column)]  # failed corpus rows: none
             if not rows:
                 continue
-            inputs = encode_batch(rows, config, target, device)
+            inputs = encode_batch(rows, config, target, inner, device)
             labels = inputs.pop("labels")
             loss = answer_loss(model(**inputs), labels)
             optimizer.zero_grad(set_to_none=True)
@@ -217,7 +201,7 @@ def train_loop(loop_config: dict) -> None:
         save_drafter(config, inner, target, {"losses": losses, "resumed_at": resumed_at})
 
 
-def report(config: TrainConfig, model: DraftModel, optimizer, progress: tuple, rank: int) -> None:
+def report(config: TrainConfig, model: nn.Module, optimizer, progress: tuple, rank: int) -> None:
     """Every worker reports (a barrier); rank 0 attaches the checkpoint."""
     import ray.train
 
@@ -231,7 +215,7 @@ def report(config: TrainConfig, model: DraftModel, optimizer, progress: tuple, r
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def save_training_state(directory: Path, model: DraftModel, optimizer, progress: tuple) -> None:
+def save_training_state(directory: Path, model: nn.Module, optimizer, progress: tuple) -> None:
     """Trainable weights and AdamW moments as safetensors (no pickles); step, losses, resumptions as JSON."""
     step, losses, resumed_at = progress
     trainable = {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
@@ -246,7 +230,7 @@ def save_training_state(directory: Path, model: DraftModel, optimizer, progress:
     (directory / "progress.json").write_text(json.dumps({"step": step, "losses": losses, "resumed_at": resumed_at}))
 
 
-def load_training_state(directory: Path, model: DraftModel, optimizer) -> tuple[int, list[float], list[int]]:
+def load_training_state(directory: Path, model: nn.Module, optimizer) -> tuple[int, list[float], list[int]]:
     weights = load_file(directory / "weights.safetensors")
     model.load_state_dict(weights, strict=False)
     by_name = dict(model.named_parameters())
@@ -264,11 +248,8 @@ def save_drafter(config: TrainConfig, model: nn.Module, target: Target, history:
         if isinstance(model, TargetModel):
             model.vlm.save_pretrained(local)
             target.processor.save_pretrained(local)
-        elif model.projector is None:
-            model.language_model.save_pretrained(local)
-            target.tokenizer.save_pretrained(local)
         else:
-            save_massv(local, model.language_model, model.projector, target.tokenizer)
+            model.save_pretrained(local, target.tokenizer)
         (local / TRAINING_LOG).write_text(json.dumps({"config": asdict(config), **history}, indent=1))
         if is_remote(config.output):
             fs, path = url_to_fs(config.output)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.benchmark import QUICK, BenchConfig, demo_drafters, run_benchmark  # noqa: E402
-from pipeline.config import JobConfigError  # noqa: E402
+from pipeline.lab.benchmark import QUICK, BenchConfig, demo_drafters, run_benchmark  # noqa: E402
+from pipeline.job.config import JobConfigError  # noqa: E402
 
 
 def _named_path(value: str) -> tuple[str, str]:

@@ -31,15 +31,15 @@ from PIL import Image  # noqa: E402
 
 from drafters import load_drafter  # noqa: E402
 from drafters.training import TrainConfig, run_training  # noqa: E402
-from pipeline import scenes, tiny_models  # noqa: E402
-from pipeline.acceptance import SamplingConfig  # noqa: E402
-from pipeline.caption import run_caption  # noqa: E402
-from pipeline.config import CaptionConfig  # noqa: E402
-from pipeline.demo import BENCH_PROMPTS  # noqa: E402
-from pipeline.engine import EngineConfig, SpecDecodeEngine  # noqa: E402
-from pipeline.preprocess import prepare_prompt  # noqa: E402
-from pipeline.stats import SpecDecodeCounts  # noqa: E402
-from pipeline.target import Target  # noqa: E402
+from pipeline.lab import scenes, tiny_models  # noqa: E402
+from pipeline.engine.acceptance import SamplingConfig  # noqa: E402
+from pipeline.job.caption import run_caption  # noqa: E402
+from pipeline.job.config import CaptionConfig  # noqa: E402
+from pipeline.lab.demo import BENCH_PROMPTS  # noqa: E402
+from pipeline.engine.engine import EngineConfig, SpecDecodeEngine  # noqa: E402
+from pipeline.engine.prompts import prepare_prompt  # noqa: E402
+from pipeline.engine.stats import SpecDecodeCounts  # noqa: E402
+from pipeline.engine.target import Target  # noqa: E402
 
 DRAFTERS = {"text-only": "text-only", "MASSV phase 1": "massv-adapt", "MASSV phase 1+2": "massv"}
 

@@ -6,7 +6,7 @@
 
 Runs on the Ray cluster it is submitted to, or starts a local one. Writes Parquet
 parts (one row per input row; see README for the schema) and summary.json under --output.
-From Python: `pipeline.caption.run_caption(CaptionConfig(...))`.
+From Python: `pipeline.job.caption.run_caption(CaptionConfig(...))`.
 
 With no arguments (`python jobs/caption.py`) it runs the embedded demo on a local
 Ray: the committed demo world's held-out scenes, captioned without and with its
@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import DEFAULT_PROMPT, FORMATS, CaptionConfig, JobConfigError  # noqa: E402
-from pipeline.storage import DEFAULT_MODEL_CACHE  # noqa: E402
+from pipeline.job.config import DEFAULT_PROMPT, FORMATS, CaptionConfig, JobConfigError  # noqa: E402
+from pipeline.job.storage import DEFAULT_MODEL_CACHE  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> CaptionConfig:
@@ -63,8 +63,8 @@ def parse_args(argv: list[str] | None = None) -> CaptionConfig:
 def run_demo() -> None:
     import ray
 
-    from pipeline.caption import run_caption
-    from pipeline.demo import compare, demo_configs
+    from pipeline.job.caption import run_caption
+    from pipeline.lab.demo import compare, demo_configs
 
     configs = demo_configs()
     ray.init()  # once, so neither run is charged for starting Ray
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
     try:
-        from pipeline.caption import run_caption
+        from pipeline.job.caption import run_caption
 
         run_caption(parse_args(argv)) if argv else run_demo()
     except JobConfigError as exc:

@@ -11,10 +11,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import tiny_models  # noqa: E402
-from pipeline.preprocess import prepare_prompt  # noqa: E402
-from pipeline.target import Target  # noqa: E402
-from pipeline.tiny_models import sample_rows as ragged_rows  # noqa: E402, F401  (tests import it from here)
+from pipeline.lab import tiny_models  # noqa: E402
+from pipeline.engine.prompts import prepare_prompt  # noqa: E402
+from pipeline.engine.target import Target  # noqa: E402
+from pipeline.lab.tiny_models import sample_rows as ragged_rows  # noqa: E402, F401  (tests import it from here)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,30 @@
+"""Text-only drafter (the MASSV paper's baseline): any HF causal LM with the target's tokenizer.
+
+It reads the prompt with the image placeholder tokens removed, so it never sees the
+image. A checkpoint is a plain HF causal-LM directory (safetensors).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from drafters.causal_lm import CausalLMDraftModel, load_language_model
+
+
+class TextOnlyDraftModel(CausalLMDraftModel):
+    kind = "text-only"
+
+    def prompt_ids(self, input_ids: list[int]) -> list[int]:
+        return [t for t in input_ids if t != self.image_token_id]
+
+    @classmethod
+    def from_pretrained(cls, path: Path, config: dict, image_token_id: int | None, dtype: torch.dtype,
+                        trust_remote_code: bool = False) -> TextOnlyDraftModel:
+        return cls(load_language_model(path, dtype, trust_remote_code), image_token_id)
+
+    def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:
+        self.language_model.save_pretrained(directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)

@@ -1,0 +1,129 @@
+"""The running batch: the rows decoding now, their last tokens, and target and drafter kept in step.
+
+One object owns the batch. Rows join through `admit` (a prefill of the new rows,
+appended after the running ones under continuous batching) and leave through
+`remove_finished`; every change of rows is applied to the target, the drafter and
+the last tokens together, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from pipeline.engine.acceptance import SamplingConfig
+from pipeline.engine.drafter import Drafter
+from pipeline.engine.prompts import PreparedPrompt
+from pipeline.engine.stats import SpecDecodeCounts
+from pipeline.engine.target import Target
+
+FINISH_STOP = "stop"  # an end-of-sequence token
+FINISH_LENGTH = "length"  # max_new_tokens or the target's context
+
+
+class Row:
+    """One sequence's output and counts while it decodes."""
+
+    def __init__(self, budget: int, eos_token_ids: frozenset[int]):
+        self.budget = budget
+        self.eos_token_ids = eos_token_ids
+        self.tokens: list[int] = []
+        self.finish_reason = FINISH_LENGTH
+        self.counts = SpecDecodeCounts(num_sequences=1)
+        self.started = 0.0  # when it joined the batch
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason == FINISH_STOP or len(self.tokens) >= self.budget
+
+    def emit(self, tokens: list[int]) -> int:
+        """Append tokens up to an EOS token or the budget; returns how many were taken."""
+        taken = 0
+        for token in tokens:
+            if self.finished:
+                break
+            self.tokens.append(token)
+            taken += 1
+            if token in self.eos_token_ids:
+                self.finish_reason = FINISH_STOP
+        return taken
+
+
+class RunningBatch:
+    def __init__(self, target: Target, drafter: Drafter | None):
+        self.target = target
+        self.drafter = drafter
+        self.rows: list[Row] = []
+        self.last_tokens: torch.Tensor | None = None  # [B] each row's newest token, not yet verified past
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def admit(self, rows: list[Row], prompts: list[PreparedPrompt],
+              choose: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Prefill these rows (after the running ones, if any) and emit their first tokens, chosen from the
+        target's logits [B, V] by `choose`."""
+        started = time.perf_counter()
+        append = bool(self.rows)
+        prefill = self.target.prefill(prompts, append=append)
+        first_tokens = choose(prefill.first_logits)
+        if self.drafter is not None:
+            self.drafter.prefill(prompts, prefill.image_features, first_tokens, append=append)
+        for row, token in zip(rows, first_tokens.tolist()):
+            row.started = started
+            row.emit([token])
+        self.rows = self.rows + rows
+        self.last_tokens = torch.cat([self.last_tokens, first_tokens]) if append else first_tokens
+        self.remove_finished()
+
+    def draft(self, k: int, sampling: SamplingConfig, generator: torch.Generator | None):
+        """k draft tokens per row [B, k] and, when sampling, their distributions (None for k = 0)."""
+        if k == 0:
+            return self.last_tokens.new_empty(len(self.rows), 0), None
+        return self.drafter.propose(k, sampling, generator)
+
+    def rollback(
+        self,
+        k: int,
+        num_accepted: torch.Tensor,  # [B] on the host
+        output_tokens: torch.Tensor,  # [B, k+1] on the host, placeholder after num_accepted
+    ) -> None:
+        """Target and drafter discard the positions the target rejected."""
+        self.target.rollback(k - num_accepted)
+        if self.drafter is not None:
+            self.drafter.commit(k, num_accepted, output_tokens)
+
+    def emit(
+        self,
+        k: int,
+        num_accepted: torch.Tensor,  # [B] on the host
+        output_tokens: torch.Tensor,  # [B, k+1] on the host
+    ) -> None:
+        """Each row takes its accepted drafts and the recovered or bonus token; finished rows leave."""
+        for row, n, out in zip(self.rows, num_accepted.tolist(), output_tokens.tolist()):
+            taken = row.emit(out[: n + 1])
+            row.counts.observe_step(k, min(n, taken))  # drafts cut off by EOS or the budget do not count
+        last = output_tokens.gather(1, num_accepted[:, None]).squeeze(1)
+        self.last_tokens = last.to(self.target.device, non_blocking=True)
+        self.remove_finished()
+
+    def remove_finished(self) -> None:
+        """Finished rows leave the batch: target, drafter and last tokens alike."""
+        keep = [j for j, row in enumerate(self.rows) if not row.finished]
+        if len(keep) == len(self.rows):
+            return
+        now = time.perf_counter()
+        for row in self.rows:
+            if row.finished:
+                row.counts.latency_s = now - row.started
+        self.rows = [self.rows[j] for j in keep]
+        if not keep:  # the next admission starts a new batch
+            self.last_tokens = None
+            return
+        keep = torch.tensor(keep, dtype=torch.long)
+        self.target.select_rows(keep)
+        if self.drafter is not None:
+            self.drafter.select_rows(keep)
+        self.last_tokens = self.last_tokens[keep.to(self.last_tokens.device)]

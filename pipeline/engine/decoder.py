@@ -1,0 +1,112 @@
+"""Runs any HF decoder (a VLM or a causal LM) over a batch of ragged rows with a RaggedKVCache.
+
+Prefill goes through HF's own forward on a left-padded batch, so whatever a family
+does in prefill (Gemma3's bidirectional attention inside an image, say) stays HF's
+business; the resulting cache is converted once into right-padded rows. Every
+later forward appends tokens with explicit per-row positions (from the family
+seam) and masks (from `kv_cache`); `rollback` discards them again. This module
+has no family-specific branches.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.engine.families import ROTARY, RotaryFamily
+from pipeline.engine.kv_cache import RaggedKVCache, attention_masks, layer_types_of
+
+
+def embed_with_image_features(
+    embedding: nn.Module,
+    input_ids: torch.Tensor,  # [B, L]
+    image_token_id: int | None,
+    image_features: torch.Tensor | None,  # [num image tokens in input_ids, hidden], row-major order
+) -> torch.Tensor:  # [B, L, hidden]
+    """Token embeddings with the image placeholder positions filled by image features."""
+    if image_features is None or image_token_id is None:
+        return embedding(input_ids)
+    is_image = input_ids == image_token_id
+    embeds = embedding(input_ids.masked_fill(is_image, 0))  # the placeholder id may be outside the vocabulary
+    if int(is_image.sum()) != image_features.shape[0]:
+        raise ValueError(
+            f"{int(is_image.sum())} image placeholder tokens but {image_features.shape[0]} image feature vectors"
+        )
+    return embeds.masked_scatter(is_image[..., None], image_features.to(embeds.dtype))
+
+
+class RaggedDecoder:
+    """A model plus its RaggedKVCache; the caller decides what each row appends and rolls back."""
+
+    def __init__(self, model: nn.Module, family: RotaryFamily = ROTARY):
+        self.model = model
+        self.family = family
+        text_config = model.config.get_text_config()
+        self.layer_types, self.sliding_window = layer_types_of(text_config)
+        self.cache: RaggedKVCache | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """[B] committed tokens per row, on the host."""
+        return self.cache.lengths
+
+    @torch.no_grad()
+    def prefill(
+        self,
+        inputs_embeds: torch.Tensor,  # [B, L] left-padded embeddings
+        attention_mask: torch.Tensor,  # [B, L] 0/1, zeros on the left
+        append: bool = False,  # add these rows after those already in the cache, instead of replacing them
+        **model_kwargs,  # per-token extras a family needs in prefill (e.g. token_type_ids)
+    ) -> torch.Tensor:  # [B, V] logits of each row's last prompt token
+        lengths = attention_mask.sum(dim=1)
+        position_ids, offsets = self.family.prefill_positions(self.model, attention_mask, model_kwargs)
+        out = self.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+            **model_kwargs,
+        )
+        cache = RaggedKVCache.from_left_padded(out.past_key_values, lengths, attention_mask.shape[1], offsets)
+        if append and self.cache is not None:
+            self.cache.append_rows(cache)
+        else:
+            self.cache = cache
+        return out.logits[:, -1]
+
+    @torch.no_grad()
+    def forward(
+        self,
+        tokens: torch.Tensor,  # [B, q]
+        num_new: torch.Tensor | None = None,  # [B] on the host: row i appends its first num_new[i] tokens (all q)
+    ) -> torch.Tensor:  # [B, q, V] logits
+        """Run q tokens per row at each row's next slots and append them (right-padded rows: fewer)."""
+        slots = self.cache.begin_forward(tokens.shape[1])
+        masks = attention_masks(slots, self.cache.kv_len, self.layer_types, self.sliding_window, self.dtype)
+        out = self.model(
+            input_ids=tokens,
+            attention_mask=masks,
+            position_ids=self.family.decode_positions(slots, self.cache.position_offsets),
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        if num_new is None:
+            num_new = torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.long)
+        self.cache.end_forward(num_new)
+        return out.logits
+
+    def rollback(self, num_dropped: torch.Tensor) -> None:
+        """Discard the last num_dropped[i] tokens of row i (host tensor)."""
+        self.cache.rollback(num_dropped)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        self.cache.select_rows(rows)

@@ -1,0 +1,46 @@
+"""The interface the engine calls on a drafter (the kinds live in drafters/, one module each).
+
+A drafter proposes k draft tokens per row (and, when sampling, the distributions it
+drew them from); the engine verifies them with the target and commits the outcome
+to the drafter, which rolls its own cache back. The engine keeps drafter and target
+rows in step: the same rows, admitted and removed together.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from pipeline.engine.acceptance import SamplingConfig
+from pipeline.engine.prompts import PreparedPrompt
+
+
+class Drafter(Protocol):
+    name: str
+    kind: str
+
+    def prefill(
+        self,
+        prompts: list[PreparedPrompt],
+        image_features: torch.Tensor | None,  # [image tokens of the batch, target hidden], from the target
+        first_tokens: torch.Tensor,  # [B] the target's first generated token per row
+        append: bool = False,  # these rows join the rows already drafting (continuous batching)
+    ) -> None: ...
+
+    def propose(
+        self, k: int, sampling: SamplingConfig, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """k >= 1 draft tokens [B, k] and, when sampling, their distributions [B, k, target vocab]."""
+        ...
+
+    def commit(
+        self,
+        k: int,  # drafts proposed per row this step (0: the drafter was not called)
+        num_accepted: torch.Tensor,  # [B] on the host: drafts the target accepted
+        output_tokens: torch.Tensor,  # [B, k+1] on the host: emitted tokens, placeholder after num_accepted
+    ) -> None:
+        """Roll back the rejected drafts and take the emitted tokens as the rows' continuation."""
+        ...
+
+    def select_rows(self, rows: torch.Tensor) -> None: ...

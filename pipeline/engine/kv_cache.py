@@ -1,0 +1,211 @@
+"""A KV cache for batched speculative decoding: right-padded, hole-free rows, rollback by lengths.
+
+Row i's keys and values occupy cache slots [0, length_i), so every row is
+contiguous (no masked holes: sliding-window layers count slots, see DESIGN.md).
+A forward of q tokens per row writes them at slots [length_i, length_i + q) and
+appends them (`end_forward(num_new)`: all q, or fewer per row for right-padded
+ragged input). `rollback(num_dropped)` discards each row's last tokens by
+lowering its length: rejected drafts are never copied or recomputed, and the
+next forward overwrites them.
+
+Slot and position: a token's rotary position is its slot plus its row's
+`position_offsets` entry. One-axis families have offset 0 (slot = position);
+multi-axis families (positions from an image-grid aware rope index) continue each
+row from its own offset. Masks work on slots; positions only feed the rotary
+embedding (see families.py).
+
+Memory bound: the buffer holds at most max_i(length_i) + q + GROWTH_SLOTS slots per
+row, where q <= gamma + 1 is the widest forward so far. Rejections do not grow it:
+slots are reclaimed by lowering length_i. Sliding-window layers keep all history
+(HF's cache evicts entries a rollback may need), and the attention mask limits
+what each query sees.
+
+Lengths live on the host (a CPU tensor): the engine reads accepted counts there
+anyway, and it keeps the forward free of GPU synchronisations (kv_len is known
+before the forward instead of read back from the device in every layer).
+
+Attention masks are built here from per-row positions (HF builds masks from one
+cache position shared by the whole batch, which ragged rows cannot use).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Cache
+
+GROWTH_SLOTS = 64  # grow in chunks so the buffer is not copied on every step
+
+FULL_ATTENTION = "full_attention"
+SLIDING_ATTENTION = "sliding_attention"
+
+
+class RaggedKVCache(Cache):
+    """Per-layer [B, heads, capacity, head_dim] buffers with a length per row."""
+
+    def __init__(self, num_layers: int, lengths: torch.Tensor, device: torch.device,
+                 position_offsets: torch.Tensor | None = None):
+        super().__init__(layers=[])
+        self.num_layers = num_layers
+        self.device = torch.device(device)
+        self.lengths = lengths.to("cpu", torch.long).clone()  # [B] committed slots per row, on the host
+        # [B] rotary position minus slot, per row, on the host (0 for one-axis families)
+        self.position_offsets = (torch.zeros_like(self.lengths) if position_offsets is None
+                                 else position_offsets.to("cpu", torch.long).clone())
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self._write_slots: torch.Tensor | None = None  # [B, q] on device: slots of the forward in flight
+        self.kv_len = 0  # slots the forward in flight attends over: max_i(length_i) + q
+
+    # ---- what the HF attention layers call ----
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        """Write [B, heads, q, dim] states at each row's next q slots; return the cache up to the longest row."""
+        slots = self._write_slots
+        if slots is None or slots.shape[1] != key_states.shape[2]:
+            raise RuntimeError("RaggedKVCache.begin_forward(q) must be called before a forward of q tokens")
+        kv_len = self.kv_len
+        if self.keys[layer_idx] is None:
+            self.keys[layer_idx] = _empty_like_rows(key_states, kv_len + GROWTH_SLOTS)
+            self.values[layer_idx] = _empty_like_rows(value_states, kv_len + GROWTH_SLOTS)
+        elif self.keys[layer_idx].shape[2] < kv_len:
+            self.keys[layer_idx] = _grow(self.keys[layer_idx], kv_len + GROWTH_SLOTS)
+            self.values[layer_idx] = _grow(self.values[layer_idx], kv_len + GROWTH_SLOTS)
+        index = slots[:, None, :, None].expand(-1, key_states.shape[1], -1, key_states.shape[3])
+        self.keys[layer_idx].scatter_(2, index, key_states)
+        self.values[layer_idx].scatter_(2, index, value_states)
+        return self.keys[layer_idx][:, :, :kv_len], self.values[layer_idx][:, :, :kv_len]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.lengths.max()) if self.lengths.numel() else 0
+
+    # ---- what the owner of the sequence state calls ----
+    def begin_forward(self, q: int) -> torch.Tensor:
+        """Reserve slots [length_i, length_i + q) per row; return them [B, q] on the device."""
+        slots = self.lengths[:, None] + torch.arange(q)[None, :]
+        self.kv_len = int(self.lengths.max()) + q
+        self._write_slots = slots.to(self.device, non_blocking=True)
+        return self._write_slots
+
+    def end_forward(self, num_new: torch.Tensor) -> None:
+        """Append the first num_new[i] tokens of the forward in flight to row i (host tensor)."""
+        self.lengths += num_new.to("cpu", torch.long)
+        self._write_slots = None
+
+    def rollback(self, num_dropped: torch.Tensor) -> None:
+        """Discard the last num_dropped[i] tokens of row i (host tensor)."""
+        self.lengths -= num_dropped.to("cpu", torch.long)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these rows (finished rows leave the batch)."""
+        self.lengths = self.lengths[rows.cpu()]
+        self.position_offsets = self.position_offsets[rows.cpu()]
+        rows = rows.to(self.device)
+        self.keys = [None if k is None else k[rows] for k in self.keys]
+        self.values = [None if v is None else v[rows] for v in self.values]
+
+    def append_rows(self, other: RaggedKVCache) -> None:
+        """Add another cache's rows after these: rows admitted into a running batch."""
+        capacity = max(self.capacity, other.capacity)
+        self.lengths = torch.cat([self.lengths, other.lengths])
+        self.position_offsets = torch.cat([self.position_offsets, other.position_offsets])
+        self.keys = [_concat_rows(a, b, capacity) for a, b in zip(self.keys, other.keys)]
+        self.values = [_concat_rows(a, b, capacity) for a, b in zip(self.values, other.values)]
+
+    @property
+    def capacity(self) -> int:
+        return max((k.shape[2] for k in self.keys if k is not None), default=0)
+
+    @classmethod
+    def from_left_padded(cls, hf_cache: Cache, lengths: torch.Tensor, padded_len: int,
+                         position_offsets: torch.Tensor | None = None) -> RaggedKVCache:
+        """Convert HF's cache of a left-padded prefill into right-padded rows.
+
+        Sliding-window layers of HF's cache may keep only the last n < padded_len
+        slots; those are exactly the ones later queries can see.
+        """
+        layers = hf_cache.layers
+        device = layers[0].keys.device
+        cache = cls(len(layers), lengths, device, position_offsets)
+        lengths = lengths.to(device)
+        capacity = padded_len + GROWTH_SLOTS
+        slots = torch.arange(capacity, device=device)
+        for i, layer in enumerate(layers):
+            n = layer.keys.shape[2]
+            source = slots[None, :] + (n - lengths)[:, None]  # [B, capacity]: HF slot of position t
+            valid = (source >= 0) & (source < n) & (slots[None, :] < lengths[:, None])
+            cache.keys[i] = _gather_slots(layer.keys, source.clamp(0, n - 1), valid)
+            cache.values[i] = _gather_slots(layer.values, source.clamp(0, n - 1), valid)
+        return cache
+
+
+def _empty_like_rows(states: torch.Tensor, capacity: int) -> torch.Tensor:
+    b, h, _, d = states.shape
+    return states.new_zeros(b, h, capacity, d)
+
+
+def _grow(buffer: torch.Tensor, capacity: int) -> torch.Tensor:
+    grown = buffer.new_zeros(*buffer.shape[:2], capacity, buffer.shape[3])
+    grown[:, :, : buffer.shape[2]] = buffer
+    return grown
+
+
+def _concat_rows(a: torch.Tensor, b: torch.Tensor, capacity: int) -> torch.Tensor:
+    """[B1, H, _, D] and [B2, H, _, D] -> [B1 + B2, H, capacity, D], each copied once."""
+    rows = a.new_zeros(a.shape[0] + b.shape[0], a.shape[1], capacity, a.shape[3])
+    rows[: a.shape[0], :, : a.shape[2]] = a
+    rows[a.shape[0] :, :, : b.shape[2]] = b
+    return rows
+
+
+def _gather_slots(
+    states: torch.Tensor,  # [B, H, n, D]
+    source: torch.Tensor,  # [B, T] slot in states to read
+    valid: torch.Tensor,  # [B, T] bool
+) -> torch.Tensor:  # [B, H, T, D], zeros where not valid (padding may hold NaN from fully masked rows)
+    b, h, _, d = states.shape
+    index = source[:, None, :, None].expand(b, h, -1, d)
+    return states.gather(2, index).masked_fill_(~valid[:, None, :, None], 0)
+
+
+def attention_masks(
+    query_slots: torch.Tensor,  # [B, q] cache slot of each query token
+    kv_len: int,
+    layer_types: frozenset[str],
+    sliding_window: int | None,
+    dtype: torch.dtype,
+) -> torch.Tensor | dict[str, torch.Tensor]:  # [B, 1, q, kv_len] additive, or one per layer type
+    """Causal (and sliding-window) masks over right-padded rows, by cache slot.
+
+    Additive float masks work with both the sdpa and eager attention paths. Models
+    with one layer type take a tensor; hybrid models (Gemma3) take a dict keyed by
+    layer type, which HF passes through untouched.
+    """
+    slots = torch.arange(kv_len, device=query_slots.device)[None, None, :]  # [1, 1, kv]
+    query = query_slots[:, :, None]  # [B, q, 1]
+    blocked_value = torch.finfo(dtype).min
+
+    def build(window: int | None) -> torch.Tensor:
+        allowed = slots <= query
+        if window is not None:
+            allowed &= slots > query - window
+        return torch.zeros(allowed.shape, dtype=dtype, device=query_slots.device).masked_fill(
+            ~allowed, blocked_value
+        )[:, None]
+
+    masks = {t: build(sliding_window if t == SLIDING_ATTENTION else None) for t in layer_types}
+    if len(masks) == 1:
+        return next(iter(masks.values()))
+    return masks
+
+
+def layer_types_of(text_config) -> tuple[frozenset[str], int | None]:
+    """The attention layer types of a decoder config and its sliding window (if any)."""
+    window = getattr(text_config, "sliding_window", None)
+    types = getattr(text_config, "layer_types", None)
+    if types:
+        kinds = frozenset(types)
+    else:
+        kinds = frozenset({SLIDING_ATTENTION if window else FULL_ATTENTION})
+    unknown = kinds - {FULL_ATTENTION, SLIDING_ATTENTION}
+    if unknown:
+        raise ValueError(f"unsupported attention layer types {sorted(unknown)}: only full and sliding attention")
+    return kinds, (window if SLIDING_ATTENTION in kinds else None)

@@ -1,0 +1,120 @@
+"""The target VLM: loading through HF Auto classes, prefill with image features computed once, verify, rollback.
+
+Any image-text-to-text checkpoint directory of a supported family works (LLaVA and
+Gemma3 are tested; families.py says what differs between families). The image
+features the target computes for its own prefill are returned so a drafter that
+wants them (MASSV) reuses them instead of running the vision tower again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from pipeline.engine.decoder import RaggedDecoder, embed_with_image_features
+from pipeline.engine.families import context_length, family_for
+from pipeline.engine.padding import left_pad
+from pipeline.engine.prompts import PreparedPrompt
+
+
+def pick_device() -> tuple[torch.device, torch.dtype]:
+    """CUDA with bf16 when a GPU is present, else CPU with float32."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+@dataclass
+class TargetPrefill:
+    first_logits: torch.Tensor  # [B, V] logits after each row's prompt
+    image_features: torch.Tensor | None  # [image tokens of the batch, hidden], row-major
+
+
+class Target:
+    """Owns the target model and its ragged cache; `verify` runs one forward for the whole batch."""
+
+    def __init__(self, model, processor, name: str = "target"):
+        config = model.config
+        self.family = family_for(config)  # raises for a family the engine cannot run
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.name = name
+        self.text_config = config.get_text_config()
+        self.image_token_id = getattr(config, "image_token_id", None)
+        if self.image_token_id is None:
+            self.image_token_id = getattr(config, "image_token_index", None)
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.context_length = context_length(self.text_config)
+        self.eos_token_ids = _eos_ids(model, self.tokenizer)
+        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.decoder = RaggedDecoder(model, self.family)
+
+    @classmethod
+    def load(cls, path: str, device=None, dtype=None, trust_remote_code: bool = False) -> Target:
+        default_device, default_dtype = pick_device()
+        device, dtype = device or default_device, dtype or default_dtype
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForImageTextToText.from_pretrained(
+            path,
+            dtype=dtype,
+            use_safetensors=True,
+            attn_implementation="sdpa",
+            trust_remote_code=trust_remote_code,
+        ).to(device)
+        return cls(model, processor, name=str(path))
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.decoder.lengths
+
+    def image_features(self, vision_inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Features that fill the image placeholder tokens: [image tokens, hidden]."""
+        return self.family.image_features(self.model, vision_inputs)
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[PreparedPrompt], append: bool = False) -> TargetPrefill:
+        """Prefill these rows, as the whole batch or (append) after the rows already decoding."""
+        ids, mask = left_pad([p.input_ids for p in prompts], self.pad_token_id, self.device)
+        features = self.image_features(_concat_vision_inputs(prompts))
+        embeds = embed_with_image_features(self.model.get_input_embeddings(), ids, self.image_token_id, features)
+        token_inputs = self.family.prefill_inputs([p.token_inputs for p in prompts], self.device)
+        logits = self.decoder.prefill(embeds, mask, append=append, **token_inputs)
+        return TargetPrefill(first_logits=logits, image_features=features)
+
+    def verify(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [B, q, V] for tokens [B, q] = [last token, drafts...] of every row, one forward; all q are
+        appended until `rollback` discards the rejected ones."""
+        return self.decoder.forward(tokens)
+
+    def rollback(self, num_rejected: torch.Tensor) -> None:
+        """Discard the last num_rejected[i] verified tokens of row i (host tensor)."""
+        self.decoder.rollback(num_rejected)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        self.decoder.select_rows(rows)
+
+
+def _concat_vision_inputs(prompts: list[PreparedPrompt]) -> dict[str, torch.Tensor]:
+    with_images = [p.vision_inputs for p in prompts if p.vision_inputs]
+    if not with_images:
+        return {}
+    return {name: torch.cat([v[name] for v in with_images]) for name in with_images[0]}
+
+
+def _eos_ids(model, tokenizer) -> frozenset[int]:
+    ids = set()
+    for source in (getattr(model, "generation_config", None), model.config.get_text_config()):
+        eos = getattr(source, "eos_token_id", None)
+        if eos is not None:
+            ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+            break
+    if not ids and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)

@@ -1,0 +1,86 @@
+"""The caption/VQA job on Ray Data: read -> prepare (CPU tasks) -> engine (actor pool) -> Parquet + summary.json.
+
+    source files --read tasks--> rows {id, prompt, image|image_url, error}
+      --CPU tasks: fetch, decode, chat template, tokenise--> rows {id, prompt, prepared, error}
+      --actor pool (one target + drafter per actor, num_gpus each)--> OUTPUT_SCHEMA rows
+      --write_parquet--> <output>/parts/*.parquet, then <output>/summary.json
+
+Everything that can be wrong with the job is checked first (preflight.py), so a
+bad configuration fails in seconds with one sentence, before any cluster work.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+import ray
+from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+from pipeline.job.actor import CaptionActor
+from pipeline.job.config import CaptionConfig
+from pipeline.job.preflight import JobPlan, plan_resources, preflight
+from pipeline.job.preprocess import prepare_batch
+from pipeline.job.output import part_files, parts_dir
+from pipeline.job.summary import format_summary, summarize, write_summary
+from pipeline.job.sources import SourcePlan, read_rows
+from pipeline.job.storage import url_to_fs
+
+
+def run_caption(config: CaptionConfig) -> dict:
+    """Run the job to completion on the current Ray cluster (a local one when none is running); returns the summary."""
+    print(f"caption job config:\n{config.to_json()}", flush=True)
+    start = time.perf_counter()
+    plan = preflight(config)
+    if plan.skip_ids:
+        print(f"resuming: {len(plan.skip_ids)} rows already in {config.output} are skipped", flush=True)
+    if not ray.is_initialized():
+        ray.init()
+    parts_before = set(part_files(config.output))
+    fs, parts_path = url_to_fs(parts_dir(config.output))  # written through fsspec, as everything else is
+    build_dataset(config, plan).write_parquet(parts_path, filesystem=PyFileSystem(FSSpecHandler(fs)))
+    run_parts = set(part_files(config.output)) - parts_before
+    summary = summarize(config.output, config.to_dict(), time.perf_counter() - start, run_parts)
+    summary["rows_skipped_by_resume"] = len(plan.skip_ids)
+    summary["rows_in"] = summary["this_run"]["rows"] + len(plan.skip_ids)  # every row read is written once
+    where = write_summary(config.output, summary)
+    print(format_summary(summary), flush=True)
+    print(f"summary: {where}", flush=True)
+    return summary
+
+
+def build_dataset(config: CaptionConfig, plan: JobPlan) -> ray.data.Dataset:
+    gpus = plan_resources(config, ray.cluster_resources())
+    reads = plan.source.reads
+    low, high = config.num_actors
+    # Streaming repartitions make blocks of one engine batch each, so work spreads over every actor even
+    # from a single input file, and keep Ray Data from fusing the CPU stage into the engine actors.
+    return (
+        ray.data.from_items([{"relatives": r} for r in reads], override_num_blocks=min(len(reads), 1000))
+        .map_batches(
+            _read_task, batch_size=1, batch_format="pyarrow", fn_kwargs={"plan": plan.source, "skip": plan.skip_ids}
+        )
+        .repartition(target_num_rows_per_block=config.batch_size)
+        .map_batches(
+            prepare_batch,
+            batch_size=None,
+            batch_format="pyarrow",
+            fn_kwargs={"processor": plan.processor, "context_length": plan.context_length,
+                       "keep_images": config.keep_images},
+        )
+        .repartition(target_num_rows_per_block=config.batch_size)
+        .map_batches(
+            CaptionActor,
+            fn_constructor_kwargs={"config": config},
+            batch_size=config.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+            num_gpus=gpus,
+            num_cpus=config.cpus_per_actor,
+        )
+    )
+
+
+def _read_task(batch: pa.Table, plan: SourcePlan, skip: frozenset[str]):
+    for relatives in batch.column("relatives").to_pylist():
+        yield from read_rows(plan, relatives, skip)

@@ -1,0 +1,94 @@
+"""The caption job's one typed config object: built from flags or in Python, logged at start, passed whole to actors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+from pipeline.engine.gamma import parse_gamma
+from pipeline.job.storage import DEFAULT_MODEL_CACHE, absolute
+
+FORMATS = ("auto", "parquet", "jsonl", "images", "webdataset")
+DEFAULT_PROMPT = "Describe the image."
+
+
+class JobConfigError(ValueError):
+    """The job cannot start as configured; the message is one sentence saying what to fix."""
+
+
+def parse_num_actors(value: str | int | tuple[int, int]) -> tuple[int, int]:
+    """'4' -> (4, 4), a fixed pool; '1,8' -> (1, 8), an autoscaling pool."""
+    if isinstance(value, tuple):
+        low, high = value
+    elif isinstance(value, int):
+        low = high = value
+    else:
+        parts = str(value).split(",")
+        try:
+            low, high = (int(parts[0]), int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+        except ValueError:
+            raise JobConfigError(f"--num-actors must be N or MIN,MAX, got {value!r}.") from None
+        if len(parts) > 2:
+            raise JobConfigError(f"--num-actors must be N or MIN,MAX, got {value!r}.")
+    if not 1 <= low <= high:
+        raise JobConfigError(f"--num-actors needs 1 <= MIN <= MAX, got {value!r}.")
+    return low, high
+
+
+@dataclass
+class CaptionConfig:
+    input: str  # table file/dir, image folder or WebDataset shards; local path or fsspec URL
+    output: str  # directory for Parquet parts and summary.json
+    target: str  # checkpoint directory, local or s3://
+    drafter: str = "none"  # drafter directory, local or s3://, or "none"
+    gamma: int | str = "auto"
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    batch_size: int = 32  # rows per engine call on one actor
+    num_actors: tuple[int, int] = (1, 1)
+    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    cpus_per_actor: float = 1.0
+    prompt: str = DEFAULT_PROMPT  # used when the input has no prompt column
+    id_column: str | None = None  # None: "id" when present, else ids derived from the source
+    prompt_column: str | None = None  # None: "prompt" when present, else --prompt
+    image_column: str | None = None  # None: "image" when present
+    format: str = "auto"
+    resume: bool = False
+    keep_images: bool = False  # also write each row's image bytes: a self-distillation corpus for train_drafter
+    seed: int | None = None
+    model_cache: str = DEFAULT_MODEL_CACHE
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        for name in ("input", "output", "target", "drafter"):  # actors may run in another directory
+            setattr(self, name, absolute(getattr(self, name)))
+        self.num_actors = parse_num_actors(self.num_actors)
+        try:
+            self.gamma = parse_gamma(self.gamma)
+        except ValueError as exc:
+            raise JobConfigError(f"--gamma must be a non-negative integer or 'auto': {exc}") from None
+        checks = [
+            (self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}."),
+            (0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}."),
+            (self.max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {self.max_new_tokens}."),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}."),
+            (self.gpus_per_actor is None or self.gpus_per_actor >= 0, "--gpus-per-actor must be >= 0."),
+            (self.cpus_per_actor > 0, f"--cpus-per-actor must be > 0, got {self.cpus_per_actor}."),
+            (self.format in FORMATS, f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}."),
+            (bool(self.prompt and self.prompt.strip()), "--prompt must not be empty."),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise JobConfigError(message)
+
+    @property
+    def drafter_name(self) -> str | None:
+        return None if str(self.drafter).lower() == "none" else self.drafter
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)

@@ -1,0 +1,81 @@
+"""The job's CPU stage: fetch and decode each row's image, then the engine's `prepare_prompt`, serialised.
+
+Runs in Ray Data CPU tasks. `prepare_batch` takes source rows (see sources.py) and
+returns rows with the PreparedPrompt as safetensors bytes (no pickles cross the
+object store); a row that cannot be prepared gets its `error` and the others are
+unaffected. `decode_prepared` turns the bytes back into a PreparedPrompt in the actor.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pyarrow as pa
+import torch
+from PIL import Image, UnidentifiedImageError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from pipeline.engine.prompts import PreparedPrompt, PromptError, prepare_prompt
+from pipeline.job.sources import image_from_row
+
+PREPARED_SCHEMA = pa.schema(
+    [("id", pa.string()), ("prompt", pa.string()), ("prepared", pa.binary()), ("image", pa.binary()),
+     ("error", pa.string())]
+)
+
+
+def encode_prepared(prompt: PreparedPrompt) -> bytes:
+    """A PreparedPrompt as safetensors bytes (no pickles cross the object store)."""
+    tensors = {"input_ids": torch.tensor(prompt.input_ids, dtype=torch.long)}
+    tensors.update({f"vision.{k}": v.contiguous() for k, v in prompt.vision_inputs.items()})
+    tensors.update({f"token.{k}": torch.tensor(v, dtype=torch.long) for k, v in prompt.token_inputs.items()})
+    return save_tensors(tensors)
+
+
+def decode_prepared(data: bytes) -> PreparedPrompt:
+    tensors = load_tensors(data)
+    return PreparedPrompt(
+        input_ids=tensors.pop("input_ids").tolist(),
+        vision_inputs={k.removeprefix("vision."): v for k, v in tensors.items() if k.startswith("vision.")},
+        token_inputs={k.removeprefix("token."): v.tolist() for k, v in tensors.items() if k.startswith("token.")},
+    )
+
+
+def prepare_batch(batch: pa.Table, processor, context_length: int | None, keep_images: bool = False) -> pa.Table:
+    """The CPU stage: fetch and decode each row's image, template and tokenise; failures become `error`.
+
+    keep_images carries each row's image bytes on to the output (a self-distillation corpus needs them).
+    """
+    out = []
+    for row in batch.to_pylist():
+        prepared, data, error = None, None, row["error"]
+        if error is None:
+            try:
+                data = _fetch_image(row)
+                prepared = encode_prepared(prepare_prompt(processor, row["prompt"], _decode(data), context_length))
+            except PromptError as exc:
+                error = str(exc)
+        out.append({"id": row["id"], "prompt": row["prompt"], "prepared": prepared,
+                    "image": data if keep_images else None, "error": error})
+    return pa.Table.from_pylist(out, schema=PREPARED_SCHEMA)
+
+
+def _fetch_image(row: dict) -> bytes | None:
+    try:
+        return image_from_row(row)
+    except FileNotFoundError:
+        raise PromptError(f"image file not found: {row['image_url']}") from None
+    except Exception as exc:
+        raise PromptError(f"image cannot be read from {row['image_url']}: {exc}") from None
+
+
+def _decode(data: bytes | None) -> Image.Image | None:
+    if data is None:
+        return None
+    if not data:
+        raise PromptError("image is empty")
+    try:
+        return Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise PromptError(f"image cannot be decoded: {exc}") from None

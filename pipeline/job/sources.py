@@ -1,0 +1,275 @@
+"""Input datasets as rows {id, prompt, image, image_url, error}: Parquet, JSONL, image folders, WebDataset tars.
+
+The driver plans the reads (`plan_source`: list files, detect the format, check
+the columns, failing at once with one sentence); Ray tasks then read one file or
+chunk each (`read_rows`). Every input row becomes exactly one row here: a row
+that is bad (invalid JSON line, missing image) carries `error` onward instead of
+being dropped. Ids come from the id column, else from the source itself
+(`<file>#<row>` for tables, the relative path for images, `<shard>/<key>` for
+WebDataset), so they are stable across runs and `--resume` can skip them.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.job.config import CaptionConfig, JobConfigError
+from pipeline.job.storage import is_remote, join, resolve, url_to_fs
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+EXTENSIONS = {
+    "parquet": (".parquet",),
+    "jsonl": (".jsonl", ".json", ".ndjson"),
+    "webdataset": (".tar",),
+    "images": IMAGE_EXTENSIONS,
+}
+IMAGES_PER_READ = 256
+ROWS_PER_BATCH = 1024
+
+SOURCE_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("prompt", pa.string()),
+        ("image", pa.binary()),  # inline image bytes
+        ("image_url", pa.string()),  # or where to fetch them
+        ("error", pa.string()),
+    ]
+)
+
+
+@dataclass
+class SourcePlan:
+    """What to read and how: made once by the driver, shipped to the read tasks."""
+
+    format: str
+    root: str  # dataset location; relative image paths resolve against it
+    reads: list[list[str]]  # each entry: the relative paths one read task handles
+    id_column: str | None
+    prompt_column: str | None
+    image_column: str | None
+    default_prompt: str
+    columns: list[str] = field(default_factory=list)
+
+    def url(self, relative: str) -> str:
+        return join(self.root, relative)
+
+
+def plan_source(config: CaptionConfig) -> SourcePlan:
+    """List and check the input; raises JobConfigError (one sentence) when the job cannot read it."""
+    location = config.input if is_remote(config.input) else os.path.abspath(config.input.removeprefix("file://"))
+    fs, path = url_to_fs(location)
+    if not fs.exists(path):
+        raise JobConfigError(f"input {config.input} does not exist: check the path or URL.")
+    if fs.isdir(path):
+        root = location.rstrip("/")
+        base = path.rstrip("/") + "/"
+        files = [p[len(base) :] for p in sorted(fs.find(path)) if p.startswith(base)]
+        files = [f for f in files if not any(part.startswith((".", "_")) for part in f.split("/"))]
+    else:  # one file: its directory is the dataset location
+        root, files = location.rsplit("/", 1)[0], [location.rsplit("/", 1)[1]]
+    fmt = config.format if config.format != "auto" else _detect_format(files, config.input)
+    files = [f for f in files if f.lower().endswith(EXTENSIONS[fmt])]
+    if not files:
+        raise JobConfigError(f"input {config.input} holds no {fmt} files ({', '.join(EXTENSIONS[fmt])}).")
+    if fmt == "images":
+        reads = [files[i : i + IMAGES_PER_READ] for i in range(0, len(files), IMAGES_PER_READ)]
+    else:
+        reads = [[f] for f in files]
+    plan = SourcePlan(fmt, root, reads, None, None, None, config.prompt)
+    plan.columns = _columns(plan)
+    not_applicable = {"images": ("--id-column", "--prompt-column", "--image-column"), "webdataset": ("--image-column",)}
+    given = {"--id-column": config.id_column, "--prompt-column": config.prompt_column,
+             "--image-column": config.image_column}
+    for flag in not_applicable.get(fmt, ()):
+        if given[flag]:
+            raise JobConfigError(f"{flag} does not apply to {fmt} input: leave it out.")
+    if fmt == "images":
+        return plan
+    plan.id_column = _column(plan, "--id-column", config.id_column, "id")
+    plan.prompt_column = _column(plan, "--prompt-column", config.prompt_column, "prompt")
+    if fmt != "webdataset":  # WebDataset images are the shard's image members
+        plan.image_column = _column(plan, "--image-column", config.image_column, "image")
+    return plan
+
+
+def read_rows(plan: SourcePlan, relatives: list[str], skip_ids: frozenset[str] = frozenset()):
+    """Yield pyarrow tables (SOURCE_SCHEMA) for one read task's files, leaving out ids in `skip_ids`."""
+    reader = {"parquet": _parquet_rows, "jsonl": _jsonl_rows, "webdataset": _tar_rows, "images": _image_rows}
+    rows = []
+    for row in reader[plan.format](plan, relatives):
+        if row["id"] in skip_ids:
+            continue
+        rows.append(row)
+        if len(rows) == ROWS_PER_BATCH:
+            yield pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
+            rows = []
+    if rows:
+        yield pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
+
+
+def _detect_format(names: list[str], where: str) -> str:
+    """Tables or shards when there are any (images beside them are what they refer to), else an image folder."""
+    found = {fmt for name in names for fmt, exts in EXTENSIONS.items() if name.lower().endswith(exts)}
+    if len(found) > 1:
+        found.discard("images")
+    if len(found) == 1:
+        return found.pop()
+    if not found:
+        raise JobConfigError(
+            f"input {where} holds no Parquet, JSONL, image or .tar files: point --input at a dataset."
+        )
+    raise JobConfigError(f"input {where} mixes {' and '.join(sorted(found))} files: pass --format to pick one.")
+
+
+def _columns(plan: SourcePlan) -> list[str]:
+    """Column names of the first file (tables) or the first sample's JSON metadata (WebDataset)."""
+    first = plan.url(plan.reads[0][0])
+    fs, path = url_to_fs(first)
+    if plan.format == "parquet":
+        with fs.open(path, "rb") as f:
+            return pq.read_schema(f).names
+    if plan.format == "jsonl":
+        with fs.open(path, "rt") as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        return list(json.loads(line))
+                    except (json.JSONDecodeError, TypeError):
+                        raise JobConfigError(f"{first} does not start with a JSON object per line.") from None
+        return []
+    if plan.format == "webdataset":
+        for sample in _tar_samples(first):
+            meta = sample.get("json")
+            return list(json.loads(meta)) if meta else []
+    return []
+
+
+def _column(plan: SourcePlan, flag: str, requested: str | None, default: str) -> str | None:
+    if requested is None:
+        return default if default in plan.columns else None
+    if requested not in plan.columns:
+        where = "the JSON metadata of" if plan.format == "webdataset" else "the columns of"
+        raise JobConfigError(
+            f"{flag} {requested!r} is not in {where} {plan.url(plan.reads[0][0])} "
+            f"(found: {', '.join(plan.columns) or 'none'}): pass one of those."
+        )
+    return requested
+
+
+def _row(plan: SourcePlan, derived_id: str, record: dict, image_column: str | None) -> dict:
+    """One SOURCE_SCHEMA row from a table record; a missing image becomes this row's error."""
+    row_id = record.get(plan.id_column) if plan.id_column else None
+    prompt = record.get(plan.prompt_column) if plan.prompt_column else plan.default_prompt
+    row = {"id": str(row_id) if row_id is not None else derived_id, "prompt": prompt, "image": None,
+           "image_url": None, "error": None}
+    if prompt is not None and not isinstance(prompt, str):
+        row["prompt"], row["error"] = None, f"prompt is a {type(prompt).__name__}, not text"
+    if image_column is None:
+        return row
+    value = record.get(image_column)
+    if isinstance(value, dict):  # Hugging Face datasets' Image feature: {"bytes": ..., "path": ...}
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, str) and value.startswith("data:"):
+        try:
+            value = base64.b64decode(value.split(",", 1)[1], validate=True)
+        except (IndexError, ValueError):
+            row["error"] = "image data URL is not valid base64"
+            return row
+    if isinstance(value, (bytes, bytearray)):
+        row["image"] = bytes(value) if value else None
+    elif isinstance(value, str) and value.strip():
+        row["image_url"] = resolve(value.strip(), plan.root)
+    if row["image"] is None and row["image_url"] is None and row["error"] is None:
+        row["error"] = "image is empty" if value in (b"", "") else "image is missing"
+    return row
+
+
+def _parquet_rows(plan: SourcePlan, relatives: list[str]):
+    wanted = [c for c in (plan.id_column, plan.prompt_column, plan.image_column) if c]
+    for relative in relatives:
+        fs, path = url_to_fs(plan.url(relative))
+        index = 0
+        with fs.open(path, "rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BATCH, columns=wanted):
+                for record in batch.to_pylist():
+                    yield _row(plan, f"{relative}#{index}", record, plan.image_column)
+                    index += 1
+
+
+def _jsonl_rows(plan: SourcePlan, relatives: list[str]):
+    for relative in relatives:
+        fs, path = url_to_fs(plan.url(relative))
+        with fs.open(path, "rt", encoding="utf-8") as f:
+            index = 0
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                derived = f"{relative}#{index}"
+                index += 1
+                try:
+                    record = json.loads(line)
+                    if not isinstance(record, dict):
+                        raise ValueError
+                except ValueError:
+                    yield {"id": derived, "prompt": None, "image": None, "image_url": None,
+                           "error": f"line {number} is not a JSON object"}
+                    continue
+                yield _row(plan, derived, record, plan.image_column)
+
+
+def _image_rows(plan: SourcePlan, relatives: list[str]):
+    for relative in relatives:
+        yield {"id": relative, "prompt": plan.default_prompt, "image": None, "image_url": plan.url(relative),
+               "error": None}
+
+
+def _tar_samples(url: str):
+    """WebDataset samples of one shard, as {extension: bytes, "__key__": key}, in shard order."""
+    fs, path = url_to_fs(url)
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        sample: dict = {}
+        for member in tar:
+            if not member.isfile():
+                continue
+            directory, _, base = member.name.rpartition("/")
+            key, _, extension = base.partition(".")
+            key = f"{directory}/{key}" if directory else key
+            if sample and sample["__key__"] != key:
+                yield sample
+                sample = {}
+            sample["__key__"] = key
+            sample[extension.lower()] = tar.extractfile(member).read()
+        if sample:
+            yield sample
+
+
+def _tar_rows(plan: SourcePlan, relatives: list[str]):
+    image_extensions = [e.lstrip(".") for e in IMAGE_EXTENSIONS]
+    for relative in relatives:
+        for sample in _tar_samples(plan.url(relative)):
+            try:
+                meta = json.loads(sample["json"]) if "json" in sample else {}
+            except ValueError:
+                meta = {}
+            row = _row(plan, f"{relative}/{sample['__key__']}", meta, image_column=None)
+            row["image"] = next((sample[e] for e in image_extensions if sample.get(e)), None)
+            if row["image"] is None and row["error"] is None:
+                row["error"] = "image is missing"
+            yield row
+
+
+def image_from_row(row: dict) -> bytes | None:
+    """The row's image bytes, fetched from image_url when not inline (raises OSError when unreachable)."""
+    if row.get("image") is not None:
+        return row["image"]
+    if row.get("image_url"):
+        fs, path = url_to_fs(row["image_url"])
+        return fs.cat_file(path)
+    return None

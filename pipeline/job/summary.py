@@ -1,0 +1,141 @@
+"""The job's summary: <output>/summary.json (totals, rates, throughput, the config), acceptance.png, a console table.
+
+Totals are SpecDecodeCounts summed over every part of the output (so they stay right
+across resumed runs, actors and nodes); rates come from those summed counts, computed
+once, in stats.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.engine.stats import SpecDecodeCounts
+from pipeline.job.charts import acceptance_chart
+from pipeline.job.output import OUTPUT_SCHEMA, part_files
+from pipeline.job.storage import join, url_to_fs
+
+SUMMARY_FILE = "summary.json"
+ACCEPTANCE_PLOT = "acceptance.png"
+_COUNT_COLUMNS = ["num_generated_tokens", "num_steps", "num_drafted", "num_accepted"]
+
+
+def part_counts(table: pa.Table) -> SpecDecodeCounts:
+    """The SpecDecodeCounts of a table of output rows, summed (failed rows count nothing)."""
+    sums = {c: int(pc.sum(table[c]).as_py() or 0) for c in _COUNT_COLUMNS}
+    return SpecDecodeCounts(
+        num_sequences=int(pc.sum(pc.is_null(table["error"])).as_py() or 0),
+        num_generated_tokens=sums["num_generated_tokens"],
+        num_steps=sums["num_steps"],
+        num_drafted=sums["num_drafted"],
+        num_accepted=sums["num_accepted"],
+        drafted_per_position=_sum_lists(table["drafted_per_position"]),
+        accepted_per_position=_sum_lists(table["accepted_per_position"]),
+    )
+
+
+def summarize(output: str, config_dict: dict, wall_time_s: float, run_parts: set[str]) -> dict:
+    """Totals over every part of the output, plus this run's throughput (over the parts it wrote)."""
+    fs, _ = url_to_fs(output)
+    tables, total, this_run = [], SpecDecodeCounts(), SpecDecodeCounts()
+    run_rows = 0
+    for part in part_files(output):
+        with fs.open(part, "rb") as f:
+            table = pq.read_table(f, columns=["id", "error", "node_id", *_COUNT_COLUMNS, "drafted_per_position",
+                                              "accepted_per_position"])
+        tables.append(table)
+        counts = part_counts(table)
+        total.observe(counts)
+        if part in run_parts:
+            run_rows += table.num_rows
+            this_run.observe(counts)
+    table = pa.concat_tables(tables) if tables else OUTPUT_SCHEMA.empty_table()
+    failed = table.filter(pc.is_valid(table["error"]))
+    nodes = table.group_by("node_id").aggregate([("id", "count"), ("num_generated_tokens", "sum")])
+    return {
+        "output": output,
+        "rows_out": table.num_rows,
+        "rows_failed": failed.num_rows,
+        "duplicate_ids": table.num_rows - len(pc.unique(table["id"])),
+        "errors": _top_errors(failed),
+        "generated_tokens": total.num_generated_tokens,
+        "steps": total.num_steps,
+        "drafted": total.num_drafted,
+        "accepted": total.num_accepted,
+        "mean_accepted_length": total.mean_accepted_length,
+        "acceptance_rate": total.acceptance_rate,
+        "acceptance_per_position": total.acceptance_per_position,
+        "this_run": {
+            "rows": run_rows,
+            "generated_tokens": this_run.num_generated_tokens,
+            "wall_time_s": wall_time_s,
+            "rows_per_s": run_rows / wall_time_s if wall_time_s else 0.0,
+            "tokens_per_s": this_run.num_generated_tokens / wall_time_s if wall_time_s else 0.0,
+        },
+        "nodes": {
+            str(n): {"rows": r, "generated_tokens": t}
+            for n, r, t in zip(*(nodes[c].to_pylist() for c in ("node_id", "id_count", "num_generated_tokens_sum")))
+        },
+        "config": config_dict,
+    }
+
+
+def write_summary(output: str, summary: dict) -> str:
+    """summary.json, and acceptance.png (per-position acceptance) when anything was drafted."""
+    fs, path = url_to_fs(output)
+    with fs.open(join(path, SUMMARY_FILE), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    if summary["drafted"]:
+        drafter = str(summary["config"]["drafter"]).rsplit("/", 1)[-1]
+        title = (f"acceptance by draft position: tau {summary['mean_accepted_length']:.2f}, "
+                 f"acceptance rate {summary['acceptance_rate']:.1%}, drafter {drafter}")
+        with fs.open(join(path, ACCEPTANCE_PLOT), "wb") as f:
+            f.write(acceptance_chart(summary["acceptance_per_position"], title))
+    return join(output, SUMMARY_FILE)
+
+
+def format_summary(summary: dict) -> str:
+    """A table a person reads at the end of the job."""
+    run = summary["this_run"]
+    lines = [
+        f"{'output':<26}{summary['output']}",
+        f"{'rows written (this run)':<26}{summary['rows_out']} ({run['rows']})",
+        f"{'rows failed':<26}{summary['rows_failed']}",
+        f"{'generated tokens':<26}{summary['generated_tokens']}",
+        f"{'wall time (this run)':<26}{run['wall_time_s']:.1f} s",
+        f"{'throughput (this run)':<26}{run['rows_per_s']:.2f} rows/s, {run['tokens_per_s']:.1f} tokens/s",
+        f"{'mean accepted length':<26}{summary['mean_accepted_length']:.2f}",
+        f"{'acceptance rate':<26}{summary['acceptance_rate']:.1%}",
+        f"{'acceptance by position':<26}"
+        + (" ".join(f"{p:.2f}" for p in summary["acceptance_per_position"]) or "-"),
+    ]
+    for message, count in summary["errors"].items():
+        lines.append(f"{'  error':<26}{count} x {message}")
+    return "\n".join(lines)
+
+
+def _sum_lists(column: pa.ChunkedArray) -> list[int]:
+    """Element-wise sum of a list<int> column whose lists may differ in length."""
+    total = np.zeros(0, dtype=np.int64)
+    for chunk in column.chunks:
+        offsets = chunk.offsets.to_numpy()
+        if offsets[-1] == offsets[0]:
+            continue
+        parents = np.repeat(np.arange(len(chunk)), np.diff(offsets))
+        positions = np.arange(offsets[0], offsets[-1]) - offsets[:-1][parents]
+        values = chunk.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
+        sums = np.bincount(positions, weights=values).astype(np.int64)
+        total = np.pad(total, (0, max(0, len(sums) - len(total))))
+        total[: len(sums)] += sums
+    return total.tolist()
+
+
+def _top_errors(failed: pa.Table, limit: int = 10) -> dict[str, int]:
+    if failed.num_rows == 0:
+        return {}
+    counts = failed.group_by("error").aggregate([("id", "count")]).sort_by([("id_count", "descending")])
+    return dict(zip(counts["error"].to_pylist()[:limit], counts["id_count"].to_pylist()[:limit]))

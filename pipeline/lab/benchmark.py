@@ -1,0 +1,534 @@
+"""The side-by-side benchmark behind jobs/bench.py: what speculation buys over what a user would run otherwise.
+
+On the same prompts, batched the same way (all `rows` prompts in batches of each size):
+  HF generate    greedy `model.generate`, target only, one left-padded batch per call
+  HF assisted    `generate(assistant_model=...)` with the text-only drafter (batch 1: all HF supports)
+  engine         this engine without a drafter, and with each drafter at each gamma
+  caption job    the Ray Data job end to end on the same rows (rows/s), to show the pipeline's overhead
+Each configuration runs once to warm up (and measure peak memory), then `repeats` timed runs; tokens/s is
+the median. Engine rows also carry tau, acceptance, per-position acceptance, where the time went, the
+drafter/target cost ratio c and the analytic speedup tau / (1 + gamma * c) over the engine without a drafter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import platform
+import resource
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from drafters import load_drafter, read_drafter_config
+from pipeline.job.config import JobConfigError
+from pipeline.lab.demo import BENCH_PROMPTS, DEMO_WORLD
+from pipeline.engine.engine import EngineConfig, SpecDecodeEngine
+from pipeline.engine.stats import synchronized_time
+from pipeline.engine.gamma import AUTO, parse_gamma
+from pipeline.job.charts import bar_chart, line_chart
+from pipeline.engine.prompts import build_messages, prepare_prompt
+from pipeline.engine.stats import EngineTimes, SpecDecodeCounts
+from pipeline.engine.target import Target
+
+HF_GENERATE, HF_ASSISTED, ENGINE, CAPTION_JOB = "HF generate", "HF assisted", "engine", "caption job"
+NO_DRAFTER = "-"
+
+
+def demo_drafters() -> dict[str, str]:
+    return {"text-only": str(DEMO_WORLD / "text-only"), "massv": str(DEMO_WORLD / "massv")}
+
+
+@dataclass
+class BenchConfig:
+    target: str = str(DEMO_WORLD / "target")
+    drafters: dict[str, str] = field(default_factory=demo_drafters)  # name -> checkpoint directory
+    assistant: str | None = "text-only"  # the drafter HF assisted generation gets (an HF causal-LM directory)
+    prompts: str = str(DEMO_WORLD / BENCH_PROMPTS)  # Parquet with `prompt` and `image` (bytes) columns
+    rows: int = 64
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
+    gammas: list[int | str] = field(default_factory=lambda: [*range(1, 9), AUTO])
+    max_new_tokens: int = 48
+    repeats: int = 3
+    caption_job: bool = True
+    continuous_batching: bool = False  # the engine admits waiting rows as others finish, instead of batch by batch
+    output: str = "out/bench"
+
+    def __post_init__(self):
+        try:
+            self.gammas = [parse_gamma(g) for g in self.gammas]
+        except ValueError as error:
+            raise JobConfigError(f"--gammas: {error}.") from None
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise JobConfigError(f"--batch-sizes must be positive integers, got {self.batch_sizes}.")
+        for flag, value in (("--rows", self.rows), ("--repeats", self.repeats), ("--max-new-tokens",
+                                                                                 self.max_new_tokens)):
+            if value < 1:
+                raise JobConfigError(f"{flag} must be at least 1, got {value}.")
+        for name, path in {"target": self.target, "prompts": self.prompts, **self.drafters}.items():
+            if not Path(path).exists():
+                raise JobConfigError(f"{name} {path} does not exist: pass an existing local path.")
+        if self.assistant is not None:
+            if self.assistant not in self.drafters:
+                raise JobConfigError(f"--assistant {self.assistant} is not one of the drafters {list(self.drafters)}.")
+            if read_drafter_config(Path(self.drafters[self.assistant]))["kind"] != "text-only":
+                raise JobConfigError(f"--assistant {self.assistant} must be a text-only drafter (an HF causal LM), "
+                                     "as HF assisted generation needs.")
+
+
+QUICK = dict(rows=4, batch_sizes=[1, 4], gammas=[2, AUTO], max_new_tokens=8, repeats=1)
+
+
+@dataclass
+class Measurement:
+    method: str
+    drafter: str
+    gamma: str
+    batch_size: int
+    rows: int
+    seconds: float  # median over the timed runs, all rows
+    tokens: int  # generated per run
+    peak_memory_mb: float | None  # None where not measured (the caption job runs in other processes)
+    identical: int | None = None  # rows whose tokens equal the engine's without a drafter (same batch size)
+    speedup: float | None = None  # against HF generate at the same batch size
+    counts: dict | None = None  # SpecDecodeCounts.report() over the timed runs
+    time_shares: dict | None = None  # EngineTimes.shares()
+    rows_per_step: float | None = None  # mean rows in the batch per target forward (rows leave as they finish)
+    cost_ratio: float | None = None  # c: one drafter forward / one plain target step, same batch size
+    verify_cost: float | None = None  # one verification forward (gamma + 1 tokens a row) / one plain target step
+    predicted_speedup: float | None = None  # tau / (1 + mean gamma * c), over the engine without a drafter
+    measured_speedup: float | None = None  # decode phase (prefill excluded), over the engine without a drafter
+    against_engine: float | None = None  # caption job: its rows/s over the engine's called directly, same settings
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.seconds
+
+
+class PeakMemory:
+    """Peak memory over a block, in MB: CUDA allocations on a GPU, else the process's resident set (sampled)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_mb = device, 0.0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._done = threading.Event()
+            self._sampler = threading.Thread(target=self._sample, daemon=True)
+            self._sampler.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self._done.set()
+            self._sampler.join()
+
+    def _sample(self) -> None:
+        while True:
+            self.peak_mb = max(self.peak_mb, _resident_mb())
+            if self._done.wait(0.005):
+                return
+
+
+def _resident_mb() -> float:
+    try:  # Linux: the current resident set
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):  # elsewhere: the process's peak so far (KB on Linux, bytes on macOS)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if platform.system() == "Darwin" else peak / 2**10
+
+
+def timed(run, repeats: int, device: torch.device, after_warm_up=None) -> tuple[float, list, float]:
+    """(median seconds of the timed runs, the outputs of each timed run, peak MB of the warm-up run)."""
+    with PeakMemory(device) as memory:
+        run()
+    if after_warm_up is not None:
+        after_warm_up()
+    seconds, outputs = [], []
+    for _ in range(repeats):
+        start = synchronized_time(device)
+        outputs.append(run())
+        seconds.append(synchronized_time(device) - start)
+    return statistics.median(seconds), outputs, memory.peak_mb
+
+
+def analytic_speedup(tau: float, mean_gamma: float, cost_ratio: float) -> float:
+    """Expected speedup over plain decoding when a step verifies for the price of one plain target step and each
+    draft token costs c of it (Leviathan et al., 2023)."""
+    return tau / (1 + mean_gamma * cost_ratio)
+
+
+class Workload:
+    """The benchmark's rows, as engine prompts and as HF processor inputs, batched per batch size."""
+
+    def __init__(self, target: Target, path: str, rows: int):
+        table = pq.read_table(path, columns=["prompt", "image"])
+        records = (table.to_pylist() * (rows // max(table.num_rows, 1) + 1))[:rows]
+        self.texts = [r["prompt"] for r in records]
+        self.images = [Image.open(io.BytesIO(r["image"])).convert("RGB") for r in records]
+        self.records = records
+        self.target = target
+        self.prompts = [prepare_prompt(target.processor, text, image, target.context_length)
+                        for text, image in zip(self.texts, self.images)]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def hf_batches(self, batch_size: int) -> list[dict]:
+        """What a user writes for HF generate: chat template, left padding, the processor on the batch."""
+        processor = self.target.processor
+        processor.tokenizer.padding_side = "left"
+        batches = []
+        for i in range(0, len(self), batch_size):
+            texts = [processor.apply_chat_template(build_messages(t, 1), add_generation_prompt=True)
+                     for t in self.texts[i : i + batch_size]]
+            images = [[image] for image in self.images[i : i + batch_size]]
+            inputs = processor(text=texts, images=images, padding=True, return_tensors="pt").to(self.target.device)
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = inputs["pixel_values"].to(self.target.model.dtype)
+            batches.append(inputs)
+        return batches
+
+
+def hf_generate_tokens(target: Target, batches: list[dict], max_new_tokens: int, **generate_kwargs) -> list[list[int]]:
+    """Greedy HF generate over the batches; each row's tokens up to and including its first EOS."""
+    rows = []
+    for inputs in batches:
+        with torch.no_grad():
+            generated = target.model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
+                                              **generate_kwargs)[:, inputs["input_ids"].shape[1]:]
+        for tokens in generated.tolist():
+            end = next((i + 1 for i, t in enumerate(tokens) if t in target.eos_token_ids), len(tokens))
+            rows.append(tokens[:end])
+    return rows
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)  # progress shows even when stdout is a file
+
+
+class Benchmark:
+    def __init__(self, config: BenchConfig, log=_print):
+        self.config = config
+        self.log = log
+        self.target = Target.load(config.target)
+        self.drafters = {name: load_drafter(path, self.target) for name, path in config.drafters.items()}
+        self.workload = Workload(self.target, config.prompts, config.rows)
+        self.measurements: list[Measurement] = []
+
+    def run(self) -> list[Measurement]:
+        for batch_size in self.config.batch_sizes:
+            self._batch_size(batch_size)
+        if self.config.caption_job:
+            self._caption_job()
+        return self.measurements
+
+    def _batch_size(self, batch_size: int) -> None:
+        config, device = self.config, self.target.device
+        plain = self._engine(None, 0, batch_size)
+        plain_step_s = plain.times.seconds_per_verify
+        reference = plain.tokens
+        hf_batches = self.workload.hf_batches(batch_size)
+        seconds, outputs, peak = timed(
+            lambda: hf_generate_tokens(self.target, hf_batches, config.max_new_tokens), config.repeats, device)
+        self._add(Measurement(HF_GENERATE, NO_DRAFTER, NO_DRAFTER, batch_size, len(self.workload), seconds,
+                                   sum(map(len, outputs[-1])), peak), outputs[-1], reference)
+        if batch_size == 1 and config.assistant is not None:
+            assistant = self.drafters[config.assistant].model.language_model
+            seconds, outputs, peak = timed(
+                lambda: hf_generate_tokens(self.target, hf_batches, config.max_new_tokens, assistant_model=assistant),
+                config.repeats, device)
+            self._add(Measurement(HF_ASSISTED, config.assistant, "HF default", batch_size, len(self.workload),
+                                  seconds, sum(map(len, outputs[-1])), peak), outputs[-1], reference)
+        self._add(plain.measurement, reference, reference)
+        for name in self.drafters:
+            for gamma in config.gammas:
+                run = self._engine(name, gamma, batch_size)
+                m = run.measurement
+                if plain_step_s and run.times.num_draft_forwards:
+                    m.cost_ratio = run.times.seconds_per_draft_forward / plain_step_s
+                    m.verify_cost = run.times.seconds_per_verify / plain_step_s
+                    mean_gamma = m.counts["drafted"] / m.counts["steps"] if m.counts["steps"] else 0.0
+                    m.predicted_speedup = analytic_speedup(m.counts["tau"], mean_gamma, m.cost_ratio)
+                m.measured_speedup = plain.times.decode_s / run.times.decode_s if run.times.decode_s else None
+                self._add(m, run.tokens, reference)
+
+    def _engine(self, drafter_name: str | None, gamma: int | str, batch_size: int) -> _EngineRun:
+        drafter = self.drafters[drafter_name] if drafter_name else None
+        engine = SpecDecodeEngine(self.target, drafter,
+                                  EngineConfig(gamma=gamma, max_new_tokens=self.config.max_new_tokens))
+        prompts = self.workload.prompts
+
+        def run():
+            if self.config.continuous_batching:  # batch_size rows decode at once; the next join as rows finish
+                return engine.generate(prompts, max_batch_size=batch_size)
+            return [r for i in range(0, len(prompts), batch_size) for r in engine.generate(prompts[i : i + batch_size])]
+
+        def reset_times():  # the warm-up teaches auto gamma, as a long-running actor would learn; it is not timed
+            engine.times = EngineTimes()
+
+        seconds, results_per_run, peak = timed(run, self.config.repeats, self.target.device, reset_times)
+        counts = SpecDecodeCounts()
+        for result in (r for results in results_per_run for r in results):
+            counts.observe(result.counts)
+        last = results_per_run[-1]
+        measurement = Measurement(
+            ENGINE, drafter_name or NO_DRAFTER, str(gamma) if drafter else NO_DRAFTER, batch_size, len(last),
+            seconds, sum(len(r.tokens) for r in last), peak,
+            counts=counts.report(), time_shares=engine.times.shares(), rows_per_step=engine.times.mean_rows_per_step)
+        return _EngineRun(measurement, engine.times, [r.tokens for r in last])
+
+    def _add(self, m: Measurement, tokens: list[list[int]] | None = None,
+             reference: list[list[int]] | None = None) -> None:
+        """Record a measurement: its speedup over HF generate at its batch size and, given a reference, how many
+        rows it decoded identically."""
+        if reference is not None:
+            m.identical = sum(a == b for a, b in zip(tokens, reference))
+        self.measurements.append(m)
+        hf = self._hf_generate(m.batch_size)  # measured first at each batch size
+        if hf is not None:
+            m.speedup = hf.seconds / m.seconds
+        self.log(progress_line(m))
+
+    def _hf_generate(self, batch_size: int) -> Measurement | None:
+        return next((m for m in self.measurements if m.method == HF_GENERATE and m.batch_size == batch_size), None)
+
+    def _caption_job(self) -> None:
+        """The Ray caption job on the same rows, with the last drafter (MASSV by default) and gamma auto."""
+        import shutil
+
+        import ray
+
+        from pipeline.job.caption import run_caption
+        from pipeline.job.config import CaptionConfig
+
+        config = self.config
+        root = Path(config.output) / "caption-job"
+        inputs = root / "prompts"
+        inputs.mkdir(parents=True, exist_ok=True)
+        table = pa.table({"id": [f"row-{i:06d}" for i in range(len(self.workload))],
+                          "prompt": self.workload.texts, "image": [r["image"] for r in self.workload.records]})
+        pq.write_table(table, inputs / "rows.parquet")
+        drafter_name = list(config.drafters)[-1] if config.drafters else None
+        job = CaptionConfig(input=str(inputs), output=str(root / "captions"), target=config.target,
+                            drafter=config.drafters[drafter_name] if drafter_name else "none", gamma=AUTO,
+                            max_new_tokens=config.max_new_tokens, batch_size=max(config.batch_sizes))
+        shutil.rmtree(job.output, ignore_errors=True)
+        if not ray.is_initialized():
+            ray.init()
+        summary = run_caption(job)
+        wall = summary["this_run"]["wall_time_s"]
+        m = Measurement(CAPTION_JOB, drafter_name or NO_DRAFTER, AUTO if drafter_name else NO_DRAFTER,
+                        job.batch_size, summary["rows_out"], wall, summary["generated_tokens"], None)
+        engine = next((e for e in self.measurements if e.method == ENGINE and e.drafter == m.drafter
+                       and e.gamma == m.gamma and e.batch_size == m.batch_size), None)
+        if engine is not None:
+            m.against_engine = m.rows_per_s / engine.rows_per_s
+        self._add(m)
+
+
+@dataclass
+class _EngineRun:
+    measurement: Measurement
+    times: EngineTimes
+    tokens: list[list[int]]
+
+
+def _fmt(value, spec: str = ".2f", missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def progress_line(m: Measurement) -> str:
+    line = (f"batch {m.batch_size:>3} | {m.method:<12} {m.drafter:<10} gamma {m.gamma:<10} "
+            f"{m.tokens_per_s:8.1f} tok/s {m.rows_per_s:7.2f} rows/s  x{_fmt(m.speedup)}")
+    if m.counts:
+        line += f"  tau {m.counts['tau']:.2f}"
+    if m.predicted_speedup and m.measured_speedup:
+        line += f"  decode speedup {m.measured_speedup:.2f} (predicted {m.predicted_speedup:.2f})"
+    if m.against_engine is not None:
+        line += f"  ({m.against_engine:.2f}x the engine's rows/s called directly)"
+    return line
+
+
+COLUMNS = ["method", "drafter", "gamma", "batch", "tokens/s", "rows/s", "vs HF generate", "tau", "acceptance",
+           "per-position acceptance", "c", "verify cost", "predicted", "measured (decode)", "measured / predicted",
+           "time: prefill / draft / verify / other", "rows per step", "peak MB", "identical"]
+
+
+def table_row(m: Measurement) -> list[str]:
+    counts = m.counts or {}
+    shares = m.time_shares
+    ratio = m.measured_speedup / m.predicted_speedup if m.predicted_speedup and m.measured_speedup else None
+    return [
+        m.method, m.drafter, m.gamma, str(m.batch_size), _fmt(m.tokens_per_s, ".1f"), _fmt(m.rows_per_s, ".2f"),
+        _fmt(m.speedup) + ("x" if m.speedup else ""),
+        _fmt(counts.get("tau")) if m.drafter != NO_DRAFTER and counts else "-",
+        _fmt(counts.get("acceptance_rate")) if counts.get("drafted") else "-",
+        " ".join(f"{a:.2f}" for a in counts.get("acceptance_per_position", [])) or "-",
+        _fmt(m.cost_ratio), _fmt(m.verify_cost), _fmt(m.predicted_speedup), _fmt(m.measured_speedup), _fmt(ratio),
+        " / ".join(f"{100 * shares[k]:.0f}%" for k in ("prefill", "draft", "verify", "other")) if shares else "-",
+        _fmt(m.rows_per_step, ".1f"), _fmt(m.peak_memory_mb, ".0f"),
+        f"{m.identical}/{m.rows}" if m.identical is not None else "-",
+    ]
+
+
+def markdown_table(measurements: list[Measurement]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(table_row(m)) + " |" for m in measurements]
+    return "\n".join(lines)
+
+
+def _engine_rows(measurements: list[Measurement], drafter: str | None = None, gamma: str | None = None):
+    return [m for m in measurements if m.method == ENGINE and (drafter is None or m.drafter == drafter)
+            and (gamma is None or m.gamma == gamma)]
+
+
+def _best_fixed(measurements: list[Measurement], drafter: str, batch_size: int) -> Measurement | None:
+    fixed = [m for m in _engine_rows(measurements, drafter) if m.batch_size == batch_size and m.gamma != AUTO]
+    return max(fixed, key=lambda m: m.tokens_per_s, default=None)
+
+
+def goals(measurements: list[Measurement], massv: str | None) -> list[dict]:
+    """The issue's speed goals, each with the measured figure and whether it was met (reported, never asserted)."""
+    results = []
+
+    def goal(text: str, figure: float | None, threshold: float, detail: str = "") -> None:
+        if figure is not None:
+            results.append({"goal": text, "figure": round(figure, 3), "met": figure >= threshold, "detail": detail})
+
+    batch_sizes = sorted({m.batch_size for m in measurements if m.method == ENGINE})
+    for batch_size, threshold in ((1, 2.0), (8, 1.3)):
+        if massv and batch_size in batch_sizes:
+            auto = [m for m in _engine_rows(measurements, massv, AUTO) if m.batch_size == batch_size]
+            best = _best_fixed(measurements, massv, batch_size)
+            figure = max([m.speedup for m in auto + ([best] if best else [])], default=None)
+            detail = f"auto {_fmt(auto[0].speedup if auto else None)}x" + (
+                f", best fixed gamma {best.gamma}: {best.speedup:.2f}x" if best else "")
+            goal(f"{massv} >= {threshold}x HF generate at batch {batch_size}", figure, threshold, detail)
+    autos = _engine_rows(measurements, gamma=AUTO)
+    if autos:
+        worst = min(autos, key=lambda m: m.speedup)
+        goal("gamma=auto never below 0.95x HF generate", worst.speedup, 0.95,
+             f"lowest: {worst.drafter} at batch {worst.batch_size}")
+    plain = _engine_rows(measurements, NO_DRAFTER)
+    if plain:
+        worst = min(plain, key=lambda m: m.speedup)
+        goal("engine without a drafter >= HF generate at every batch size", worst.speedup, 1.0,
+             f"lowest at batch {worst.batch_size}")
+    assisted = next((m for m in measurements if m.method == HF_ASSISTED), None)
+    if assisted:
+        same_drafter = [m for m in _engine_rows(measurements, assisted.drafter) if m.batch_size == assisted.batch_size]
+        auto = next((m for m in same_drafter if m.gamma == AUTO), None)
+        best = max(same_drafter, key=lambda m: m.tokens_per_s, default=None)
+        if best:
+            goal(f"engine with {assisted.drafter} >= 1.2x HF assisted generation at batch 1",
+                 best.tokens_per_s / assisted.tokens_per_s, 1.2,
+                 f"auto {_fmt(auto.tokens_per_s / assisted.tokens_per_s if auto else None)}x, "
+                 f"best gamma {best.gamma}")
+    ratios = [m.measured_speedup / m.predicted_speedup for m in _engine_rows(measurements)
+              if m.predicted_speedup and m.measured_speedup and m.gamma != AUTO]
+    if ratios:
+        goal("measured speedup >= 90% of the analytic tau / (1 + gamma c)", statistics.median(ratios), 0.9,
+             f"median over {len(ratios)} fixed-gamma runs; {sum(r >= 0.9 for r in ratios)} of them meet it, "
+             f"range {min(ratios):.2f}-{max(ratios):.2f}")
+    return results
+
+
+def goals_table(results: list[dict]) -> str:
+    lines = ["| goal | measured | met | detail |", "|---|---|---|---|"]
+    lines += [f"| {g['goal']} | {g['figure']:.2f} | {'yes' if g['met'] else 'no'} | {g['detail']} |" for g in results]
+    return "\n".join(lines)
+
+
+def charts(measurements: list[Measurement], config: BenchConfig) -> dict[str, bytes]:
+    """The PNG plots: speedup vs batch size, tau vs gamma, measured vs predicted speedup, per-position acceptance."""
+    batch_sizes = config.batch_sizes
+    speedup = {"engine, no drafter": [(m.batch_size, m.speedup) for m in _engine_rows(measurements, NO_DRAFTER)]}
+    for name in config.drafters:
+        speedup[f"{name}, auto"] = [(m.batch_size, m.speedup) for m in _engine_rows(measurements, name, AUTO)]
+        best = [_best_fixed(measurements, name, b) for b in batch_sizes]
+        speedup[f"{name}, best gamma"] = [(m.batch_size, m.speedup) for m in best if m]
+    speedup["HF assisted"] = [(m.batch_size, m.speedup) for m in measurements if m.method == HF_ASSISTED]
+    fixed_gammas = [g for g in config.gammas if g != AUTO]
+    first = batch_sizes[0]
+
+    def by_gamma(name: str, value) -> list[tuple[int, float]]:
+        return [(int(m.gamma), value(m)) for m in _engine_rows(measurements, name)
+                if m.batch_size == first and m.gamma != AUTO]
+
+    tau = {name: by_gamma(name, lambda m: m.counts["tau"]) for name in config.drafters}
+    predicted = {}
+    for name in config.drafters:
+        predicted[f"{name} measured"] = by_gamma(name, lambda m: m.measured_speedup or 0.0)
+        predicted[f"{name} predicted"] = by_gamma(name, lambda m: m.predicted_speedup or 0.0)
+    longest = max(fixed_gammas, default=None)
+    per_position = {m.drafter: m.counts["acceptance_per_position"] for m in _engine_rows(measurements)
+                    if m.batch_size == first and m.gamma == str(longest)}
+    return {
+        "speedup_vs_batch.png": line_chart(speedup, "speedup over HF generate (same batch size)", "batch size",
+                                           "speedup", batch_sizes, reference=1.0),
+        "tau_vs_gamma.png": line_chart(tau, f"tau (tokens per target step) vs gamma, batch {first}", "gamma",
+                                       "tau", fixed_gammas),
+        "speedup_vs_gamma.png": line_chart(predicted, f"decode speedup over the engine without a drafter, batch "
+                                           f"{first}: measured and tau/(1+gamma c)", "gamma", "speedup", fixed_gammas,
+                                           reference=1.0),
+        "acceptance_per_position.png": bar_chart(per_position, f"acceptance per draft position, gamma {longest}, "
+                                                 f"batch {first}", "draft position", "accepted"),
+    }
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    import transformers
+
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"CPU ({platform.processor() or platform.machine()}), {os.cpu_count()} cores, " \
+                 f"{torch.get_num_threads()} torch threads"
+    return {"device": device, "dtype": "bfloat16" if torch.cuda.is_available() else "float32",
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def run_benchmark(config: BenchConfig, log=_print) -> dict:
+    """Measure everything, write results.json, table.md and the plots under config.output; returns the report."""
+    log(f"config: {json.dumps(dataclasses.asdict(config))}")
+    started = time.perf_counter()
+    benchmark = Benchmark(config, log)
+    massv = next((n for n, d in reversed(benchmark.drafters.items()) if d.kind == "massv"), None)
+    measurements = benchmark.run()
+    report = {"machine": machine(), "config": dataclasses.asdict(config), "rows": len(benchmark.workload),
+              "seconds": time.perf_counter() - started,
+              "measurements": [dataclasses.asdict(m) | {"tokens_per_s": m.tokens_per_s} for m in measurements],
+              "goals": goals(measurements, massv)}
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "results.json").write_text(json.dumps(report, indent=2))
+    described = ", ".join(f"{k} {v}" for k, v in report["machine"].items())
+    batching = "continuous batching" if config.continuous_batching else "batch by batch, as HF generate"
+    tables = f"{markdown_table(measurements)}\n\n{goals_table(report['goals'])}"
+    (output / "table.md").write_text(f"{len(benchmark.workload)} prompts from {config.prompts}, at most "
+                                     f"{config.max_new_tokens} new tokens, greedy, engine {batching}; {described}\n\n"
+                                     f"{tables}\n")
+    for name, png in charts(measurements, config).items():
+        (output / name).write_bytes(png)
+    log(f"\n{tables}\n\nmachine: {described}\n"
+        f"wrote results.json, table.md and plots under {output} in {report['seconds']:.0f} s")
+    return report

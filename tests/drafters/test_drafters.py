@@ -1,0 +1,73 @@
+"""Drafter checkpoints: MASSV round trip through safetensors, and clear errors before decoding."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from drafters import DRAFTER_CONFIG, LANGUAGE_MODEL_DIR, PROJECTOR_WEIGHTS, load_drafter
+from pipeline.lab import tiny_models
+
+
+def test_no_drafter(targets):
+    assert load_drafter(None, targets["llava"]) is None
+    assert load_drafter("none", targets["llava"]) is None
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3"])
+def test_massv_directory_round_trip(world, targets, family):
+    path = world[family]["massv"]
+    assert json.loads((path / DRAFTER_CONFIG).read_text())["kind"] == "massv"
+    assert (path / PROJECTOR_WEIGHTS).exists()
+    assert list((path / LANGUAGE_MODEL_DIR).glob("*.safetensors"))
+    assert not list(path.rglob("*.bin")) and not list(path.rglob("*.pt"))  # no pickles
+    drafter = load_drafter(path, targets[family])
+    assert drafter.kind == "massv"
+    features = torch.randn(5, targets[family].text_config.hidden_size)
+    assert drafter.model.projector(features).shape == (5, drafter.model.hidden_size)
+    assert load_drafter(world[family]["text-only"], targets[family]).kind == "text-only"
+
+
+def test_text_only_drafter_does_not_see_image_tokens(world, targets):
+    target = targets["llava"]
+    drafter = load_drafter(world["llava"]["text-only"], target)
+    from conftest import prepare_rows, ragged_rows
+
+    prompts = prepare_rows(target, ragged_rows(2))
+    image_tokens = prompts[0].input_ids.count(target.image_token_id)
+    assert image_tokens > 0
+    drafter.prefill(prompts, None, torch.tensor([5, 6]))
+    text_lengths = [len(p.input_ids) - p.input_ids.count(target.image_token_id) for p in prompts]
+    assert drafter.decoder.lengths.tolist() == text_lengths
+
+
+def test_vocabulary_mismatch_is_refused_before_decoding(tmp_path, targets):
+    target = targets["llava"]
+    other = tiny_models.build_tokenizer(vocab_size=300, extra_corpus=("zebra zebra quokka",) * 50)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(other), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    model.save_pretrained(tmp_path / "foreign")
+    other.save_pretrained(tmp_path / "foreign")
+    with pytest.raises(ValueError, match="does not share the target's vocabulary: token .* use a drafter with"):
+        load_drafter(tmp_path / "foreign", target)
+
+    (tmp_path / "foreign" / "tokenizer.json").unlink()
+    (tmp_path / "foreign" / "tokenizer_config.json").unlink()
+    with pytest.raises(ValueError, match=f"vocabulary of {len(other)} tokens but the target has {target.vocab_size}"):
+        load_drafter(tmp_path / "foreign", target)
+
+
+def test_projector_for_another_target_is_refused(world, targets):
+    with pytest.raises(ValueError, match="train the projector for this target"):
+        # The gemma3 MASSV projector expects gemma3's features; the llava target's have another width.
+        target = targets["llava"]
+        original = target.text_config.hidden_size
+        target.text_config.hidden_size = original + 1
+        try:
+            load_drafter(world["llava"]["massv"], target)
+        finally:
+            target.text_config.hidden_size = original
+

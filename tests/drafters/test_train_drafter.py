@@ -1,0 +1,120 @@
+"""Drafter training on Ray Train, minutes-scale on tiny data: text -> adapt -> corpus -> distill, and a worker failure.
+
+Each phase must lower its loss, write checkpoints, and produce a drafter the
+caption job loads and that stays lossless; the corpus the caption job writes
+with --keep-images feeds --phase distill as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pandas as pd
+import pytest
+import ray
+
+from drafters import load_drafter
+from drafters.training import TRAINING_LOG, TrainConfig, run_training
+from pipeline.lab import scenes
+from pipeline.job.caption import run_caption
+from pipeline.job.config import CaptionConfig
+from pipeline.engine.target import Target
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scenes")
+    return {
+        "text": scenes.write_parquet(scenes.text_records(64, seed=1), root / "text.parquet"),
+        "caption": scenes.write_parquet(scenes.records(64, seed=2, kind="caption"), root / "caption.parquet"),
+        "instruct": scenes.write_parquet(scenes.records(48, seed=3, kind="instruct"), root / "instruct" / "x.parquet"),
+    }
+
+
+def train(phase, data_path, start, output, tmp_path, **overrides) -> dict:
+    settings = dict(phase=phase, data=str(data_path), target=str(start["target"]), drafter=str(start["from"]),
+                    output=str(output), storage_path=str(tmp_path / "runs"), name=phase, steps=24, batch_size=8,
+                    lr=3e-3, checkpoint_every=8, log_every=4)
+    run_training(TrainConfig(**{**settings, **overrides}))
+    return json.loads((output / TRAINING_LOG).read_text())
+
+
+def checkpoints(run_directory) -> list:
+    return [p for p in run_directory.glob("checkpoint_*") if p.is_dir()]
+
+
+def assert_learned(history: dict) -> None:
+    losses = history["losses"]
+    assert len(losses) == history["config"]["steps"]
+    assert sum(losses[-4:]) / 4 < 0.95 * sum(losses[:4]) / 4, losses
+
+
+def test_text_adapt_corpus_distill(local_ray, world, data, tmp_path):
+    target = world["llava"]["target"]
+    text_only = tmp_path / "text-only"
+    assert_learned(train("text", data["text"], {"target": target, "from": world["llava"]["text-only"]}, text_only,
+                         tmp_path))
+    assert len(checkpoints(tmp_path / "runs" / "text")) == 2  # CheckpointConfig(num_to_keep=2)
+    adapted = tmp_path / "massv-1"
+    assert_learned(train("adapt", data["caption"], {"target": target, "from": text_only}, adapted, tmp_path))
+
+    corpus = tmp_path / "corpus"
+    run_caption(CaptionConfig(input=str(data["instruct"].parent), output=str(corpus), target=str(target),
+                              drafter=str(adapted), gamma=3, max_new_tokens=12, keep_images=True, num_actors=1,
+                              gpus_per_actor=0))
+    frame = pd.read_parquet(corpus / "parts")
+    assert frame["image"].notna().all() and frame["error"].isna().all()
+
+    distilled = tmp_path / "massv-2"
+    history = train("distill", corpus / "parts", {"target": target, "from": adapted}, distilled, tmp_path,
+                    answer_column="text")
+    assert_learned(history)
+
+    loaded = Target.load(str(target))
+    assert load_drafter(text_only, loaded).kind == "text-only"
+    assert load_drafter(adapted, loaded).kind == load_drafter(distilled, loaded).kind == "massv"
+    # the distilled drafter in the caption job: answers identical to the target's own
+    outputs = {}
+    for name, drafter in (("plain", "none"), ("distilled", str(distilled))):
+        run_caption(CaptionConfig(input=str(data["instruct"].parent), output=str(tmp_path / name), target=str(target),
+                                  drafter=drafter, gamma=3, max_new_tokens=12, num_actors=1, gpus_per_actor=0))
+        outputs[name] = pd.read_parquet(tmp_path / name / "parts").set_index("id")["text"].sort_index()
+    assert outputs["plain"].equals(outputs["distilled"])
+
+
+def test_worker_failure_resumes_from_the_latest_checkpoint(local_ray, world, data, tmp_path):
+    import psutil
+
+    runs = tmp_path / "runs" / "text"
+    killed = []
+
+    def kill_the_worker_after_a_checkpoint():
+        deadline = time.monotonic() + 180
+        # two checkpoint directories: the first of them is surely registered by then
+        while len(checkpoints(runs)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for process in psutil.process_iter(["cmdline"]):
+            if "RayTrainWorker" in " ".join(process.info["cmdline"] or []):
+                process.kill()
+                killed.append(process.pid)
+                return
+
+    killer = threading.Thread(target=kill_the_worker_after_a_checkpoint)
+    killer.start()
+    history = train("text", data["text"], {"target": world["llava"]["target"], "from": world["llava"]["text-only"]},
+                    tmp_path / "text-only", tmp_path, steps=40)
+    killer.join()
+    assert killed, "a training worker was killed"
+    assert len(history["resumed_at"]) == 1 and history["resumed_at"][0] % 8 == 0 and history["resumed_at"][0] > 0
+    assert len(history["losses"]) == 40  # the steps after the checkpoint were redone, none twice

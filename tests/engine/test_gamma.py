@@ -1,0 +1,124 @@
+"""gamma: parsing, and `auto` choosing from measured acceptance and costs."""
+
+import pytest
+
+from pipeline.engine.gamma import AUTO, GammaPolicy, parse_gamma
+from pipeline.engine.stats import StepTimes
+
+
+def test_parse_gamma():
+    assert parse_gamma("auto") == AUTO and parse_gamma(" AUTO ") == AUTO
+    assert parse_gamma("4") == 4 and parse_gamma(0) == 0
+    for bad in ["-1", "x", None, 2.5j]:
+        with pytest.raises(ValueError, match="gamma must be"):
+            parse_gamma(bad)
+
+
+def policy_after(acceptance, draft_s, verify_s, batch_size=1):
+    """A policy that has measured plain decoding and two speculative steps of 4 drafts a row."""
+    policy = GammaPolicy(gamma="auto", max_gamma=8)
+    policy.observe(0, [0] * batch_size, StepTimes(0.0, verify_s(1)))
+    for _ in range(2):
+        policy.observe(4, [round(4 * acceptance)] * batch_size, StepTimes(draft_s * 4, verify_s(5)))
+    policy.reached = [100.0] * 8
+    policy.accepted = [100.0 * acceptance] * 8
+    return policy
+
+
+def test_auto_speculates_when_drafts_are_cheap_and_good():
+    policy = policy_after(0.8, draft_s=0.01, verify_s=lambda q: 1.0)  # memory-bound target
+    assert policy.best_gamma(1) >= 4
+    assert policy.expected_rate(policy.best_gamma(1), 1) > 2 * policy.expected_rate(0, 1)
+
+
+def test_auto_falls_to_zero_when_verification_grows_with_width():
+    policy = policy_after(0.5, draft_s=0.05, verify_s=lambda q: 1.0 * q)  # compute-bound (large batch)
+    assert policy.best_gamma(1) == 0
+
+
+def test_auto_falls_to_zero_with_a_useless_drafter():
+    policy = policy_after(0.0, draft_s=0.01, verify_s=lambda q: 1.0)
+    assert policy.best_gamma(1) == 0
+    # Even when noise makes a wider verification look faster than a plain step.
+    noisy = policy_after(0.0, draft_s=0.001, verify_s=lambda q: 1.0 if q == 1 else 0.9)
+    assert noisy.best_gamma(1) == 0
+
+
+def test_auto_does_not_speculate_for_a_marginal_gain():
+    # 1 draft at 0.5 acceptance: 1.5 tokens for 1.4 plain steps' time, a 7% gain: below the 10% margin
+    policy = policy_after(0.5, draft_s=0.4, verify_s=lambda q: 1.0)
+    assert policy.expected_rate(1, 1) > policy.expected_rate(0, 1) and policy.best_gamma(1) == 0
+    policy.margin = 0.0
+    assert policy.best_gamma(1) > 0
+
+
+def test_acceptance_is_counted_per_position_and_falling_acceptance_shortens_drafts():
+    policy = GammaPolicy(gamma="auto", max_gamma=4, memory=1.0)
+    policy.observe(3, [3, 1, 0, 0], StepTimes(draft_s=0.0, verify_s=1.0))  # four rows, three drafts each
+    # position 1: 4 reached, 2 accepted; position 2: 2 reached (rows 0, 1), 1 accepted; position 3: 1 of 1.
+    assert policy.acceptance_per_position() == [0.5, 0.5, 1.0, 1.0]  # position 4 not reached: the last one's
+    assert policy.expected_tokens(2) == 1 + 0.5 + 0.25
+
+    falling = GammaPolicy(gamma="auto", max_gamma=8)
+    falling.reached, falling.accepted = [100.0] * 8, [90.0, 60.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0]
+    for k in (0, 4, 4):  # flat verification, drafter forwards at 1/10 of a target step
+        falling.observe(k, [0], StepTimes(0.1 * k, 1.0))
+    assert falling.best_gamma(1) == 2  # one average rate (0.26) would say 0; a flat 0.9 would say 8
+
+
+def test_costs_are_kept_per_batch_size_bucket():
+    policy = GammaPolicy(gamma="auto")
+    policy.reached, policy.accepted = [100.0] * 8, [70.0] * 8
+    for k, verify_s in ((0, 1.0), (4, 1.05), (4, 1.05)):  # batch 32: verifying 5 tokens costs what 1 does
+        policy.observe(k, [0] * 32, StepTimes(0.05 * k, verify_s))
+    for k, verify_s in ((0, 1.0), (4, 5.0), (4, 5.0)):  # batch 2: 5 tokens cost 5 times 1
+        policy.observe(k, [0] * 2, StepTimes(0.05 * k, verify_s))
+    assert policy.best_gamma(32) >= 3 and policy.best_gamma(40) == policy.best_gamma(32)
+    assert policy.best_gamma(2) == 0 and policy.best_gamma(3) == 0
+    assert policy.choose(5) == 0  # a new bucket is measured from scratch: plain decoding first
+
+
+def test_a_catch_up_after_plain_steps_is_not_taken_as_the_drafting_cost():
+    policy = GammaPolicy(gamma="auto")
+    policy.observe(0, [0], StepTimes(0.0, 1.0))
+    policy.observe(4, [2], StepTimes(4.0, 1.0))  # catch-up after plain steps: 1.0 s a draft forward, not typical
+    assert policy.buckets[1].draft_s is None
+    policy.observe(4, [2], StepTimes(0.4, 1.0))
+    assert policy.buckets[1].draft_s == 0.1
+
+
+def test_auto_starts_by_measuring_both_regimes_then_probes():
+    policy = GammaPolicy(gamma="auto", probe_every=4)
+    policy.reached, policy.accepted = [100.0] * 8, [100.0] * 8
+    assert policy.choose(1) == 0
+    policy.observe(0, [0], StepTimes(0.0, 1.0))
+    assert policy.choose(1) == 4
+    policy.observe(4, [4], StepTimes(0.04, 1.0))
+    assert policy.choose(1) == 4  # the first speculative step caught up: measure once more
+    policy.observe(4, [4], StepTimes(0.04, 1.0))
+    best = policy.best_gamma(1)
+    assert best > 0
+    assert policy.choose(1) == best
+    policy.observe(best, [best], StepTimes(0.01 * best, 1.0))
+    assert policy.buckets[1].steps == 4 and policy.choose(1) == 0  # probe of plain decoding
+    probes = []
+    for _ in range(100):
+        k = policy.choose(1)
+        probes.append(k == 0)
+        policy.observe(k, [k], StepTimes(0.01 * k, 1.0))
+    gaps = [i for i, probe in enumerate(probes) if probe]
+    assert [b - a for a, b in zip(gaps, gaps[1:])] == [8, 16, 32]  # intervals double while the choice holds
+
+
+def test_engine_config_fails_at_once_on_bad_values():
+    from pipeline.engine.engine import EngineConfig
+
+    assert EngineConfig(gamma="Auto").gamma == AUTO and EngineConfig(gamma="2").gamma == 2
+    with pytest.raises(ValueError, match="gamma must be"):
+        EngineConfig(gamma="three")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        EngineConfig(max_new_tokens=-1)
+
+
+def test_fixed_gamma_is_fixed():
+    assert GammaPolicy(gamma=3).choose(8) == 3

@@ -1,0 +1,59 @@
+"""The ragged KV cache: masks from per-row positions, conversion from a left-padded prefill, rollback by lengths."""
+
+import torch
+from transformers import DynamicCache
+
+from pipeline.engine.kv_cache import GROWTH_SLOTS, RaggedKVCache, attention_masks, layer_types_of
+
+
+def allowed(mask):
+    return (mask == 0).squeeze(1)
+
+
+def test_causal_and_sliding_masks_follow_each_rows_position():
+    positions = torch.tensor([[2, 3], [5, 6]])
+    masks = attention_masks(positions, 7, frozenset({"full_attention", "sliding_attention"}), 3, torch.float32)
+    full, sliding = allowed(masks["full_attention"]), allowed(masks["sliding_attention"])
+    assert full[0, 0].tolist() == [True, True, True, False, False, False, False]
+    assert full[1, 1].tolist() == [True] * 7
+    assert sliding[1, 1].tolist() == [False, False, False, False, True, True, True]  # window of 3 ending at 6
+    assert sliding[0, 0].tolist() == [True, True, True, False, False, False, False]
+
+
+def test_single_layer_type_gives_a_tensor():
+    class Cfg:
+        pass
+
+    kinds, window = layer_types_of(Cfg())
+    assert kinds == frozenset({"full_attention"}) and window is None
+    assert isinstance(attention_masks(torch.tensor([[0]]), 1, kinds, window, torch.float32), torch.Tensor)
+
+
+def test_left_padded_prefill_becomes_right_padded_rows():
+    hf = DynamicCache()
+    keys = torch.arange(2 * 5, dtype=torch.float32).reshape(2, 1, 5, 1)
+    hf.update(keys, keys.clone(), 0)
+    cache = RaggedKVCache.from_left_padded(hf, torch.tensor([5, 2]), padded_len=5)
+    assert cache.keys[0].shape[2] == 5 + GROWTH_SLOTS
+    assert cache.keys[0][0, 0, :5, 0].tolist() == [0, 1, 2, 3, 4]
+    assert cache.keys[1 - 1][1, 0, :5, 0].tolist() == [8, 9, 0, 0, 0]  # row 1 was padded on the left
+
+
+def test_rejected_slots_are_overwritten_not_kept():
+    cache = RaggedKVCache(num_layers=1, lengths=torch.tensor([2, 4]), device="cpu")
+    for step in range(50):
+        positions = cache.begin_forward(4)
+        states = positions[:, None, :, None].float().expand(2, 1, 4, 1)
+        k, _ = cache.update(states, states, 0)
+        assert k.shape[2] == int(positions.max()) + 1
+        cache.end_forward(torch.tensor([4, 4]))
+        cache.rollback(torch.tensor([3, 2]))  # keep 1 and 2 of the 4 tokens written
+    assert cache.lengths.tolist() == [52, 104]
+    # Capacity follows the longest row plus one forward, not the number of slots ever written.
+    assert cache.capacity <= 104 + 4 + GROWTH_SLOTS
+    # Slot t holds position t for every kept token.
+    assert cache.keys[0][1, 0, :104, 0].tolist()[4:] == [float(t) for t in range(4, 104)]
+    cache.rollback(torch.tensor([2, 0]))
+    assert cache.lengths.tolist() == [50, 104]
+    cache.select_rows(torch.tensor([1]))
+    assert cache.lengths.tolist() == [104] and cache.keys[0].shape[0] == 1

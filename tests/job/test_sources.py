@@ -1,0 +1,125 @@
+"""Input sources: every format gives one row per input row, stable ids, resolved image references, clear errors."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import tarfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.job.config import CaptionConfig, JobConfigError
+from pipeline.job.sources import plan_source, read_rows
+
+
+def png(colour=(200, 30, 30), size=(8, 6)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, colour).save(out, "PNG")
+    return out.getvalue()
+
+
+def config(input_path, **overrides) -> CaptionConfig:
+    return CaptionConfig(input=str(input_path), output="unused", target="unused", **overrides)
+
+
+def all_rows(cfg: CaptionConfig, skip=frozenset()) -> list[dict]:
+    plan = plan_source(cfg)
+    return [row for read in plan.reads for table in read_rows(plan, read, skip) for row in table.to_pylist()]
+
+
+def test_parquet_image_forms_and_derived_ids(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(png())
+    records = [
+        {"prompt": "inline", "image": png()},
+        {"prompt": "relative", "image": "images/a.png"},
+        {"prompt": "hf dict", "image": {"bytes": png(), "path": None}},
+        {"prompt": "data url", "image": "data:image/png;base64," + base64.b64encode(png()).decode()},
+        {"prompt": "missing", "image": None},
+        {"prompt": "empty", "image": ""},
+    ]
+    # each image form in its own file, since a Parquet column has one type
+    for i, record in enumerate(records):
+        pq.write_table(pa.Table.from_pylist([record]), tmp_path / f"part-{i}.parquet")
+    rows = {row["prompt"]: row for row in all_rows(config(tmp_path))}
+    assert rows["inline"]["image"] == png() and rows["inline"]["id"] == "part-0.parquet#0"
+    assert rows["relative"]["image_url"] == f"{tmp_path}/images/a.png"
+    assert rows["hf dict"]["image"] == png()
+    assert rows["data url"]["image"] == png()
+    assert rows["missing"]["error"] == "image is missing"
+    assert rows["empty"]["error"] == "image is empty"
+    assert sum(row["error"] is None for row in rows.values()) == 4
+
+
+def test_parquet_id_and_columns_by_flag(tmp_path):
+    table = pa.Table.from_pylist([{"key": f"k{i}", "question": f"q{i}", "pic": png()} for i in range(3)])
+    pq.write_table(table, tmp_path / "data.parquet")
+    rows = all_rows(config(tmp_path / "data.parquet", id_column="key", prompt_column="question", image_column="pic"))
+    assert [(r["id"], r["prompt"]) for r in rows] == [("k0", "q0"), ("k1", "q1"), ("k2", "q2")]
+    skipped = all_rows(config(tmp_path, id_column="key", prompt_column="question", image_column="pic"),
+                       skip=frozenset({"k1"}))
+    assert [r["id"] for r in skipped] == ["k0", "k2"]
+
+
+def test_jsonl_bad_line_becomes_error_row_and_default_prompt(tmp_path):
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "x.png").write_bytes(png())
+    lines = [json.dumps({"image": "pics/x.png"}), "{not json", "", json.dumps({"image": "pics/nope.png"})]
+    (tmp_path / "rows.jsonl").write_text("\n".join(lines) + "\n")
+    rows = all_rows(config(tmp_path, prompt="Say what you see."))
+    assert [r["id"] for r in rows] == ["rows.jsonl#0", "rows.jsonl#1", "rows.jsonl#2"]
+    assert rows[0]["prompt"] == "Say what you see." and rows[0]["image_url"].endswith("pics/x.png")
+    assert rows[1]["error"] == "line 2 is not a JSON object"
+    assert rows[2]["error"] is None  # the missing file is found out when the image is fetched
+
+
+def test_image_folder_one_row_per_image(tmp_path):
+    for name in ("b/2.png", "a.jpg", "c.webp"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(png())
+    (tmp_path / ".hidden.png").write_bytes(png())
+    rows = all_rows(config(tmp_path, format="images"))
+    assert sorted(r["id"] for r in rows) == ["a.jpg", "b/2.png", "c.webp"]
+    assert all(r["prompt"] == "Describe the image." and r["image_url"].startswith(str(tmp_path)) for r in rows)
+
+
+def test_webdataset_shards_as_img2dataset_writes_them(tmp_path):
+    for shard in range(2):
+        with tarfile.open(tmp_path / f"{shard:05d}.tar", "w") as tar:
+            for i in range(3):
+                key = f"{shard:05d}{i:04d}"
+                members = {"jpg": png(), "txt": b"a caption", "json": json.dumps({"key": key, "url": "http://x"})}
+                if i == 2:
+                    del members["jpg"]  # a sample whose download failed
+                for ext, data in members.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data if isinstance(data, bytes) else data.encode()))
+    rows = all_rows(config(tmp_path))
+    assert len(rows) == 6
+    assert rows[0]["id"] == "00000.tar/000000000" and rows[0]["image"] == png()
+    assert [r["error"] for r in rows if r["error"]] == ["image is missing", "image is missing"]
+    by_key = all_rows(config(tmp_path, id_column="key"))
+    assert [r["id"] for r in by_key][:2] == ["000000000", "000000001"]
+
+
+@pytest.mark.parametrize(
+    "setup, overrides, message",
+    [
+        (lambda d: None, {"input_name": "absent"}, "does not exist"),
+        (lambda d: (d / "notes.txt").write_text("x"), {}, "holds no Parquet, JSONL, image or .tar files"),
+        (lambda d: ((d / "a.jsonl").write_text("{}\n"), (d / "b.parquet").write_bytes(b"")), {}, "pass --format"),
+        (lambda d: pq.write_table(pa.table({"prompt": ["x"]}), d / "t.parquet"), {"image_column": "img"},
+         "--image-column 'img' is not in the columns of"),
+        (lambda d: (d / "a.png").write_bytes(png()), {"prompt_column": "q"}, "does not apply to images input"),
+    ],
+)
+def test_bad_inputs_fail_with_one_sentence(tmp_path, setup, overrides, message):
+    setup(tmp_path)
+    name = overrides.pop("input_name", None)
+    with pytest.raises(JobConfigError, match=message):
+        plan_source(config(tmp_path / name if name else tmp_path, **overrides))

@@ -1,0 +1,153 @@
+"""jobs/bench.py: the quick run reports every method with its statistics, table and plots (shape, not speed);
+bad settings fail at once; the goal and prediction arithmetic."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipeline.lab.benchmark import (
+    AUTO,
+    CAPTION_JOB,
+    ENGINE,
+    HF_ASSISTED,
+    HF_GENERATE,
+    NO_DRAFTER,
+    QUICK,
+    BenchConfig,
+    Measurement,
+    analytic_speedup,
+    goals,
+)
+from pipeline.job.config import JobConfigError
+from pipeline.job.charts import HEIGHT, WIDTH
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "jobs"))
+
+import bench  # noqa: E402
+
+
+@pytest.mark.slow
+def test_quick_run_reports_every_configuration(tmp_path):
+    output = tmp_path / "bench"
+    done = subprocess.run([sys.executable, "jobs/bench.py", "--quick", "--output", str(output)], cwd=REPO,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((output / "results.json").read_text())
+    rows = QUICK["rows"]
+    assert report["rows"] == rows and set(report["machine"]) >= {"device", "dtype", "torch", "transformers"}
+
+    measured = {(m["method"], m["drafter"], m["gamma"], m["batch_size"]): m for m in report["measurements"]}
+    expected = {(HF_ASSISTED, "text-only", "HF default", 1), (CAPTION_JOB, "massv", AUTO, max(QUICK["batch_sizes"]))}
+    for batch_size in QUICK["batch_sizes"]:
+        expected |= {(HF_GENERATE, NO_DRAFTER, NO_DRAFTER, batch_size), (ENGINE, NO_DRAFTER, NO_DRAFTER, batch_size)}
+        expected |= {(ENGINE, d, str(g), batch_size) for d in ("text-only", "massv") for g in QUICK["gammas"]}
+    assert set(measured) == expected
+    assert len(report["measurements"]) == len(expected)
+
+    for key, m in measured.items():
+        assert m["rows"] == rows and m["tokens"] > 0 and m["seconds"] > 0 and m["speedup"] > 0, key
+        if key[0] != ENGINE:
+            continue
+        assert m["identical"] == rows, f"{key}: greedy output must equal the engine's without a drafter"
+        assert m["counts"]["sequences"] == rows * QUICK["repeats"]
+        assert sum(m["time_shares"].values()) == pytest.approx(1.0, abs=0.02)
+        if m["drafter"] == NO_DRAFTER:
+            assert m["time_shares"]["draft"] == 0 and m["cost_ratio"] is None
+        elif m["gamma"] != AUTO:
+            gamma = int(m["gamma"])
+            assert 1 <= m["counts"]["tau"] <= gamma + 1
+            assert len(m["counts"]["acceptance_per_position"]) == gamma
+            assert m["cost_ratio"] > 0 and m["measured_speedup"] > 0
+            assert m["predicted_speedup"] == pytest.approx(
+                analytic_speedup(m["counts"]["tau"], m["counts"]["drafted"] / m["counts"]["steps"], m["cost_ratio"]))
+    assert measured[(HF_ASSISTED, "text-only", "HF default", 1)]["identical"] is not None
+    assert {g["goal"] for g in report["goals"]} and all(set(g) == {"goal", "figure", "met", "detail"}
+                                                        for g in report["goals"])
+
+    table = (output / "table.md").read_text()
+    assert sum(line.startswith(f"| {m} |") for line in table.splitlines()
+               for m in (HF_GENERATE, HF_ASSISTED, ENGINE, CAPTION_JOB)) == len(expected)
+    for name in ("speedup_vs_batch", "tau_vs_gamma", "speedup_vs_gamma", "acceptance_per_position"):
+        chart = Image.open(output / f"{name}.png")
+        assert chart.format == "PNG" and chart.size == (WIDTH, HEIGHT)
+    assert "measured speedup >= 90%" in done.stdout
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-sizes", "0"], "--batch-sizes must be positive"),
+    (["--gammas", "2,x"], "--gammas"),
+    (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--drafter", "mine=/nonexistent/drafter"], "drafter"),
+    (["--assistant", "massv"], "must be a text-only drafter"),
+    (["--assistant", "nope"], "is not one of the drafters"),
+])
+def test_bad_settings_fail_at_once_with_one_sentence(flags, message, capsys):
+    assert bench.main(flags) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and message in error and error.count("\n") == 1
+
+
+def test_flags_build_one_config():
+    config = bench.parse_args(["--quick", "--no-caption-job", "--gammas", "1,auto"])
+    assert config.rows == QUICK["rows"] and config.gammas == [1, AUTO] and not config.caption_job
+    assert set(config.drafters) == {"text-only", "massv"} and config.assistant == "text-only"
+    target = str(REPO / "demo_world" / "target")
+    assert bench.parse_args(["--target", target]).drafters == {}  # the demo's drafters fit only the demo's target
+    with pytest.raises(JobConfigError):
+        BenchConfig(prompts="/nonexistent.parquet")
+
+
+def test_analytic_speedup():
+    assert analytic_speedup(tau=4.0, mean_gamma=3, cost_ratio=0.0) == 4.0
+    assert analytic_speedup(tau=4.0, mean_gamma=3, cost_ratio=1.0) == 1.0
+    assert analytic_speedup(tau=3.0, mean_gamma=4, cost_ratio=0.25) == 1.5
+
+
+def _m(method, drafter, gamma, batch_size, seconds, **extra) -> Measurement:
+    return Measurement(method, drafter, gamma, batch_size, rows=8, seconds=seconds, tokens=100, peak_memory_mb=1.0,
+                       speedup=1.0 / seconds, **extra)
+
+
+def test_goals_judge_each_figure():
+    measurements = [
+        _m(HF_GENERATE, NO_DRAFTER, NO_DRAFTER, 1, 1.0),
+        _m(HF_ASSISTED, "text-only", "HF default", 1, 0.8),
+        _m(ENGINE, NO_DRAFTER, NO_DRAFTER, 1, 0.9),
+        _m(ENGINE, "text-only", AUTO, 1, 0.6),
+        _m(ENGINE, "massv", "3", 1, 0.4, predicted_speedup=2.5, measured_speedup=2.4),
+        _m(ENGINE, "massv", AUTO, 1, 0.45),
+        _m(HF_GENERATE, NO_DRAFTER, NO_DRAFTER, 8, 1.0),
+        _m(ENGINE, NO_DRAFTER, NO_DRAFTER, 8, 1.1),
+        _m(ENGINE, "massv", AUTO, 8, 1.1),
+    ]
+    judged = {g["goal"]: g for g in goals(measurements, "massv")}
+    at_1, at_8 = judged["massv >= 2.0x HF generate at batch 1"], judged["massv >= 1.3x HF generate at batch 8"]
+    assert at_1["figure"] == 2.5 and at_1["met"] and "best fixed gamma 3" in at_1["detail"]
+    assert at_8["figure"] == pytest.approx(1 / 1.1, abs=1e-3) and not at_8["met"]
+    never_below = judged["gamma=auto never below 0.95x HF generate"]
+    assert not never_below["met"] and "massv at batch 8" in never_below["detail"]
+    plain = judged["engine without a drafter >= HF generate at every batch size"]
+    assert not plain["met"] and "batch 8" in plain["detail"]
+    assisted = judged["engine with text-only >= 1.2x HF assisted generation at batch 1"]
+    assert assisted["figure"] == pytest.approx(0.8 / 0.6, abs=1e-3) and assisted["met"]
+    assert judged["measured speedup >= 90% of the analytic tau / (1 + gamma c)"]["met"]
+
+
+def test_charts_draw_every_series():
+    from pipeline.job.charts import COLOURS, bar_chart, line_chart
+
+    lines = line_chart({"a": [(1, 1.0), (8, 2.0)], "b": [(1, 0.5), (8, 0.7), (99, 5.0)]}, "t", "x", "y", [1, 8],
+                       reference=1.0)
+    bars = bar_chart({"a": [0.9, 0.5], "b": [0.8, 0.0, 0.1]}, "t", "position")
+    for png in (lines, bars):
+        image = Image.open(io.BytesIO(png)).convert("RGB")
+        colours = {colour for _, colour in image.getcolors(WIDTH * HEIGHT)}
+        assert image.size == (WIDTH, HEIGHT) and {COLOURS[0], COLOURS[1]} <= colours
