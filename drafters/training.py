@@ -21,7 +21,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ from drafters.text_only import TextOnlyDraftModel
 from pipeline.engine.padding import right_pad
 from pipeline.engine.prompts import prepare_prompt
 from pipeline.engine.target import Target
+from pipeline.job.cli import flag
 from pipeline.job.storage import absolute, is_remote, url_to_fs
 
 PHASES = ("target", "text", "adapt", "distill")
@@ -46,23 +47,28 @@ TRAINING_LOG = "training_log.json"
 
 @dataclass
 class TrainConfig:
-    phase: str  # text | adapt | distill
-    data: str  # Parquet file or directory (local or s3://) with prompt, answer and (adapt, distill) image columns
-    target: str  # the target checkpoint: tokenizer and chat template; image features for adapt and distill
-    drafter: str  # start from: a causal-LM directory (text, adapt) or a MASSV directory (distill); unused by target
-    output: str  # the trained drafter (or target), in the format the caption job loads
-    storage_path: str  # Ray Train run directory (checkpoints), local or s3://
-    name: str = "drafter"
-    answer_column: str = "answer"  # "text" for a corpus written by the caption job
-    num_workers: int = 1
-    use_gpu: bool = False
-    steps: int = 200
-    batch_size: int = 16
-    lr: float = 3e-4
-    checkpoint_every: int = 50
-    max_failures: int = 2
-    log_every: int = 10
-    seed: int = 0
+    phase: str = field(metadata=flag("target (demo world) | text | adapt (MASSV 1) | distill (MASSV 2)",
+                                     choices=PHASES))
+    data: str = field(metadata=flag("Parquet file or directory (local or s3://) with prompt, answer and\n"
+                                    "(adapt, distill) image columns"))
+    target: str = field(metadata=flag("the target checkpoint: tokenizer and chat template; image features for\n"
+                                      "adapt and distill"))
+    output: str = field(metadata=flag("the trained drafter (or target), in the format the caption job loads\n"
+                                      "(local or s3://)"))
+    drafter: str = field(default="", metadata=flag("start from: a causal-LM directory (text, adapt) or a MASSV\n"
+                                                   "directory (distill); unused by --phase target"))
+    storage_path: str = field(default="out/train_runs", metadata=flag("Ray Train checkpoints (local or s3://)"))
+    name: str = field(default="drafter", metadata=flag("the Ray Train run's name"))
+    answer_column: str = field(default="answer", metadata=flag("'text' for a corpus written by the caption job"))
+    num_workers: int = field(default=1, metadata=flag("Ray Train workers"))
+    use_gpu: bool = field(default=False, metadata=flag("one GPU per worker"))
+    steps: int = field(default=200, metadata=flag("optimizer steps"))
+    batch_size: int = field(default=16, metadata=flag("rows per step and worker"))
+    lr: float = field(default=3e-4, metadata=flag("AdamW learning rate"))
+    checkpoint_every: int = field(default=50, metadata=flag("steps between checkpoints"))
+    max_failures: int = field(default=2, metadata=flag("worker-group restarts from the latest checkpoint"))
+    log_every: int = field(default=10, metadata=flag("steps between loss lines"))
+    seed: int = field(default=0, metadata=flag("torch seed (plus the worker's rank)"))
 
     def __post_init__(self):
         if self.phase not in PHASES:
@@ -231,8 +237,14 @@ def save_training_state(directory: Path, model: nn.Module, optimizer, progress: 
 
 
 def load_training_state(directory: Path, model: nn.Module, optimizer) -> tuple[int, list[float], list[int]]:
+    """Restore exactly what save_training_state wrote: every trainable weight, no other (strict)."""
     weights = load_file(directory / "weights.safetensors")
-    model.load_state_dict(weights, strict=False)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != trainable:
+        different = sorted(set(weights) ^ trainable)
+        raise ValueError(f"checkpoint {directory} does not hold this phase's trainable weights "
+                         f"({len(different)} differ, e.g. {different[0]}): resume with the phase that wrote it.")
+    model.load_state_dict(weights, strict=False)  # frozen weights come from the starting checkpoint
     by_name = dict(model.named_parameters())
     for key, value in load_file(directory / "optimizer.safetensors").items():
         name, state_key = key.split("::")

@@ -15,49 +15,14 @@ MASSV drafter, compared (outputs, summaries and acceptance.png under out/demo).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.job.config import DEFAULT_PROMPT, FORMATS, CaptionConfig, JobConfigError  # noqa: E402
-from pipeline.job.storage import DEFAULT_MODEL_CACHE  # noqa: E402
-
-
-def parse_args(argv: list[str] | None = None) -> CaptionConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--input", required=True, help="dataset: Parquet/JSONL file or directory, image folder, or\n"
-                   "WebDataset .tar shards; a local path or fsspec URL (s3://...)")
-    p.add_argument("--output", required=True, help="directory for Parquet parts and summary.json (local or s3://)")
-    p.add_argument("--target", required=True, help="target VLM checkpoint directory (local or s3://)")
-    p.add_argument("--drafter", default="none", help="drafter directory (local or s3://), or 'none' (default)")
-    p.add_argument("--gamma", default="auto", help="draft length per step: an integer, or 'auto' (default)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens per answer at most (default 128)")
-    p.add_argument("--batch-size", type=int, default=32, help="rows per engine batch on one actor (default 32)")
-    p.add_argument("--num-actors", default="1", help="engine actors: N, or MIN,MAX for an autoscaling pool")
-    p.add_argument("--gpus-per-actor", type=float, default=None,
-                   help="GPUs per engine actor; default 1 when the cluster has GPUs, else 0")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per engine actor (default 1)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"instruction for rows without a prompt column\n"
-                   f"(default {DEFAULT_PROMPT!r})")
-    p.add_argument("--id-column", default=None, help="column with row ids (default 'id' when present,\n"
-                   "else ids derived from the source: <file>#<row>, the image path, <shard>/<key>)")
-    p.add_argument("--prompt-column", default=None, help="column with prompts (default 'prompt' when present)")
-    p.add_argument("--image-column", default=None, help="column with images: bytes, a path/URL (relative to the\n"
-                   "dataset), a data: URL, or {bytes, path} (default 'image' when present)")
-    p.add_argument("--format", default="auto", choices=FORMATS, help="input format (default: from file names)")
-    p.add_argument("--resume", action="store_true", help="skip ids already in --output and add the rest")
-    p.add_argument("--keep-images", action="store_true", help="also write each row's image bytes (column image):\n"
-                   "a self-distillation corpus that jobs/train_drafter.py --phase distill reads as it is")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling (temperature > 0)")
-    p.add_argument("--model-cache", default=DEFAULT_MODEL_CACHE, help="per-node copy of s3:// checkpoints")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow checkpoints' own Python code (off)")
-    args = p.parse_args(argv)
-    return CaptionConfig(**{k: v for k, v in vars(args).items()})
+from pipeline.job.cli import parse_config  # noqa: E402
+from pipeline.job.config import CaptionConfig, JobConfigError  # noqa: E402
 
 
 def run_demo() -> None:
@@ -85,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from pipeline.job.caption import run_caption
 
-        run_caption(parse_args(argv)) if argv else run_demo()
+        run_caption(parse_config(CaptionConfig, argv, __doc__.split("\n\n")[0])) if argv else run_demo()
     except JobConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -8,46 +8,24 @@
 --data is Parquet (local or s3://) with prompt, answer and image (PNG/JPEG bytes)
 columns; a corpus written by the caption job (`--keep-images`) is read as it is
 with --answer-column text. Checkpoints go under --storage-path; --output is a
-drafter directory the caption job loads. On a cluster:
+drafter directory the caption job loads; the flags are TrainConfig's fields. On a cluster:
 `ray job submit --working-dir . -- python jobs/train_drafter.py ... --num-workers 4 --use-gpu`.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from drafters.training import PHASES, TrainConfig, run_training  # noqa: E402
-
-
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--phase", required=True, choices=PHASES, help="text | adapt (MASSV 1) | distill (MASSV 2)")
-    p.add_argument("--data", required=True, help="Parquet file or directory with prompt, answer, image columns")
-    p.add_argument("--target", required=True, help="target VLM directory (tokenizer, chat template, image features)")
-    p.add_argument("--drafter", required=True, help="starting drafter: causal-LM dir (text, adapt) or MASSV dir")
-    p.add_argument("--output", required=True, help="where the trained drafter is saved (local or s3://)")
-    p.add_argument("--storage-path", default="out/train_runs", help="Ray Train checkpoints (local or s3://)")
-    defaults = TrainConfig(phase="text", data="", target="", drafter="", output="", storage_path="/")
-    for field in dataclasses.fields(TrainConfig):
-        if field.name in ("phase", "data", "target", "drafter", "output", "storage_path"):
-            continue
-        flag = "--" + field.name.replace("_", "-")
-        default = getattr(defaults, field.name)
-        if isinstance(default, bool):
-            p.add_argument(flag, action="store_true", help=f"(default {default})")
-        else:
-            p.add_argument(flag, type=type(default), default=default, help=f"(default {default})")
-    return TrainConfig(**vars(p.parse_args(argv)))
+from drafters.training import TrainConfig, run_training  # noqa: E402
+from pipeline.job.cli import parse_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        config = parse_args(argv)
+        config = parse_config(TrainConfig, argv, __doc__.split("\n\n")[0])
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

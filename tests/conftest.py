@@ -1,9 +1,17 @@
-"""Shared fixtures: tiny checkpoints of both families, built once per session, and ragged prompts."""
+"""Shared fixtures: tiny checkpoints of both families, built once per session, ragged prompts, and a Ray of our own.
+
+Every Ray the suite starts (in-process clusters, `ray start --head`, the jobs' subprocesses)
+keeps its files and its "current cluster" record under one temporary RAY_TMPDIR of this
+session and binds loopback only, so no test connects to a Ray it did not start, and none
+leaves an address behind that would make a later `ray.init()` hang.
+"""
 
 from __future__ import annotations
 
-import socket
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,9 +25,27 @@ from pipeline.engine.target import Target  # noqa: E402
 from pipeline.lab.tiny_models import sample_rows as ragged_rows  # noqa: E402, F401  (tests import it from here)
 
 
+RAY_ENVIRONMENT = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # Ray then takes 127.0.0.1 as the node address, not a routable one
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_ray():
+    """RAY_TMPDIR of this session's own (short: Ray's unix socket paths must stay under 108 bytes), loopback."""
+    directory = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    variables = {**RAY_ENVIRONMENT, "RAY_TMPDIR": directory}
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    yield directory
+    for name, value in saved.items():
+        os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
-    """family -> {"target", "text-only", "massv", "massv-oracle"} checkpoint directories."""
+    """family -> {"target", "text-only", "massv", "massv-oracle", "massv-noisy"} checkpoint directories."""
     root = tmp_path_factory.mktemp("tiny")
     return {family: tiny_models.build_world(family, root / family) for family in tiny_models.FAMILIES}
 
@@ -51,13 +77,6 @@ BAD_ROWS = {
     "bad-null-prompt": "prompt is empty",
     "bad-long-prompt": "prompt is",  # ... N tokens, which leaves no room in the target's context of 512
 }
-
-
-def free_port() -> int:
-    """A TCP port free on loopback right now (servers the tests start bind only 127.0.0.1)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_caption_dataset(directory: Path, num_good: int, parts: int = 3) -> dict[str, str | None]:

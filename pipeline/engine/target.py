@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from pipeline.engine.decoder import RaggedDecoder, embed_with_image_features
-from pipeline.engine.families import context_length, family_for
+from pipeline.engine.families import RotaryFamily, context_length, family_for
 from pipeline.engine.padding import left_pad
 from pipeline.engine.prompts import PreparedPrompt
 
@@ -35,9 +35,9 @@ class TargetPrefill:
 class Target:
     """Owns the target model and its ragged cache; `verify` runs one forward for the whole batch."""
 
-    def __init__(self, model, processor, name: str = "target"):
+    def __init__(self, model, processor, name: str = "target", family: RotaryFamily | None = None):
         config = model.config
-        self.family = family_for(config)  # raises for a family the engine cannot run
+        self.family = family or family_for(config)  # raises for a family the engine cannot run
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)

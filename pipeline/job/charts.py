@@ -1,6 +1,7 @@
 """PNG charts drawn with Pillow (no plotting dependency): grouped bars (per-position acceptance) and lines.
 
-Each function returns PNG bytes; `acceptance_chart` is the caption job's per-run chart.
+Each function returns PNG bytes; `acceptance_chart` is the caption job's per-run chart. The benchmark
+(pipeline/lab) draws its plots with the same functions; they live in the job, which never imports the lab.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def config_parser(config_cls: type, description: str) -> argparse.ArgumentParser
         else:
             kwargs = {"default": argparse.SUPPRESS}  # the dataclass's default applies
             if default is not None:
-                help_text += f"\n(default {_show(default)})"
+                help_text += f" (default {_show(default)})"
         kwargs.update(help=help_text, dest=field.name, type=meta["parse"] or _scalar_type(hints[field.name]))
         if meta["choices"]:
             kwargs["choices"] = meta["choices"]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipeline.engine.gamma import parse_gamma
+from pipeline.job.cli import flag
 from pipeline.job.storage import DEFAULT_MODEL_CACHE, absolute
 
 FORMATS = ("auto", "parquet", "jsonl", "images", "webdataset")
@@ -38,28 +39,39 @@ def parse_num_actors(value: str | int | tuple[int, int]) -> tuple[int, int]:
 
 @dataclass
 class CaptionConfig:
-    input: str  # table file/dir, image folder or WebDataset shards; local path or fsspec URL
-    output: str  # directory for Parquet parts and summary.json
-    target: str  # checkpoint directory, local or s3://
-    drafter: str = "none"  # drafter directory, local or s3://, or "none"
-    gamma: int | str = "auto"
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_new_tokens: int = 128
-    batch_size: int = 32  # rows per engine call on one actor
-    num_actors: tuple[int, int] = (1, 1)
-    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    cpus_per_actor: float = 1.0
-    prompt: str = DEFAULT_PROMPT  # used when the input has no prompt column
-    id_column: str | None = None  # None: "id" when present, else ids derived from the source
-    prompt_column: str | None = None  # None: "prompt" when present, else --prompt
-    image_column: str | None = None  # None: "image" when present
-    format: str = "auto"
-    resume: bool = False
-    keep_images: bool = False  # also write each row's image bytes: a self-distillation corpus for train_drafter
-    seed: int | None = None
-    model_cache: str = DEFAULT_MODEL_CACHE
-    trust_remote_code: bool = False
+    input: str = field(metadata=flag(
+        "dataset: Parquet/JSONL file or directory, image folder, or WebDataset .tar shards;\n"
+        "a local path or fsspec URL (s3://...)"))
+    output: str = field(metadata=flag("directory for Parquet parts and summary.json (local or s3://)"))
+    target: str = field(metadata=flag("target VLM checkpoint directory (local or s3://)"))
+    drafter: str = field(default="none", metadata=flag("drafter directory (local or s3://), or 'none'"))
+    gamma: int | str = field(default="auto", metadata=flag("draft length per step: an integer, or 'auto'"))
+    temperature: float = field(default=0.0, metadata=flag("0 is greedy"))
+    top_p: float = field(default=1.0, metadata=flag("nucleus sampling threshold"))
+    max_new_tokens: int = field(default=128, metadata=flag("tokens per answer at most"))
+    batch_size: int = field(default=32, metadata=flag("rows per engine batch on one actor"))
+    num_actors: tuple[int, int] = field(default=(1, 1), metadata=flag(
+        "engine actors: N, or MIN,MAX for an autoscaling pool", metavar="N|MIN,MAX"))
+    gpus_per_actor: float | None = field(default=None, metadata=flag(
+        "GPUs per engine actor (default 1 when the cluster has GPUs, else 0)"))
+    cpus_per_actor: float = field(default=1.0, metadata=flag("CPUs per engine actor"))
+    prompt: str = field(default=DEFAULT_PROMPT, metadata=flag("instruction for rows without a prompt column"))
+    id_column: str | None = field(default=None, metadata=flag(
+        "column with row ids (default 'id' when present, else ids derived from the source:\n"
+        "<file>#<row>, the image path, <shard>/<key>)"))
+    prompt_column: str | None = field(default=None, metadata=flag(
+        "column with prompts (default 'prompt' when present, else --prompt)"))
+    image_column: str | None = field(default=None, metadata=flag(
+        "column with images: bytes, a path/URL (relative to the dataset), a data: URL,\n"
+        "or {bytes, path} (default 'image' when present)"))
+    format: str = field(default="auto", metadata=flag("input format (auto: from file names)", choices=FORMATS))
+    resume: bool = field(default=False, metadata=flag("skip ids already in --output and add the rest"))
+    keep_images: bool = field(default=False, metadata=flag(
+        "also write each row's image bytes (column image): a self-distillation corpus\n"
+        "that jobs/train_drafter.py --phase distill reads as it is"))
+    seed: int | None = field(default=None, metadata=flag("seed for sampling (temperature > 0)"))
+    model_cache: str = field(default=DEFAULT_MODEL_CACHE, metadata=flag("per-node copy of s3:// checkpoints"))
+    trust_remote_code: bool = field(default=False, metadata=flag("allow checkpoints' own Python code"))
 
     def __post_init__(self):
         for name in ("input", "output", "target", "drafter"):  # actors may run in another directory

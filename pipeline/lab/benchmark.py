@@ -12,6 +12,7 @@ drafter/target cost ratio c and the analytic speedup tau / (1 + gamma * c) over 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import io
 import json
@@ -29,7 +30,8 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from drafters import load_drafter, read_drafter_config
+from drafters import TextOnlyDraftModel, drafter_kind, load_drafter
+from pipeline.job.cli import flag
 from pipeline.job.config import JobConfigError
 from pipeline.lab.demo import BENCH_PROMPTS, DEMO_WORLD
 from pipeline.engine.engine import EngineConfig, SpecDecodeEngine
@@ -44,48 +46,91 @@ HF_GENERATE, HF_ASSISTED, ENGINE, CAPTION_JOB = "HF generate", "HF assisted", "e
 NO_DRAFTER = "-"
 
 
+DEMO_TARGET = str(DEMO_WORLD / "target")
+FULL = dict(rows=64, batch_sizes=[1, 8, 32], gammas=[*range(1, 9), AUTO], max_new_tokens=48, repeats=3)
+QUICK = dict(rows=4, batch_sizes=[1, 4], gammas=[2, AUTO], max_new_tokens=8, repeats=1)  # CI: seconds
+
+
 def demo_drafters() -> dict[str, str]:
     return {"text-only": str(DEMO_WORLD / "text-only"), "massv": str(DEMO_WORLD / "massv")}
 
 
+def _named_path(value: str) -> tuple[str, str]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {value!r}")
+    return name, path
+
+
+def _int_list(value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+
+
+def _presets(name: str) -> str:
+    return f"{FULL[name]}, {QUICK[name]} with --quick".replace("'", "")
+
+
 @dataclass
 class BenchConfig:
-    target: str = str(DEMO_WORLD / "target")
-    drafters: dict[str, str] = field(default_factory=demo_drafters)  # name -> checkpoint directory
-    assistant: str | None = "text-only"  # the drafter HF assisted generation gets (an HF causal-LM directory)
-    prompts: str = str(DEMO_WORLD / BENCH_PROMPTS)  # Parquet with `prompt` and `image` (bytes) columns
-    rows: int = 64
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
-    gammas: list[int | str] = field(default_factory=lambda: [*range(1, 9), AUTO])
-    max_new_tokens: int = 48
-    repeats: int = 3
-    caption_job: bool = True
-    continuous_batching: bool = False  # the engine admits waiting rows as others finish, instead of batch by batch
-    output: str = "out/bench"
+    quick: bool = field(default=False, metadata=flag("a few rows and settings (the 'with --quick' values below), "
+                                                     "for CI"))
+    target: str | None = field(default=None, metadata=flag(
+        "target VLM checkpoint directory (default: the demo world's, with its drafters)"))
+    drafters: dict[str, str] | None = field(default=None, metadata=flag(
+        "a drafter to measure (repeatable); default: the demo world's text-only and massv,\n"
+        "or none with --target", name="drafter", parse=_named_path, repeat=True, metavar="NAME=DIR"))
+    assistant: str | None = field(default=None, metadata=flag(
+        "which text-only drafter HF assisted generation uses (default text-only when present;\n'none' skips it)"))
+    prompts: str = field(default=str(DEMO_WORLD / BENCH_PROMPTS), metadata=flag(
+        "Parquet with prompt and image (bytes) columns (the demo world's held-out captions)"))
+    rows: int | None = field(default=None, metadata=flag(f"prompts to run at every batch size ({_presets('rows')})"))
+    batch_sizes: list[int] | None = field(default=None, metadata=flag(
+        f"comma-separated ({_presets('batch_sizes')})", parse=_int_list))
+    gammas: list[int | str] | None = field(default=None, metadata=flag(
+        f"comma-separated draft lengths and/or auto ({_presets('gammas')})", parse=lambda v: v.split(",")))
+    max_new_tokens: int | None = field(default=None, metadata=flag(f"({_presets('max_new_tokens')})"))
+    repeats: int | None = field(default=None, metadata=flag(
+        f"timed runs after the warm-up; the median counts ({_presets('repeats')})"))
+    caption_job: bool = field(default=True, metadata=flag("skip the Ray caption job"))
+    continuous_batching: bool = field(default=False, metadata=flag(
+        "run the engine with continuous batching (rows join as others finish) instead of\n"
+        "batch by batch as HF generate does"))
+    output: str = field(default="out/bench", metadata=flag("where the report and plots go"))
 
     def __post_init__(self):
+        for name, value in (QUICK if self.quick else FULL).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.drafters is None:  # the demo's drafters fit only the demo's target
+            self.drafters = demo_drafters() if self.target is None else {}
+        self.target = self.target or DEMO_TARGET
+        self.drafters = dict(self.drafters)  # NAME=DIR pairs from the command line
+        if self.assistant is None:
+            self.assistant = "text-only" if "text-only" in self.drafters else None
+        elif self.assistant.lower() == "none":
+            self.assistant = None
         try:
             self.gammas = [parse_gamma(g) for g in self.gammas]
         except ValueError as error:
             raise JobConfigError(f"--gammas: {error}.") from None
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise JobConfigError(f"--batch-sizes must be positive integers, got {self.batch_sizes}.")
-        for flag, value in (("--rows", self.rows), ("--repeats", self.repeats), ("--max-new-tokens",
-                                                                                 self.max_new_tokens)):
+        for flag_name, value in (("--rows", self.rows), ("--repeats", self.repeats),
+                                 ("--max-new-tokens", self.max_new_tokens)):
             if value < 1:
-                raise JobConfigError(f"{flag} must be at least 1, got {value}.")
+                raise JobConfigError(f"{flag_name} must be at least 1, got {value}.")
         for name, path in {"target": self.target, "prompts": self.prompts, **self.drafters}.items():
             if not Path(path).exists():
                 raise JobConfigError(f"{name} {path} does not exist: pass an existing local path.")
         if self.assistant is not None:
             if self.assistant not in self.drafters:
                 raise JobConfigError(f"--assistant {self.assistant} is not one of the drafters {list(self.drafters)}.")
-            if read_drafter_config(Path(self.drafters[self.assistant]))["kind"] != "text-only":
+            if drafter_kind(self.drafters[self.assistant])[0] is not TextOnlyDraftModel:
                 raise JobConfigError(f"--assistant {self.assistant} must be a text-only drafter (an HF causal LM), "
                                      "as HF assisted generation needs.")
-
-
-QUICK = dict(rows=4, batch_sizes=[1, 4], gammas=[2, AUTO], max_new_tokens=8, repeats=1)
 
 
 @dataclass

@@ -14,9 +14,17 @@ import time
 import pandas as pd
 import pytest
 import ray
+import torch
 
 from drafters import load_drafter
-from drafters.training import TRAINING_LOG, TrainConfig, run_training
+from drafters.training import (
+    TRAINING_LOG,
+    TrainConfig,
+    build_draft_model,
+    load_training_state,
+    run_training,
+    save_training_state,
+)
 from pipeline.lab import scenes
 from pipeline.job.caption import run_caption
 from pipeline.job.config import CaptionConfig
@@ -118,3 +126,43 @@ def test_worker_failure_resumes_from_the_latest_checkpoint(local_ray, world, dat
     assert killed, "a training worker was killed"
     assert len(history["resumed_at"]) == 1 and history["resumed_at"][0] % 8 == 0 and history["resumed_at"][0] > 0
     assert len(history["losses"]) == 40  # the steps after the checkpoint were redone, none twice
+
+
+def test_training_state_restores_weights_and_optimizer_exactly_and_strictly(world, targets, tmp_path):
+    """What a resumed worker loads: the trained weights and AdamW's moments (the next step lands exactly where the
+    uninterrupted run's does), and nothing that does not fit this phase's trainable weights."""
+    target = targets["llava"]
+
+    def start(phase: str):
+        config = TrainConfig(phase=phase, data="unused", target=str(world["llava"]["target"]),
+                             drafter=str(world["llava"]["massv"]), output=str(tmp_path / "unused"))
+        model = build_draft_model(config, target)
+        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+    def step(model, optimizer, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, 300, (2, 8), generator=generator)
+        ids[:, 1:3] = target.image_token_id  # two image positions a row: the projector is trained too
+        features = torch.randn(4, target.text_config.hidden_size, generator=generator)
+        loss = model(ids, torch.ones_like(ids), features).logsumexp(dim=-1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    trained, optimizer = start("distill")
+    for seed in range(3):
+        step(trained, optimizer, seed)
+    save_training_state(tmp_path, trained, optimizer, (3, [1.0, 0.9, 0.8], []))
+
+    resumed, resumed_optimizer = start("distill")
+    assert load_training_state(tmp_path, resumed, resumed_optimizer) == (3, [1.0, 0.9, 0.8], [])
+    for (name, a), b in zip(trained.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    step(trained, optimizer, 3)
+    step(resumed, resumed_optimizer, 3)
+    for (name, a), b in zip(trained.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), f"{name}: the optimizer state did not come back"
+
+    adapt, adapt_optimizer = start("adapt")  # trains the projector only: the distill checkpoint does not fit
+    with pytest.raises(ValueError, match="does not hold this phase's trainable weights"):
+        load_training_state(tmp_path, adapt, adapt_optimizer)

@@ -1,7 +1,10 @@
 """Engine fidelity on tiny LLaVA and Gemma3 models: greedy is token-identical, sampling keeps the target's distribution.
 
-Also: rollback keeps KV memory bounded under constant rejection, and a perfect
-drafter reaches tau = gamma + 1.
+Fidelity is proven with a drafter the target actually accepts about half the time
+("massv-noisy": the target's own language model with a noisy head), so rollback
+of partly accepted drafts is exercised on every step, next to random drafters
+(rarely accepted) and a perfect one. Also: rollback keeps KV memory bounded under
+constant rejection, and a perfect drafter reaches tau = gamma + 1.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from pipeline.lab import tiny_models
 from pipeline.engine.acceptance import SamplingConfig
 from pipeline.engine.engine import EngineConfig, SpecDecodeEngine
 from pipeline.engine.kv_cache import GROWTH_SLOTS
+from pipeline.engine.families import RotaryFamily
 from pipeline.engine.prompts import PreparedPrompt
+from pipeline.engine.stats import SpecDecodeCounts
 from pipeline.engine.target import Target
 
 MAX_NEW = 24
@@ -53,8 +58,34 @@ def assert_same_tokens(target, prompts, got: list[list[int]], expected: list[lis
         assert gap < NEAR_TIE, f"outputs differ at token {j} where the target's top-2 gap is {gap:.2e}:\n{g}\n{e}"
 
 
+def total(results) -> SpecDecodeCounts:
+    counts = SpecDecodeCounts()
+    for r in results:
+        counts.observe(r.counts)
+    return counts
+
+
+def assert_accepted_and_rejected(results) -> None:
+    """The drafter was really used: tau > 1.5, and drafts were also rejected (rollback happened)."""
+    counts = total(results)
+    assert counts.mean_accepted_length > 1.5 and counts.num_accepted < counts.num_drafted, counts.report()
+
+
+def assert_exact_counts(result, gamma: int) -> None:
+    """Per-row counts, exactly: every step drafts gamma; accepted drafts form a prefix, so position i was accepted
+    in as many steps as accepted at least i + 1 drafts."""
+    c = result.counts
+    assert c.num_generated_tokens == len(result.tokens)
+    assert c.num_generated_tokens <= 1 + c.num_steps + c.num_accepted  # prefill token + one per step
+    assert c.num_drafted == gamma * c.num_steps
+    assert c.drafted_per_position == ([c.num_steps] * gamma if c.num_steps else [])
+    assert sum(c.accepted_per_position) == c.num_accepted
+    assert all(a >= b for a, b in zip(c.accepted_per_position, c.accepted_per_position[1:]))
+    assert all(a <= d for a, d in zip(c.accepted_per_position, c.drafted_per_position))
+
+
 @pytest.mark.parametrize("family", ["llava", "gemma3"])
-@pytest.mark.parametrize("drafter_kind", ["text-only", "massv"])
+@pytest.mark.parametrize("drafter_kind", ["text-only", "massv", "massv-noisy"])
 @pytest.mark.parametrize("gamma", [1, 3, 5, "auto"])
 def test_greedy_is_token_identical(world, targets, references, family, drafter_kind, gamma):
     target = targets[family]
@@ -68,16 +99,15 @@ def test_greedy_is_token_identical(world, targets, references, family, drafter_k
         assert_same_tokens(target, rows, [r.tokens for r in baseline], expected[:batch])
         assert_same_tokens(target, rows, [r.tokens for r in speculative], expected[:batch])
         assert [r.tokens for r in speculative] == [r.tokens for r in baseline]
-        for r in speculative:
-            c = r.counts
-            assert c.num_generated_tokens == len(r.tokens)
-            assert c.num_generated_tokens <= 1 + c.num_steps + c.num_accepted  # prefill token + one per step
-            if gamma != "auto":
-                assert c.num_drafted == gamma * c.num_steps
+        if gamma != "auto":
+            for r in speculative:
+                assert_exact_counts(r, gamma)
+        if drafter_kind == "massv-noisy" and gamma in (3, 5) and batch > 1:  # auto drafts little on CPU
+            assert_accepted_and_rejected(speculative)
 
 
 @pytest.mark.parametrize("family", ["llava", "gemma3"])
-@pytest.mark.parametrize("drafter_kind", [None, "text-only", "massv"])
+@pytest.mark.parametrize("drafter_kind", [None, "text-only", "massv", "massv-noisy"])
 def test_continuous_batching_is_token_identical(world, targets, references, family, drafter_kind):
     """Rows admitted into a running batch as others finish (budgets staggered) decode exactly as alone."""
     target = targets[family]
@@ -92,6 +122,8 @@ def test_continuous_batching_is_token_identical(world, targets, references, fami
     assert [r.tokens for r in results] == [r.tokens for r in static.generate(prompts, max_new_tokens=budgets)]
     assert 3 <= engine.times.mean_rows_per_step <= 4  # full but for the last rows: more than a static batch of 4
     assert all(r.counts.latency_s > 0 for r in results)
+    if drafter_kind == "massv-noisy":
+        assert_accepted_and_rejected(results)
 
 
 @pytest.mark.parametrize("gamma", [1, 3, 5])
@@ -105,9 +137,12 @@ def test_perfect_drafter_accepts_every_draft(world, targets, gamma):
     for r in results:
         c = r.counts
         assert c.num_steps > 1
-        # Every step accepted all gamma drafts, except possibly the last, cut short by max_new_tokens.
-        assert c.num_accepted >= (c.num_steps - 1) * gamma
-        assert c.accepted_per_position[:gamma] >= [c.num_steps - 1] * gamma
+        assert_exact_counts(r, gamma)
+        # Every step accepted all gamma drafts, except possibly the last, cut short by max_new_tokens: that step
+        # accepted its first `last` drafts, the ones that fit.
+        last = c.num_accepted - (c.num_steps - 1) * gamma
+        assert 0 <= last <= gamma
+        assert c.accepted_per_position == [c.num_steps - 1 + (i < last) for i in range(gamma)]
         assert c.num_steps + c.num_accepted <= len(r.tokens) <= 1 + c.num_steps + c.num_accepted
 
 
@@ -191,13 +226,18 @@ def test_sampling_with_a_drafter_keeps_the_targets_distribution(world, targets):
         assert distance < 1.5 * noise + 0.05, (position, distance, noise)
 
 
-def test_sampling_is_seedable(targets):
+@pytest.mark.parametrize("drafter_kind", [None, "massv-noisy"])
+def test_sampling_is_seedable(world, targets, drafter_kind):
     target = targets["gemma3"]
     prompts = prepare_rows(target, ragged_rows(3))
-    config = EngineConfig(max_new_tokens=8, sampling=SamplingConfig(temperature=0.8, top_p=0.9, seed=7))
-    first = [r.tokens for r in SpecDecodeEngine(target, None, config).generate(prompts)]
-    second = [r.tokens for r in SpecDecodeEngine(target, None, config).generate(prompts)]
-    assert first == second
+    drafter = load_drafter(world["gemma3"][drafter_kind], target) if drafter_kind else None
+
+    def sample(seed: int) -> list[list[int]]:
+        config = EngineConfig(max_new_tokens=8, sampling=SamplingConfig(temperature=0.8, top_p=0.9, seed=seed))
+        return [r.tokens for r in SpecDecodeEngine(target, drafter, config).generate(prompts)]
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
 
 
 @pytest.mark.parametrize("family", ["llava", "gemma3"])
@@ -234,3 +274,39 @@ def test_auto_gamma_stops_drafting_with_a_useless_drafter(world, targets):
     drafted = sum(r.counts.num_drafted for r in results)
     assert engine.gamma_policy.best_gamma(len(prompts)) == 0
     assert drafted < steps, (drafted, steps)  # gamma 3 would draft 3 per step; auto drafts while it learns
+
+
+class OffsetPositions(RotaryFamily):
+    """Rows whose rotary positions start at 100 + 7 * row instead of 0 (slot != position), as rows of multi-axis
+    families continue from per-row offsets. Rotary attention depends only on relative positions, so decoding must
+    not change, provided every later forward continues each row from its own offset."""
+
+    def __init__(self, continue_from_offsets: bool = True):
+        self.continue_from_offsets = continue_from_offsets
+        self.rows_seen = 0
+
+    def prefill_positions(self, model, attention_mask, model_inputs):
+        positions, _ = super().prefill_positions(model, attention_mask, model_inputs)
+        rows = torch.arange(self.rows_seen, self.rows_seen + attention_mask.shape[0])
+        self.rows_seen += attention_mask.shape[0]
+        offsets = 100 + 7 * rows
+        return positions + offsets[:, None].to(positions.device), offsets
+
+    def decode_positions(self, slots, offsets):
+        return slots + offsets.to(slots.device)[:, None] if self.continue_from_offsets else slots
+
+
+def test_family_seam_carries_per_row_position_offsets(world, targets, references):
+    """Per-row offsets survive rows leaving and joining the batch (continuous batching), with a drafter."""
+    plain = targets["llava"]
+    prompts, expected = references["llava"]
+    drafter = load_drafter(world["llava"]["massv-noisy"], plain)
+    budgets = [MAX_NEW - 3 * (i % 5) for i in range(len(prompts))]
+
+    def decode(family) -> list[list[int]]:
+        target = Target(plain.model, plain.processor, family=family)
+        engine = SpecDecodeEngine(target, drafter, EngineConfig(gamma=3, max_new_tokens=MAX_NEW))
+        return [r.tokens for r in engine.generate(prompts, max_new_tokens=budgets, max_batch_size=4)]
+
+    assert_same_tokens(plain, prompts, decode(OffsetPositions()), [e[:b] for e, b in zip(expected, budgets)])
+    assert decode(OffsetPositions(continue_from_offsets=False)) != [e[:b] for e, b in zip(expected, budgets)]

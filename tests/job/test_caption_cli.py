@@ -7,26 +7,56 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import free_port, write_caption_dataset
+from conftest import write_caption_dataset
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def _env() -> dict:
-    env = os.environ.copy()
+def _env(**extra) -> dict:
+    """This session's Ray environment (conftest: own RAY_TMPDIR, loopback), `python` from this venv."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token", **extra}  # Ray 2.6x heads use token auth; submit must too
     env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"  # `python` in the job entrypoint is this environment's
-    env["RAY_AUTH_MODE"] = "token"  # Ray 2.6x local clusters use token auth; submit must use it too
     return env
+
+
+@contextmanager
+def ray_head(ray_tmpdir: Path):
+    """`ray start --head --block` in a session of its own, with its own RAY_TMPDIR and ports Ray picks; yields the
+    dashboard address. Stopped by signalling its process group: only this head's processes, never another Ray."""
+    env = _env(RAY_TMPDIR=str(ray_tmpdir))
+    start = [str(BIN / "ray"), "start", "--head", "--block", "--port=0", "--dashboard-port=0",
+             "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--num-cpus=3", "--include-dashboard=true",
+             "--disable-usage-stats"]
+    head = subprocess.Popen(start, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        address, seen = None, []
+        while address is None:
+            line = head.stdout.readline()
+            assert line, "ray start --head ended before it was ready:\n" + "".join(seen[-20:])
+            seen.append(line)
+            found = re.search(r"(http://127\.0\.0\.1:\d+)' ray job submit", line)
+            address = found and found.group(1)
+        yield address, env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
 
 
 def caption_flags(world, data, output, *extra) -> list[str]:
@@ -34,48 +64,47 @@ def caption_flags(world, data, output, *extra) -> list[str]:
             "--drafter", str(world["llava"]["massv"]), "--gamma", "2", "--num-actors", "1", *extra]
 
 
-def test_ray_job_submit_against_a_local_head(world, tmp_path):
+def test_ray_job_submit_against_a_local_head(world, tmp_path, private_ray):
     data = tmp_path / "data"
     expected = write_caption_dataset(data, num_good=20, parts=2)
-    env = _env()
-    port, dashboard = free_port(), free_port()
-    start = [str(BIN / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}",
-             "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--num-cpus=3", "--include-dashboard=true",
-             "--disable-usage-stats"]
-    subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
-    try:
-        submit = [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
+    with ray_head(Path(private_ray) / "head") as (dashboard, env):
+        submit = [str(BIN / "ray"), "job", "submit", "--address", dashboard,
                   "--working-dir", ".", "--", "python", "jobs/caption.py",
                   *caption_flags(world, data, tmp_path / "out", "--max-new-tokens", "4")]
         done = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "succeeded" in done.stdout and "rows written (this run)" in done.stdout
-    finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
     frame = pd.read_parquet(tmp_path / "out" / "parts")
     assert sorted(frame["id"]) == sorted(expected)
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["rows_out"] == len(expected)
 
 
-def test_killed_job_resumed_writes_every_row_exactly_once(world, tmp_path):
+def test_killed_job_resumed_writes_every_row_exactly_once(world, tmp_path, private_ray):
     data, output = tmp_path / "data", tmp_path / "out"
     expected = write_caption_dataset(data, num_good=150, parts=3)
     flags = caption_flags(world, data, output, "--max-new-tokens", "48", "--batch-size", "4")
-    job = subprocess.Popen([sys.executable, "jobs/caption.py", *flags], cwd=REPO, env=_env(),
+    # Each driver starts its own local Ray under its own RAY_TMPDIR: the killed one leaves its address behind.
+    job = subprocess.Popen([sys.executable, "jobs/caption.py", *flags], cwd=REPO,
+                           env=_env(RAY_TMPDIR=str(Path(private_ray) / "killed")),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        while not list((output / "parts").glob("*.parquet")) and time.monotonic() < deadline:
-            assert job.poll() is None, "the job ended before any part was written"
+        while len(list((output / "parts").glob("*.parquet"))) < 2 and time.monotonic() < deadline:
+            assert job.poll() is None, "the job ended before two parts were written"
             time.sleep(0.2)
     finally:
         os.killpg(job.pid, signal.SIGKILL)  # the driver and the local Ray it started
         job.wait()
     first = pd.read_parquet(output / "parts")
     assert 0 < len(first) < len(expected), "the kill must land midway"
-    (output / "parts" / "torn.parquet").write_bytes(b"PAR1 half a file")  # as a kill mid-write leaves one
+    # A kill during a write leaves a prefix of the part (Parquet's footer is written last): tear one part so.
+    torn = max((output / "parts").glob("*.parquet"), key=lambda part: part.stat().st_size)
+    torn_ids = set(pd.read_parquet(torn)["id"])
+    torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])
+    first = first[~first["id"].isin(torn_ids)]
 
-    resumed = subprocess.run([sys.executable, "jobs/caption.py", *flags, "--resume"], cwd=REPO, env=_env(),
+    resumed = subprocess.run([sys.executable, "jobs/caption.py", *flags, "--resume"], cwd=REPO,
+                             env=_env(RAY_TMPDIR=str(Path(private_ray) / "resumed")),
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming: {len(set(first['id']))} rows" in resumed.stdout

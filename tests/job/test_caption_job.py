@@ -13,7 +13,7 @@ import time
 import pandas as pd
 import pytest
 import ray
-from conftest import free_port, write_caption_dataset
+from conftest import write_caption_dataset
 from PIL import Image
 
 from pipeline.job.caption import run_caption
@@ -29,9 +29,9 @@ def s3_server():
     """An S3-compatible server on loopback; the standard AWS variables point s3fs (and Ray's workers) at it."""
     from moto.server import ThreadedMotoServer
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # the server binds a free port
     server.start()
+    _, port = server.get_host_and_port()
     variables = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
                  "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {k: os.environ.get(k) for k in variables}
@@ -162,3 +162,52 @@ def test_crashed_actor_is_restarted_and_its_batch_retried(local_ray, world, tmp_
     assert killed and killed[0] < len(expected) // 4, "an engine actor was killed while the job ran"
     check_exactly_once(read_output(output), expected)
     assert summary["duplicate_ids"] == 0
+
+
+def test_sampling_with_a_drafter_through_the_job(local_ray, world, tmp_path):
+    """--temperature/--top-p/--seed reach the engine of every actor, with a drafter that is often accepted."""
+    data = tmp_path / "data"
+    expected = write_caption_dataset(data, num_good=24, parts=1)
+    drafter = str(world["llava"]["massv-noisy"])
+    greedy = run_caption(job(world, data, tmp_path / "greedy", tmp_path, drafter=drafter, gamma=3, max_new_tokens=12))
+    sampled = run_caption(job(world, data, tmp_path / "sampled", tmp_path, drafter=drafter, gamma=3,
+                              max_new_tokens=12, temperature=0.8, top_p=0.9, seed=11))
+    frame = read_output(tmp_path / "sampled")
+    check_exactly_once(frame, expected)
+    assert sampled["config"]["temperature"] == 0.8 and sampled["config"]["top_p"] == 0.9
+    assert sampled["config"]["seed"] == 11
+    assert 0 < sampled["accepted"] < sampled["drafted"] and greedy["accepted"] > 0
+    answers = read_output(tmp_path / "greedy").merge(frame, on="id", suffixes=("_greedy", "_sampled"))
+    answers = answers[answers["error_greedy"].isna()]
+    assert (answers["text_greedy"] != answers["text_sampled"]).sum() >= len(answers) // 2, "sampling took effect"
+
+
+def test_a_batch_the_engine_fails_is_retried_row_by_row(local_ray, world, targets, tmp_path, caplog):
+    """A row that breaks its batch (here: it lacks the per-token input its neighbours carry, so the batch cannot
+    be padded together) but runs alone, and a row that fails even alone: each gets its own outcome."""
+    import pyarrow as pa
+    from conftest import hf_greedy, prepare_rows, ragged_rows
+
+    from pipeline.engine.prompts import PreparedPrompt
+    from pipeline.job.actor import CaptionActor
+    from pipeline.job.preprocess import PREPARED_SCHEMA, encode_prepared
+
+    target = targets["gemma3"]
+    prompts = prepare_rows(target, ragged_rows(4, text_only_every=2))
+    breaks_batch = PreparedPrompt(prompts[1].input_ids)  # a text-only row without its token_type_ids
+    fails_alone = PreparedPrompt([target.vocab_size + 7] * 5)  # a token id outside the vocabulary
+    rows = [prompts[0], breaks_batch, prompts[2], fails_alone, prompts[3]]
+    batch = pa.Table.from_pylist(
+        [{"id": f"row-{i}", "prompt": "p", "prepared": encode_prepared(p), "image": None, "error": None}
+         for i, p in enumerate(rows)], schema=PREPARED_SCHEMA)
+    config = job(world, tmp_path, tmp_path / "out", tmp_path, target=str(world["gemma3"]["target"]),
+                 drafter=str(world["gemma3"]["massv-noisy"]), gamma=3, max_new_tokens=8)
+    with caplog.at_level("WARNING", logger="pipeline.job.actor"):
+        out = CaptionActor(config)(batch).to_pylist()
+    assert "batch of 5 failed" in caplog.text and "retrying its rows one at a time" in caplog.text
+    assert [row["id"] for row in out] == [f"row-{i}" for i in range(5)]
+    assert out[3]["error"].startswith("generation failed: ") and out[3]["text"] is None
+    for row, prompt in zip([out[i] for i in (0, 1, 2, 4)], [rows[i] for i in (0, 1, 2, 4)]):
+        assert row["error"] is None
+        assert row["num_generated_tokens"] == len(hf_greedy(target, prompt, 8))
+        assert row["text"] == target.tokenizer.decode(hf_greedy(target, prompt, 8), skip_special_tokens=True)

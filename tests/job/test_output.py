@@ -1,0 +1,29 @@
+"""Output rows and resume: what --resume guarantees about parts torn by a kill mid-write."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.job.output import OUTPUT_SCHEMA, existing_ids, output_row, parts_dir, remove_parts
+
+
+def write_part(path, ids):
+    rows = [output_row(i, "Describe.", None, "a failed row", {"gamma": "3"}) for i in ids]
+    pq.write_table(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA), path)
+
+
+def test_every_prefix_of_a_part_is_found_torn_and_its_rows_redone(tmp_path):
+    """Parquet writes its footer last, so whatever prefix a kill leaves is unreadable: resume removes it."""
+    parts = tmp_path / "out" / "parts"
+    parts.mkdir(parents=True)
+    write_part(parts / "a.parquet", [f"a{i}" for i in range(50)])
+    write_part(parts / "b.parquet", [f"b{i}" for i in range(50)])
+    whole = (parts / "b.parquet").read_bytes()
+    for cut in range(0, len(whole), max(1, len(whole) // 40)):
+        (parts / "b.parquet").write_bytes(whole[:cut])
+        ids, torn = existing_ids(str(tmp_path / "out"))
+        assert ids == {f"a{i}" for i in range(50)}, cut  # b's rows are redone
+        assert torn == [str(parts / "b.parquet")], cut
+    remove_parts(str(tmp_path / "out"), torn)
+    assert sorted(p.name for p in parts.iterdir()) == ["a.parquet"] and parts_dir(str(tmp_path / "out")) == str(parts)
