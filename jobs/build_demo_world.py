@@ -3,7 +3,7 @@
     python jobs/build_demo_world.py [--out demo_world] [--target-steps 3000]
 
 Every step uses the project's own machinery on a local Ray:
-  1. scenes (pipeline/scenes.py): captions, questions and counting instructions whose answers need the image;
+  1. scenes (pipeline/lab/scenes.py): captions, questions and counting instructions whose answers need the image;
   2. the target: a from-scratch LLaVA (CLIP + Llama, real HF classes, tokenizer covering the scenes' words,
      image processor and chat template saved with save_pretrained), trained with jobs/train_drafter.py's
      Ray Train loop (--phase target); exact match on held-out scenes is reported;
@@ -16,12 +16,12 @@ Only the final checkpoints, held-out demo and benchmark prompts and world.json s
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import shutil
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -31,17 +31,25 @@ from PIL import Image  # noqa: E402
 
 from drafters import load_drafter  # noqa: E402
 from drafters.training import TrainConfig, run_training  # noqa: E402
-from pipeline.lab import scenes, tiny_models  # noqa: E402
-from pipeline.engine.acceptance import SamplingConfig  # noqa: E402
-from pipeline.job.caption import run_caption  # noqa: E402
-from pipeline.job.config import CaptionConfig  # noqa: E402
-from pipeline.lab.demo import BENCH_PROMPTS  # noqa: E402
-from pipeline.engine.engine import EngineConfig, SpecDecodeEngine  # noqa: E402
+from pipeline.engine import EngineConfig, SamplingConfig, SpecDecodeCounts, SpecDecodeEngine, Target  # noqa: E402
 from pipeline.engine.prompts import prepare_prompt  # noqa: E402
-from pipeline.engine.stats import SpecDecodeCounts  # noqa: E402
-from pipeline.engine.target import Target  # noqa: E402
+from pipeline.job.caption import run_caption  # noqa: E402
+from pipeline.job.cli import flag, parse_config  # noqa: E402
+from pipeline.job.config import CaptionConfig  # noqa: E402
+from pipeline.lab import scenes, tiny_models  # noqa: E402
+from pipeline.lab.demo import BENCH_PROMPTS  # noqa: E402
 
 DRAFTERS = {"text-only": "text-only", "MASSV phase 1": "massv-adapt", "MASSV phase 1+2": "massv"}
+
+
+@dataclass
+class WorldConfig:
+    out: str = field(default="demo_world", metadata=flag("where the world goes (committed)"))
+    work: str = field(default="out/demo_world_build", metadata=flag("intermediate data, runs and corpora"))
+    target_steps: int = field(default=3000, metadata=flag("training steps of the target"))
+    drafter_steps: int = field(default=600, metadata=flag("training steps of each drafter phase"))
+    scenes: int = field(default=6000, metadata=flag("scenes per training set"))
+    seed: int = field(default=0, metadata=flag("seed of every generator and training run"))
 
 
 def parameters(model) -> int:
@@ -76,16 +84,9 @@ def acceptance_table(target: Target, out: Path, rows: list[dict]) -> list[dict]:
     return table
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="demo_world")
-    parser.add_argument("--work", default="out/demo_world_build", help="intermediate data, runs and corpora")
-    parser.add_argument("--target-steps", type=int, default=3000)
-    parser.add_argument("--drafter-steps", type=int, default=600)
-    parser.add_argument("--scenes", type=int, default=6000)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    print(f"config: {vars(args)}", flush=True)
+def main(argv: list[str] | None = None) -> None:
+    args = parse_config(WorldConfig, argv, __doc__.split("\n\n")[0])
+    print(f"config: {asdict(args)}", flush=True)
     started = time.perf_counter()
     out, work = Path(args.out), Path(args.work)
     shutil.rmtree(out, ignore_errors=True)
@@ -131,10 +132,10 @@ def main() -> None:
                              output=str(out / "massv"), name="distill", answer_column="text", **drafter_common))
 
     table = acceptance_table(target, out, held_out)
-    drafter_params = parameters(load_drafter(out / "massv", target).model)
+    drafter_params = parameters(load_drafter(out / "massv", target).model.language_model)
     world = {"target_exact_match": accuracy, "held_out_rows": len(held_out),
              "target_parameters": parameters(target.model), "drafter_parameters": drafter_params,
-             "acceptance": table, "build_seconds": time.perf_counter() - started, "config": vars(args)}
+             "acceptance": table, "build_seconds": time.perf_counter() - started, "config": asdict(args)}
     (out / "world.json").write_text(json.dumps(world, indent=2))
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"\ntarget {world['target_parameters']:,} parameters, drafter {drafter_params:,}; "

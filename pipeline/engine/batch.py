@@ -91,7 +91,8 @@ class RunningBatch:
         output_tokens: torch.Tensor,  # [B, k+1] on the host, placeholder after num_accepted
     ) -> None:
         """Target and drafter discard the positions the target rejected."""
-        self.target.rollback(k - num_accepted)
+        if k > 0:  # a plain step rejects nothing
+            self.target.rollback(k - num_accepted)
         if self.drafter is not None:
             self.drafter.commit(k, num_accepted, output_tokens)
 

@@ -99,9 +99,7 @@ class RaggedDecoder:
             past_key_values=self.cache,
             use_cache=True,
         )
-        if num_new is None:
-            num_new = torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.long)
-        self.cache.end_forward(num_new)
+        self.cache.end_forward(tokens.shape[1] if num_new is None else num_new)
         return out.logits
 
     def rollback(self, num_dropped: torch.Tensor) -> None:

@@ -4,8 +4,10 @@
     step      draft k tokens -> verify [last, d1..dk] in one target forward -> accept ->
               rollback by per-row lengths -> emit; finished rows leave the batch
 
-With drafter=None (or gamma 0) every step is a plain decoding step through the
-same code: the in-house baseline. Greedy output equals the target's own greedy
+The running batch (batch.py) owns the rows and keeps target and drafter in step;
+this module holds the loop, the step and the choice of gamma. With drafter=None
+(or gamma 0) every step is a plain decoding step through the same code: the
+in-house baseline. Greedy output equals the target's own greedy
 output; sampled output follows the target's distribution (see acceptance.py).
 KV memory per row stays within the longest row + gamma + 1 (+ a growth chunk),
 however many drafts are rejected (see kv_cache.py).

@@ -85,9 +85,9 @@ class RaggedKVCache(Cache):
         self._write_slots = slots.to(self.device, non_blocking=True)
         return self._write_slots
 
-    def end_forward(self, num_new: torch.Tensor) -> None:
-        """Append the first num_new[i] tokens of the forward in flight to row i (host tensor)."""
-        self.lengths += num_new.to("cpu", torch.long)
+    def end_forward(self, num_new: torch.Tensor | int) -> None:
+        """Append the first num_new[i] tokens of the forward in flight to row i (host tensor; an int: all rows)."""
+        self.lengths += num_new if isinstance(num_new, int) else num_new.to("cpu", torch.long)
         self._write_slots = None
 
     def rollback(self, num_dropped: torch.Tensor) -> None:
