@@ -38,6 +38,7 @@ from pipeline.engine.padding import right_pad
 from pipeline.engine.prompts import prepare_prompt
 from pipeline.engine.target import Target
 from pipeline.job.cli import flag
+from pipeline.job.ray_cluster import connect as connect_ray
 from pipeline.job.storage import absolute, is_remote, url_to_fs
 
 PHASES = ("target", "text", "adapt", "distill")
@@ -274,8 +275,7 @@ def run_training(config: TrainConfig):
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init()
+    connect_ray()
     print(f"train drafter config:\n{json.dumps(asdict(config), indent=2)}", flush=True)
     data = ray.data.read_parquet(config.data)
     trainer = TorchTrainer(

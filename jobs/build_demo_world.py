@@ -26,7 +26,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import ray  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from drafters import load_drafter  # noqa: E402
@@ -36,6 +35,7 @@ from pipeline.engine.prompts import prepare_prompt  # noqa: E402
 from pipeline.job.caption import run_caption  # noqa: E402
 from pipeline.job.cli import flag, parse_config  # noqa: E402
 from pipeline.job.config import CaptionConfig  # noqa: E402
+from pipeline.job.ray_cluster import connect as connect_ray  # noqa: E402
 from pipeline.lab import scenes, tiny_models  # noqa: E402
 from pipeline.lab.demo import BENCH_PROMPTS  # noqa: E402
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     scenes.write_parquet(held_out, out / "prompts" / "held_out.parquet")
     scenes.write_parquet(scenes.records(64, seed + 1001, "caption"), out / BENCH_PROMPTS)  # jobs/bench.py's
 
-    ray.init()
+    connect_ray()
     tokenizer = tiny_models.build_tokenizer(vocab_size=512, extra_corpus=tuple(scenes.vocabulary_corpus()) * 4)
     tiny_models.build_target("llava", work / "target-init", seed=seed, hidden=128, layers=4, init_range=0.02,
                              tokenizer=tokenizer)

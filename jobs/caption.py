@@ -26,13 +26,12 @@ from pipeline.job.config import CaptionConfig, JobConfigError  # noqa: E402
 
 
 def run_demo() -> None:
-    import ray
-
     from pipeline.job.caption import run_caption
+    from pipeline.job.ray_cluster import connect as connect_ray
     from pipeline.lab.demo import compare, demo_configs
 
     configs = demo_configs()
-    ray.init()  # once, so neither run is charged for starting Ray
+    connect_ray()  # once, so neither run is charged for starting Ray
     summaries = {name: run_caption(config) for name, config in configs.items()}
     plain, speculative = (summaries[name]["this_run"] for name in ("plain", "speculative"))
     print("\ndemo: the same rows captioned without and with a drafter (tokens/s over each run's whole wall time)")

@@ -57,9 +57,18 @@ def prepare_prompt(
     image: Image.Image | list[Image.Image] | None,
     context_length: int | None,
 ) -> PreparedPrompt:
-    """Chat-templated, tokenised prompt with its image(s) processed; raises PromptError for a bad row."""
+    """Chat-templated, tokenised prompt with its image(s) processed; raises PromptError for a bad row.
+
+    A prompt that holds the text of one of the model's special tokens (an image placeholder such as
+    LLaVA's `<image>`, a chat-turn marker, ...) is refused: the processor would read it as markup, not
+    as the user's words, and a placeholder without an image breaks the row.
+    """
     if prompt is None or not str(prompt).strip():
         raise PromptError("prompt is empty")
+    markup = sorted(t for t in special_token_texts(processor) if t in str(prompt))
+    if markup:
+        raise PromptError(f"prompt contains the model's special token text {markup[0]!r}, which would be read as "
+                          "markup rather than words; such prompts are refused")
     images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
     images = [_checked_rgb(im) for im in images]
     text = processor.apply_chat_template(build_messages(str(prompt), len(images)), add_generation_prompt=True)
@@ -73,6 +82,17 @@ def prepare_prompt(
     token_inputs = {k: inputs[k][0].tolist() for k in per_token}
     vision_inputs = {k: v for k, v in inputs.items() if k not in TEXT_KEYS and k not in token_inputs}
     return PreparedPrompt(input_ids=input_ids, vision_inputs=vision_inputs, token_inputs=token_inputs)
+
+
+def special_token_texts(processor) -> set[str]:
+    """The texts the tokenizer reads as special tokens (its special and added special tokens, the image token)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    texts = set(tokenizer.all_special_tokens)
+    texts.update(token.content for token in tokenizer.added_tokens_decoder.values() if token.special)
+    image_token = getattr(processor, "image_token", None)
+    if image_token:
+        texts.add(image_token)
+    return {text for text in texts if text}
 
 
 def _checked_rgb(image) -> Image.Image:

@@ -21,6 +21,7 @@ from pipeline.job.actor import CaptionActor
 from pipeline.job.config import CaptionConfig
 from pipeline.job.preflight import JobPlan, plan_resources, preflight
 from pipeline.job.preprocess import prepare_batch
+from pipeline.job.ray_cluster import connect as connect_ray
 from pipeline.job.output import part_files, parts_dir
 from pipeline.job.summary import format_summary, summarize, write_summary
 from pipeline.job.sources import SourcePlan, read_rows
@@ -34,8 +35,7 @@ def run_caption(config: CaptionConfig) -> dict:
     plan = preflight(config)
     if plan.skip_ids:
         print(f"resuming: {len(plan.skip_ids)} rows already in {config.output} are skipped", flush=True)
-    if not ray.is_initialized():
-        ray.init()
+    connect_ray()
     parts_before = set(part_files(config.output))
     fs, parts_path = url_to_fs(parts_dir(config.output))  # written through fsspec, as everything else is
     build_dataset(config, plan).write_parquet(parts_path, filesystem=PyFileSystem(FSSpecHandler(fs)))
@@ -66,7 +66,7 @@ def build_dataset(config: CaptionConfig, plan: JobPlan) -> ray.data.Dataset:
             batch_size=None,
             batch_format="pyarrow",
             fn_kwargs={"processor": plan.processor, "context_length": plan.context_length,
-                       "keep_images": config.keep_images},
+                       "keep_images": config.keep_images, "max_image_pixels": config.max_image_pixels},
         )
         .repartition(target_num_rows_per_block=config.batch_size)
         .map_batches(

@@ -66,6 +66,8 @@ class CaptionConfig:
         "or {bytes, path} (default 'image' when present)"))
     format: str = field(default="auto", metadata=flag("input format (auto: from file names)", choices=FORMATS))
     resume: bool = field(default=False, metadata=flag("skip ids already in --output and add the rest"))
+    max_image_pixels: int = field(default=64_000_000, metadata=flag(
+        "images with more pixels are refused before they are decoded (the row gets an error)"))
     keep_images: bool = field(default=False, metadata=flag(
         "also write each row's image bytes (column image): a self-distillation corpus\n"
         "that jobs/train_drafter.py --phase distill reads as it is"))
@@ -86,6 +88,7 @@ class CaptionConfig:
             (0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}."),
             (self.max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {self.max_new_tokens}."),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}."),
+            (self.max_image_pixels >= 1, f"--max-image-pixels must be at least 1, got {self.max_image_pixels}."),
             (self.gpus_per_actor is None or self.gpus_per_actor >= 0, "--gpus-per-actor must be >= 0."),
             (self.cpus_per_actor > 0, f"--cpus-per-actor must be > 0, got {self.cpus_per_actor}."),
             (self.format in FORMATS, f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}."),

@@ -42,10 +42,14 @@ def decode_prepared(data: bytes) -> PreparedPrompt:
     )
 
 
-def prepare_batch(batch: pa.Table, processor, context_length: int | None, keep_images: bool = False) -> pa.Table:
+def prepare_batch(batch: pa.Table, processor, context_length: int | None, keep_images: bool = False,
+                  max_image_pixels: int | None = None) -> pa.Table:
     """The CPU stage: fetch and decode each row's image, template and tokenise; failures become `error`.
 
-    keep_images carries each row's image bytes on to the output (a self-distillation corpus needs them).
+    Whatever goes wrong with one row, whatever the exception class, becomes that row's error: the
+    others are prepared as if it were not there. keep_images carries each row's image bytes on to the
+    output (a self-distillation corpus needs them); images over max_image_pixels are refused before
+    they are decoded.
     """
     out = []
     for row in batch.to_pylist():
@@ -53,9 +57,12 @@ def prepare_batch(batch: pa.Table, processor, context_length: int | None, keep_i
         if error is None:
             try:
                 data = _fetch_image(row)
-                prepared = encode_prepared(prepare_prompt(processor, row["prompt"], _decode(data), context_length))
+                image = _decode(data, max_image_pixels)
+                prepared = encode_prepared(prepare_prompt(processor, row["prompt"], image, context_length))
             except PromptError as exc:
                 error = str(exc)
+            except Exception as exc:  # anything else: this row's error, never the job's
+                error = row_error(exc)
         out.append({"id": row["id"], "prompt": row["prompt"], "prepared": prepared,
                     "image": data if keep_images else None, "error": error})
     return pa.Table.from_pylist(out, schema=PREPARED_SCHEMA)
@@ -70,12 +77,23 @@ def _fetch_image(row: dict) -> bytes | None:
         raise PromptError(f"image cannot be read from {row['image_url']}: {exc}") from None
 
 
-def _decode(data: bytes | None) -> Image.Image | None:
+def row_error(exc: BaseException) -> str:
+    """An unexpected exception as a row's error: its type and the first line of its message."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _decode(data: bytes | None, max_pixels: int | None) -> Image.Image | None:
+    """Open the image (its header only); refuse one over the pixel budget before decoding a single pixel."""
     if data is None:
         return None
     if not data:
         raise PromptError("image is empty")
     try:
-        return Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data))
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise PromptError(f"image cannot be decoded: {exc}") from None
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        raise PromptError(f"image is {image.width}x{image.height} pixels, over the budget of {max_pixels:,} "
+                          "(--max-image-pixels); it was not decoded")
+    return image

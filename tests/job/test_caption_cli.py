@@ -113,3 +113,28 @@ def test_killed_job_resumed_writes_every_row_exactly_once(world, tmp_path, priva
     summary = json.loads((output / "summary.json").read_text())
     assert summary["duplicate_ids"] == 0 and summary["rows_out"] == summary["rows_in"] == len(expected)
     assert summary["this_run"]["rows"] == len(expected) - len(set(first["id"]))
+
+
+def test_a_recorded_cluster_that_is_gone_does_not_hang_the_job(world, tmp_path, private_ray):
+    """A killed `ray start --head` leaves its address recorded; the job says so in one sentence and runs locally."""
+    import socket
+
+    data = tmp_path / "data"
+    expected = write_caption_dataset(data, num_good=6, parts=1)
+    ray_tmpdir = Path(private_ray) / "stale"
+    (ray_tmpdir / "ray").mkdir(parents=True)
+    with socket.socket() as gone:  # bound, never listening: connections to it are refused, as to a dead head
+        gone.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{gone.getsockname()[1]}"
+        (ray_tmpdir / "ray" / "ray_current_cluster").write_text(address)
+        env = _env(RAY_TMPDIR=str(ray_tmpdir))
+        env.pop("RAY_ADDRESS", None)
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "jobs/caption.py", *caption_flags(world, data, tmp_path / "out"),
+                               "--max-new-tokens", "4"], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    warning = next(line for line in done.stdout.splitlines() if line.startswith("warning:"))
+    assert address in warning and "does not answer" in warning and "RAY_ADDRESS" in warning
+    assert time.monotonic() - started < 180
+    assert sorted(pd.read_parquet(tmp_path / "out" / "parts")["id"]) == sorted(expected)

@@ -211,3 +211,30 @@ def test_a_batch_the_engine_fails_is_retried_row_by_row(local_ray, world, target
         assert row["error"] is None
         assert row["num_generated_tokens"] == len(hf_greedy(target, prompt, 8))
         assert row["text"] == target.tokenizer.decode(hf_greedy(target, prompt, 8), skip_special_tokens=True)
+
+
+def test_hostile_rows_fail_alone_and_leave_their_neighbours_unchanged(local_ray, world, tmp_path):
+    """A decompression bomb, an image over the pixel budget and a prompt holding the placeholder's text each get
+    their own error; the other rows' answers equal those of a run without them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "data"
+    expected = write_caption_dataset(data, num_good=12, parts=1)
+    clean = run_caption(job(world, data, tmp_path / "clean", tmp_path))
+    hostile = tmp_path / "hostile"
+    Image.new("1", (20000, 20000)).save(data / "images" / "bomb.png")  # 400M pixels in a few KB
+    Image.new("1", (10000, 8000)).save(data / "images" / "huge.png")  # 80M: over the 64M budget, under PIL's
+    rows = [{"id": "bomb", "prompt": "Describe.", "image": "images/bomb.png"},
+            {"id": "huge", "prompt": "Describe.", "image": "images/huge.png"},
+            {"id": "markup", "prompt": "What is in <image> here?", "image": "images/0.png"}]
+    schema = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("image", pa.string())])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), data / "part-hostile.parquet")
+    summary = run_caption(job(world, data, hostile, tmp_path))
+    frame = read_output(hostile).set_index("id")
+    assert sorted(frame.index) == sorted([*expected, "bomb", "huge", "markup"]) and summary["duplicate_ids"] == 0
+    assert frame.loc["bomb", "error"].startswith("DecompressionBombError: ")
+    assert frame.loc["huge", "error"].startswith("image is 10000x8000 pixels, over the budget of 64,000,000")
+    assert frame.loc["markup", "error"].startswith("prompt contains the model's special token text '<image>'")
+    before = read_output(tmp_path / "clean").set_index("id")
+    assert frame.loc[before.index, "text"].equals(before["text"]) and clean["rows_out"] == len(expected)
