@@ -6,6 +6,8 @@
 
 Runs on the Ray cluster it is submitted to, or starts a local one. Writes Parquet
 parts (one row per input row; see README for the schema) and summary.json under --output.
+Exit status: 0 done, 2 a bad job (one sentence, before any cluster work), 3 incomplete (some
+input files could not be read; they are listed in summary.json).
 From Python: `pipeline.job.caption.run_caption(CaptionConfig(...))`.
 
 With no arguments (`python jobs/caption.py`) it runs the embedded demo on a local
@@ -49,10 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from pipeline.job.caption import run_caption
 
-        run_caption(parse_config(CaptionConfig, argv, __doc__.split("\n\n")[0])) if argv else run_demo()
+        if not argv:
+            run_demo()
+            return 0
+        summary = run_caption(parse_config(CaptionConfig, argv, __doc__.split("\n\n")[0]))
     except JobConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if summary["unreadable_files"]:
+        print(f"incomplete: {len(summary['unreadable_files'])} input files could not be read (listed in "
+              f"summary.json under unreadable_files); fix or remove them and run again with --resume.",
+              file=sys.stderr)
+        return 3
     return 0
 
 

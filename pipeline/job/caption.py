@@ -5,13 +5,16 @@
       --actor pool (one target + drafter per actor, num_gpus each)--> OUTPUT_SCHEMA rows
       --write_parquet--> <output>/parts/*.parquet, then <output>/summary.json
 
-Everything that can be wrong with the job is checked first (preflight.py), so a
+An input file that cannot be read is skipped and listed in the summary (`unreadable_files`), and the
+job counts as incomplete; every other file's rows are written. Everything that can be wrong with the
+job is checked first (preflight.py), so a
 bad configuration fails in seconds with one sentence, before any cluster work.
 """
 
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import pyarrow as pa
 import ray
@@ -22,7 +25,7 @@ from pipeline.job.config import CaptionConfig
 from pipeline.job.preflight import JobPlan, plan_resources, preflight
 from pipeline.job.preprocess import prepare_batch
 from pipeline.job.ray_cluster import connect as connect_ray
-from pipeline.job.output import part_files, parts_dir
+from pipeline.job.output import forget_unreadable, part_files, parts_dir, record_unreadable
 from pipeline.job.summary import format_summary, summarize, write_summary
 from pipeline.job.sources import SourcePlan, read_rows
 from pipeline.job.storage import url_to_fs
@@ -36,6 +39,7 @@ def run_caption(config: CaptionConfig) -> dict:
     if plan.skip_ids:
         print(f"resuming: {len(plan.skip_ids)} rows already in {config.output} are skipped", flush=True)
     connect_ray()
+    forget_unreadable(config.output)
     parts_before = set(part_files(config.output))
     fs, parts_path = url_to_fs(parts_dir(config.output))  # written through fsspec, as everything else is
     build_dataset(config, plan).write_parquet(parts_path, filesystem=PyFileSystem(FSSpecHandler(fs)))
@@ -58,7 +62,8 @@ def build_dataset(config: CaptionConfig, plan: JobPlan) -> ray.data.Dataset:
     return (
         ray.data.from_items([{"relatives": r} for r in reads], override_num_blocks=min(len(reads), 1000))
         .map_batches(
-            _read_task, batch_size=1, batch_format="pyarrow", fn_kwargs={"plan": plan.source, "skip": plan.skip_ids}
+            _read_task, batch_size=1, batch_format="pyarrow",
+            fn_kwargs={"plan": plan.source, "skip": plan.skip_ids, "output": config.output},
         )
         .repartition(target_num_rows_per_block=config.batch_size)
         .map_batches(
@@ -81,6 +86,7 @@ def build_dataset(config: CaptionConfig, plan: JobPlan) -> ray.data.Dataset:
     )
 
 
-def _read_task(batch: pa.Table, plan: SourcePlan, skip: frozenset[str]):
+def _read_task(batch: pa.Table, plan: SourcePlan, skip: frozenset[str], output: str):
+    """Rows of this task's files; a file that cannot be read is recorded for the summary, not fatal."""
     for relatives in batch.column("relatives").to_pylist():
-        yield from read_rows(plan, relatives, skip)
+        yield from read_rows(plan, relatives, skip, on_unreadable=partial(record_unreadable, output))

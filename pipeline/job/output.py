@@ -1,6 +1,7 @@
 """The job's output rows: one Parquet row per input row (OUTPUT_SCHEMA), and resume by id.
 
-    <output>/parts/*.parquet   the rows: pd.read_parquet(f"{output}/parts")
+    <output>/parts/*.parquet        the rows: pd.read_parquet(f"{output}/parts")
+    <output>/_unreadable/*.json     input files a read task could not read (this run's), for the summary
 
 Counts in each row are the engine's per-sample SpecDecodeCounts. `existing_ids`
 is what --resume skips; a part that cannot be read was torn by a kill while it
@@ -9,6 +10,8 @@ was written, and is removed so its rows are redone (summary.py reads the rest).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 
 import pyarrow as pa
@@ -43,6 +46,7 @@ OUTPUT_SCHEMA = pa.schema(
     ]
 )
 PARTS_DIR = "parts"
+UNREADABLE_DIR = "_unreadable"
 
 
 def output_row(row_id: str, prompt: str | None, result: GenerationResult | None, error: str | None,
@@ -98,3 +102,38 @@ def remove_parts(output: str, parts: list[str]) -> None:
     for part in parts:
         log.warning("removing %s, an incomplete part left by an interrupted run; its rows will be redone", part)
         fs.rm(part)
+
+
+def row_error(exc: BaseException) -> str:
+    """An unexpected exception as a row's error: its type and the first line of its message."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def record_unreadable(output: str, url: str, exc: BaseException, rows_read: int) -> None:
+    """Note an input file a read task could not (fully) read; the summary lists it and the job is incomplete."""
+    fs, path = url_to_fs(join(output, UNREADABLE_DIR))
+    fs.makedirs(path, exist_ok=True)
+    record = {"file": url, "error": row_error(exc), "rows_read_before_the_error": rows_read}
+    with fs.open(join(path, hashlib.sha256(url.encode()).hexdigest()[:16] + ".json"), "w") as f:
+        json.dump(record, f)
+
+
+def unreadable_files(output: str) -> list[dict]:
+    """This run's records of input files that could not be read, by file name."""
+    fs, path = url_to_fs(join(output, UNREADABLE_DIR))
+    fs.invalidate_cache()
+    if not fs.exists(path):
+        return []
+    records = []
+    for name in fs.find(path):
+        with fs.open(name, "r") as f:
+            records.append(json.load(f))
+    return sorted(records, key=lambda r: r["file"])
+
+
+def forget_unreadable(output: str) -> None:
+    """A new run reads every file again: the last run's records go."""
+    fs, path = url_to_fs(join(output, UNREADABLE_DIR))
+    if fs.exists(path):
+        fs.rm(path, recursive=True)

@@ -17,6 +17,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from pipeline.engine.prompts import PreparedPrompt, PromptError, prepare_prompt
+from pipeline.job.output import row_error
 from pipeline.job.sources import image_from_row
 
 PREPARED_SCHEMA = pa.schema(
@@ -75,12 +76,6 @@ def _fetch_image(row: dict) -> bytes | None:
         raise PromptError(f"image file not found: {row['image_url']}") from None
     except Exception as exc:
         raise PromptError(f"image cannot be read from {row['image_url']}: {exc}") from None
-
-
-def row_error(exc: BaseException) -> str:
-    """An unexpected exception as a row's error: its type and the first line of its message."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def _decode(data: bytes | None, max_pixels: int | None) -> Image.Image | None:

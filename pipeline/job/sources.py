@@ -16,11 +16,13 @@ import json
 import os
 import tarfile
 from dataclasses import dataclass, field
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.job.config import CaptionConfig, JobConfigError
+from pipeline.job.output import row_error
 from pipeline.job.storage import is_remote, join, resolve, url_to_fs
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -99,17 +101,30 @@ def plan_source(config: CaptionConfig) -> SourcePlan:
     return plan
 
 
-def read_rows(plan: SourcePlan, relatives: list[str], skip_ids: frozenset[str] = frozenset()):
-    """Yield pyarrow tables (SOURCE_SCHEMA) for one read task's files, leaving out ids in `skip_ids`."""
+def read_rows(plan: SourcePlan, relatives: list[str], skip_ids: frozenset[str] = frozenset(),
+              on_unreadable: Callable[[str, Exception, int], None] | None = None):
+    """Yield pyarrow tables (SOURCE_SCHEMA) for one read task's files, leaving out ids in `skip_ids`.
+
+    A file that cannot be read (or stops being readable midway) is reported through `on_unreadable(url,
+    error, rows read from it)` and the task goes on with the next file; without a callback it raises.
+    """
     reader = {"parquet": _parquet_rows, "jsonl": _jsonl_rows, "webdataset": _tar_rows, "images": _image_rows}
     rows = []
-    for row in reader[plan.format](plan, relatives):
-        if row["id"] in skip_ids:
-            continue
-        rows.append(row)
-        if len(rows) == ROWS_PER_BATCH:
-            yield pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
-            rows = []
+    for relative in relatives:
+        read = 0
+        try:
+            for row in reader[plan.format](plan, [relative]):
+                read += 1
+                if row["id"] in skip_ids:
+                    continue
+                rows.append(row)
+                if len(rows) == ROWS_PER_BATCH:
+                    yield pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
+                    rows = []
+        except Exception as exc:
+            if on_unreadable is None:
+                raise
+            on_unreadable(plan.url(relative), exc, read)
     if rows:
         yield pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
 
@@ -164,7 +179,14 @@ def _column(plan: SourcePlan, flag: str, requested: str | None, default: str) ->
 
 
 def _row(plan: SourcePlan, derived_id: str, record: dict, image_column: str | None) -> dict:
-    """One SOURCE_SCHEMA row from a table record; a missing image becomes this row's error."""
+    """One SOURCE_SCHEMA row from a table record; anything wrong with it becomes this row's error."""
+    try:
+        return _checked_row(plan, derived_id, record, image_column)
+    except Exception as exc:  # whatever the record holds, it is one row: never the read task's failure
+        return {"id": derived_id, "prompt": None, "image": None, "image_url": None, "error": row_error(exc)}
+
+
+def _checked_row(plan: SourcePlan, derived_id: str, record: dict, image_column: str | None) -> dict:
     row_id = record.get(plan.id_column) if plan.id_column else None
     prompt = record.get(plan.prompt_column) if plan.prompt_column else plan.default_prompt
     row = {"id": str(row_id) if row_id is not None else derived_id, "prompt": prompt, "image": None,

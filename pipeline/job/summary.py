@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from pipeline.engine.stats import SpecDecodeCounts
 from pipeline.job.charts import acceptance_chart
-from pipeline.job.output import OUTPUT_SCHEMA, part_files
+from pipeline.job.output import OUTPUT_SCHEMA, part_files, unreadable_files
 from pipeline.job.storage import join, url_to_fs
 
 SUMMARY_FILE = "summary.json"
@@ -62,6 +62,7 @@ def summarize(output: str, config_dict: dict, wall_time_s: float, run_parts: set
         "rows_failed": failed.num_rows,
         "duplicate_ids": table.num_rows - len(pc.unique(table["id"])),
         "errors": _top_errors(failed),
+        "unreadable_files": unreadable_files(output),  # input files this run could not read: their rows are missing
         "generated_tokens": total.num_generated_tokens,
         "steps": total.num_steps,
         "drafted": total.num_drafted,
@@ -115,6 +116,8 @@ def format_summary(summary: dict) -> str:
     ]
     for message, count in summary["errors"].items():
         lines.append(f"{'  error':<26}{count} x {message}")
+    for record in summary["unreadable_files"]:
+        lines.append(f"{'unreadable input file':<26}{record['file']}: {record['error']}")
     return "\n".join(lines)
 
 

@@ -196,17 +196,18 @@ def test_a_batch_the_engine_fails_is_retried_row_by_row(local_ray, world, target
     prompts = prepare_rows(target, ragged_rows(4, text_only_every=2))
     breaks_batch = PreparedPrompt(prompts[1].input_ids)  # a text-only row without its token_type_ids
     fails_alone = PreparedPrompt([target.vocab_size + 7] * 5)  # a token id outside the vocabulary
-    rows = [prompts[0], breaks_batch, prompts[2], fails_alone, prompts[3]]
-    batch = pa.Table.from_pylist(
-        [{"id": f"row-{i}", "prompt": "p", "prepared": encode_prepared(p), "image": None, "error": None}
-         for i, p in enumerate(rows)], schema=PREPARED_SCHEMA)
+    rows = [prompts[0], breaks_batch, prompts[2], fails_alone, prompts[3], None]
+    batch = pa.Table.from_pylist(  # the last row's prepared bytes are garbage: safetensors raises its own class
+        [{"id": f"row-{i}", "prompt": "p", "prepared": encode_prepared(p) if p else b"\x05garbage", "image": None,
+          "error": None} for i, p in enumerate(rows)], schema=PREPARED_SCHEMA)
     config = job(world, tmp_path, tmp_path / "out", tmp_path, target=str(world["gemma3"]["target"]),
                  drafter=str(world["gemma3"]["massv-noisy"]), gamma=3, max_new_tokens=8)
     with caplog.at_level("WARNING", logger="pipeline.job.actor"):
         out = CaptionActor(config)(batch).to_pylist()
-    assert "batch of 5 failed" in caplog.text and "retrying its rows one at a time" in caplog.text
-    assert [row["id"] for row in out] == [f"row-{i}" for i in range(5)]
+    assert "batch of 6 failed" in caplog.text and "retrying its rows one at a time" in caplog.text
+    assert [row["id"] for row in out] == [f"row-{i}" for i in range(6)]
     assert out[3]["error"].startswith("generation failed: ") and out[3]["text"] is None
+    assert out[5]["error"].startswith("generation failed: SafetensorError") and out[5]["text"] is None
     for row, prompt in zip([out[i] for i in (0, 1, 2, 4)], [rows[i] for i in (0, 1, 2, 4)]):
         assert row["error"] is None
         assert row["num_generated_tokens"] == len(hf_greedy(target, prompt, 8))
@@ -238,3 +239,32 @@ def test_hostile_rows_fail_alone_and_leave_their_neighbours_unchanged(local_ray,
     assert frame.loc["markup", "error"].startswith("prompt contains the model's special token text '<image>'")
     before = read_output(tmp_path / "clean").set_index("id")
     assert frame.loc[before.index, "text"].equals(before["text"]) and clean["rows_out"] == len(expected)
+
+
+def test_an_unreadable_input_file_is_listed_and_the_rest_is_written(local_ray, world, tmp_path, capsys):
+    """A corrupt Parquet file among good ones: its neighbours' rows are written once, the summary names it with its
+    error, the exit status says the job is incomplete, and --resume after removing it completes the job."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from jobs.caption import main
+
+    data, output = tmp_path / "data", tmp_path / "out"
+    expected = write_caption_dataset(data, num_good=10, parts=2)
+    (data / "part-9-corrupt.parquet").write_bytes(b"PAR1" + bytes(range(256)) * 8 + b"PAR1")
+    flags = ["--input", str(data), "--output", str(output), "--target", str(world["llava"]["target"]),
+             "--max-new-tokens", "4", "--num-actors", "1", "--gpus-per-actor", "0",
+             "--model-cache", str(tmp_path / "cache")]
+    assert main(flags) == 3
+    assert "incomplete: 1 input files could not be read" in capsys.readouterr().err
+    summary = json.loads((output / "summary.json").read_text())
+    [record] = summary["unreadable_files"]
+    assert record["file"].endswith("part-9-corrupt.parquet") and record["rows_read_before_the_error"] == 0
+    assert record["error"].split(":")[0] in ("ArrowInvalid", "OSError")
+    check_exactly_once(read_output(output), expected)
+
+    (data / "part-9-corrupt.parquet").unlink()
+    assert main([*flags, "--resume"]) == 0
+    assert json.loads((output / "summary.json").read_text())["unreadable_files"] == []
+    check_exactly_once(read_output(output), expected)
