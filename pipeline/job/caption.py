@@ -63,7 +63,8 @@ def build_dataset(config: CaptionConfig, plan: JobPlan) -> ray.data.Dataset:
         ray.data.from_items([{"relatives": r} for r in reads], override_num_blocks=min(len(reads), 1000))
         .map_batches(
             _read_task, batch_size=1, batch_format="pyarrow",
-            fn_kwargs={"plan": plan.source, "skip": plan.skip_ids, "output": config.output},
+            # the finished ids go to the object store once; each read task maps them, zero-copy
+            fn_kwargs={"plan": plan.source, "skip": ray.put(plan.skip_ids), "output": config.output},
         )
         .repartition(target_num_rows_per_block=config.batch_size)
         .map_batches(
@@ -86,7 +87,8 @@ def build_dataset(config: CaptionConfig, plan: JobPlan) -> ray.data.Dataset:
     )
 
 
-def _read_task(batch: pa.Table, plan: SourcePlan, skip: frozenset[str], output: str):
+def _read_task(batch: pa.Table, plan: SourcePlan, skip: ray.ObjectRef, output: str):
     """Rows of this task's files; a file that cannot be read is recorded for the summary, not fatal."""
+    finished = ray.get(skip)
     for relatives in batch.column("relatives").to_pylist():
-        yield from read_rows(plan, relatives, skip, on_unreadable=partial(record_unreadable, output))
+        yield from read_rows(plan, relatives, finished, on_unreadable=partial(record_unreadable, output))

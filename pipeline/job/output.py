@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.engine.engine import GenerationResult
+from pipeline.job.resume import FinishedIds
 from pipeline.job.storage import join, url_to_fs
 
 log = logging.getLogger(__name__)
@@ -84,17 +85,26 @@ def part_files(output: str) -> list[str]:
     return sorted(p for p in fs.find(path) if p.endswith(".parquet") and "/." not in p[len(path) :])
 
 
-def existing_ids(output: str) -> tuple[frozenset[str], list[str]]:
-    """(ids already written, parts that cannot be read: left by a run killed while writing them)."""
+def existing_ids(output: str) -> tuple[FinishedIds, list[str]]:
+    """(ids already written, parts that cannot be read: left by a run killed while writing them).
+
+    Read one part's id column at a time into 16-byte digests, so 10^7 ids stay in a few hundred MB."""
     fs, _ = url_to_fs(output)
-    ids, incomplete = set(), []
+    readable, incomplete = [], []
     for part in part_files(output):
         try:
             with fs.open(part, "rb") as f:
-                ids.update(pq.read_table(f, columns=["id"]).column("id").to_pylist())
+                pq.read_metadata(f)  # a torn part has no footer
+            readable.append(part)
         except Exception:
             incomplete.append(part)
-    return frozenset(ids), incomplete
+
+    def id_columns():
+        for part in readable:
+            with fs.open(part, "rb") as f:
+                yield pq.read_table(f, columns=["id"]).column("id").to_pylist()
+
+    return FinishedIds.of(id_columns()), incomplete
 
 
 def remove_parts(output: str, parts: list[str]) -> None:

@@ -22,6 +22,7 @@ from drafters import check_drafter
 from pipeline.engine.families import context_length, family_for
 from pipeline.job.config import CaptionConfig, JobConfigError
 from pipeline.job.output import existing_ids, remove_parts
+from pipeline.job.resume import FinishedIds
 from pipeline.job.sources import SourcePlan, plan_source
 from pipeline.job.storage import check_writable, join, localize, model_files, safetensors_header
 
@@ -31,7 +32,7 @@ class JobPlan:
     source: SourcePlan
     processor: object  # the target's processor, shipped to the CPU preprocessing tasks
     context_length: int | None
-    skip_ids: frozenset[str]  # ids already in the output (--resume)
+    skip_ids: FinishedIds  # ids already in the output (--resume)
 
 
 def preflight(config: CaptionConfig) -> JobPlan:

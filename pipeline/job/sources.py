@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from pipeline.job.config import CaptionConfig, JobConfigError
 from pipeline.job.output import row_error
+from pipeline.job.resume import FinishedIds
 from pipeline.job.storage import is_remote, join, resolve, url_to_fs
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -101,7 +102,7 @@ def plan_source(config: CaptionConfig) -> SourcePlan:
     return plan
 
 
-def read_rows(plan: SourcePlan, relatives: list[str], skip_ids: frozenset[str] = frozenset(),
+def read_rows(plan: SourcePlan, relatives: list[str], skip_ids: FinishedIds | None = None,
               on_unreadable: Callable[[str, Exception, int], None] | None = None):
     """Yield pyarrow tables (SOURCE_SCHEMA) for one read task's files, leaving out ids in `skip_ids`.
 
@@ -109,22 +110,28 @@ def read_rows(plan: SourcePlan, relatives: list[str], skip_ids: frozenset[str] =
     error, rows read from it)` and the task goes on with the next file; without a callback it raises.
     """
     reader = {"parquet": _parquet_rows, "jsonl": _jsonl_rows, "webdataset": _tar_rows, "images": _image_rows}
+    skip_ids = skip_ids if skip_ids is not None else FinishedIds()
     rows = []
     for relative in relatives:
         read = 0
         try:
             for row in reader[plan.format](plan, [relative]):
                 read += 1
-                if row["id"] in skip_ids:
-                    continue
                 rows.append(row)
                 if len(rows) == ROWS_PER_BATCH:
-                    yield pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
+                    yield from _unfinished(rows, skip_ids)
                     rows = []
         except Exception as exc:
             if on_unreadable is None:
                 raise
             on_unreadable(plan.url(relative), exc, read)
+    yield from _unfinished(rows, skip_ids)
+
+
+def _unfinished(rows: list[dict], skip_ids: FinishedIds):
+    """The rows whose ids are not written yet, as one table (none when there are none)."""
+    done = skip_ids.contains([row["id"] for row in rows])
+    rows = [row for row, finished in zip(rows, done) if not finished]
     if rows:
         yield pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
 

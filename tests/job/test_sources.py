@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from pipeline.job.config import CaptionConfig, JobConfigError
+from pipeline.job.resume import FinishedIds
 from pipeline.job.sources import plan_source, read_rows
 
 
@@ -26,7 +27,7 @@ def config(input_path, **overrides) -> CaptionConfig:
     return CaptionConfig(input=str(input_path), output="unused", target="unused", **overrides)
 
 
-def all_rows(cfg: CaptionConfig, skip=frozenset()) -> list[dict]:
+def all_rows(cfg: CaptionConfig, skip=FinishedIds()) -> list[dict]:
     plan = plan_source(cfg)
     return [row for read in plan.reads for table in read_rows(plan, read, skip) for row in table.to_pylist()]
 
@@ -61,7 +62,7 @@ def test_parquet_id_and_columns_by_flag(tmp_path):
     rows = all_rows(config(tmp_path / "data.parquet", id_column="key", prompt_column="question", image_column="pic"))
     assert [(r["id"], r["prompt"]) for r in rows] == [("k0", "q0"), ("k1", "q1"), ("k2", "q2")]
     skipped = all_rows(config(tmp_path, id_column="key", prompt_column="question", image_column="pic"),
-                       skip=frozenset({"k1"}))
+                       skip=FinishedIds.of([["k1", "k1", "absent"]]))
     assert [r["id"] for r in skipped] == ["k0", "k2"]
 
 
