@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from pipeline.engine.gamma import parse_gamma
 from pipeline.job.cli import flag
-from pipeline.job.storage import DEFAULT_MODEL_CACHE, absolute
+from pipeline.job.storage import DEFAULT_MODEL_CACHE, absolute, absolute_checkpoint
 
 FORMATS = ("auto", "parquet", "jsonl", "images", "webdataset")
 DEFAULT_PROMPT = "Describe the image."
@@ -76,8 +76,8 @@ class CaptionConfig:
     trust_remote_code: bool = field(default=False, metadata=flag("allow checkpoints' own Python code"))
 
     def __post_init__(self):
-        for name in ("input", "output", "target", "drafter"):  # actors may run in another directory
-            setattr(self, name, absolute(getattr(self, name)))
+        self.input, self.output = absolute(self.input), absolute(self.output)  # actors run elsewhere
+        self.target, self.drafter = absolute_checkpoint(self.target), absolute_checkpoint(self.drafter)
         self.num_actors = parse_num_actors(self.num_actors)
         try:
             self.gamma = parse_gamma(self.gamma)

@@ -24,7 +24,7 @@ from pipeline.job.config import CaptionConfig, JobConfigError
 from pipeline.job.output import existing_ids, remove_parts
 from pipeline.job.resume import FinishedIds
 from pipeline.job.sources import SourcePlan, plan_source
-from pipeline.job.storage import check_writable, join, localize, model_files, safetensors_header
+from pipeline.job.storage import check_writable, is_hub_id, join, localize, model_files, safetensors_header
 
 
 @dataclass
@@ -104,6 +104,20 @@ def check_target(config: CaptionConfig):
 
 
 def _check_weights(role: str, url: str) -> None:
+    if is_hub_id(url):
+        repo = url
+        try:  # the snapshot in the HF cache (configs and tokenizers only, if it must be downloaded)
+            url = localize(repo, weights=False)
+        except Exception as exc:
+            raise JobConfigError(f"{role} {repo} is neither a local directory nor a Hugging Face repo found in the "
+                                 f"cache or on the Hub ({_first_line(exc)}).") from None
+        if not any(name.endswith(".safetensors") for name in model_files(url)):  # fetched light: ask the Hub
+            from huggingface_hub import HfApi
+
+            if not any(name.endswith(".safetensors") for name in HfApi().list_repo_files(repo)):
+                raise JobConfigError(f"{role} {repo} has no .safetensors weights on the Hub (pickled checkpoints "
+                                     "are never loaded).")
+            return
     try:
         files = model_files(url)
     except FileNotFoundError:

@@ -1,5 +1,9 @@
 """Paths and object storage: fsspec URLs (local or s3:// through s3fs), model checkpoints copied once per node.
 
+A checkpoint is a local directory, an fsspec URL, or a Hugging Face repo id (`org/name`, when no
+such local path exists), which is resolved exactly as `from_pretrained` resolves it: from the
+local HF cache, downloading only when the Hub is reachable and HF_HUB_OFFLINE is not set.
+
 s3fs reads the standard AWS environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 AWS_REGION, AWS_ENDPOINT_URL, profiles, instance roles). Credentials are never
 logged: only URLs are.
@@ -10,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import uuid
@@ -22,10 +27,32 @@ DEFAULT_MODEL_CACHE = "~/.cache/vlm-specdec/models"
 WEIGHT_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _COMPLETE = ".complete"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def is_remote(url: str) -> bool:
     return "://" in str(url) and not str(url).startswith("file://")
+
+
+def absolute_checkpoint(url: str) -> str:
+    """A checkpoint's location for every node: Hub repo ids as they are, anything else as `absolute` makes it."""
+    return url if is_hub_id(url) else absolute(url)
+
+
+def is_hub_id(url: str) -> bool:
+    """`org/name` with no such local path: a Hugging Face repo id."""
+    return bool(_HUB_ID.match(str(url))) and not os.path.exists(str(url))
+
+
+def hub_snapshot(repo_id: str, weights: bool = True) -> str:
+    """The local snapshot directory of a Hub repo, as from_pretrained finds it (the HF cache first).
+
+    weights=False fetches configs, tokenizers and processors only when something must be downloaded;
+    a snapshot already in the cache is returned whole either way."""
+    from huggingface_hub import snapshot_download
+
+    ignore = None if weights else [f"*{suffix}" for suffix in WEIGHT_SUFFIXES + PICKLE_SUFFIXES]
+    return snapshot_download(repo_id, ignore_patterns=ignore)
 
 
 def absolute(url: str) -> str:
@@ -84,11 +111,14 @@ def safetensors_header(url: str) -> dict:
 def localize(url: str, cache_dir: str = DEFAULT_MODEL_CACHE, weights: bool = True) -> str:
     """A local directory holding the checkpoint at `url`, copied at most once per node.
 
-    Local paths are returned as they are. Remote ones are copied into `cache_dir`
+    Local paths are returned as they are, Hub repo ids as their snapshot in the HF cache (each node
+    resolves its own, as from_pretrained does). Remote ones are copied into `cache_dir`
     under a lock, into a temporary directory renamed when complete, so concurrent
     actors on one node share a single copy and a crash never leaves a partial one.
     weights=False copies only configs, tokenizer and processor files (for the driver's checks).
     """
+    if is_hub_id(url):
+        return hub_snapshot(str(url), weights)
     if not is_remote(url):
         return str(url).removeprefix("file://")
     fs, path = url_to_fs(url)

@@ -138,3 +138,39 @@ def test_a_recorded_cluster_that_is_gone_does_not_hang_the_job(world, tmp_path, 
     assert address in warning and "does not answer" in warning and "RAY_ADDRESS" in warning
     assert time.monotonic() - started < 180
     assert sorted(pd.read_parquet(tmp_path / "out" / "parts")["id"]) == sorted(expected)
+
+
+def lay_out_hub_cache(cache: Path, repo_id: str, checkpoint: Path) -> None:
+    """A Hugging Face cache holding `repo_id` at revision main, as `huggingface_hub` writes it."""
+    import shutil
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(checkpoint, repo / "snapshots" / revision)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+
+
+def test_hub_repo_ids_resolve_through_the_hf_cache_offline(world, tmp_path, private_ray):
+    """--target/--drafter org/name are found in the local HF cache as from_pretrained finds them; nothing downloads
+    (HF_HUB_OFFLINE), and a repo that is in neither place is a one-sentence error before any cluster work."""
+    cache = tmp_path / "hf"
+    lay_out_hub_cache(cache, "tiny/llava", world["llava"]["target"])
+    lay_out_hub_cache(cache, "tiny/llava-massv", world["llava"]["massv"])
+    data = tmp_path / "data"
+    expected = write_caption_dataset(data, num_good=6, parts=1)
+    env = _env(RAY_TMPDIR=str(Path(private_ray) / "hub"), HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    flags = ["--input", str(data), "--output", str(tmp_path / "out"), "--target", "tiny/llava",
+             "--drafter", "tiny/llava-massv", "--gamma", "2", "--num-actors", "1", "--max-new-tokens", "4"]
+    done = subprocess.run([sys.executable, "jobs/caption.py", *flags], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    frame = pd.read_parquet(tmp_path / "out" / "parts")
+    assert sorted(frame["id"]) == sorted(expected) and set(frame["target"]) == {"tiny/llava"}
+    assert frame["num_drafted"].sum() > 0
+
+    missing = [*flags[:4], "--target", "nobody/absent", "--output", str(tmp_path / "out2")]
+    refused = subprocess.run([sys.executable, "jobs/caption.py", *missing], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("error: target nobody/absent is neither a local directory nor a Hugging Face")
