@@ -185,10 +185,7 @@ def train_loop(loop_config: dict) -> None:
     started = time.perf_counter()
     while step < config.steps:
         for batch in shard.iter_batches(batch_size=config.batch_size, batch_format="pandas"):
-            rows = [r for r in batch.to_dict("records") if r.get(config.answer_column)]  # failed corpus rows: none
-            if not rows:
-                continue
-            inputs = encode_batch(rows, config, target, inner, device)
+            inputs = encode_batch(batch.to_dict("records"), config, target, inner, device)
             labels = inputs.pop("labels")
             loss = answer_loss(model(**inputs), labels)
             optimizer.zero_grad(set_to_none=True)
@@ -269,6 +266,13 @@ def save_drafter(config: TrainConfig, model: nn.Module, target: Target, history:
             fs.put(str(local) + os.sep, path, recursive=True)
 
 
+def _with_answers(batch, column: str):
+    """The rows of a pyarrow batch whose answer is present and not empty."""
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.not_equal(batch[column], ""))  # null answers compare to null: dropped too
+
+
 def run_training(config: TrainConfig):
     """Start the Ray Train job (on the current cluster, or a local one) and wait for it; returns its Result."""
     import ray
@@ -277,7 +281,10 @@ def run_training(config: TrainConfig):
 
     connect_ray()
     print(f"train drafter config:\n{json.dumps(asdict(config), indent=2)}", flush=True)
-    data = ray.data.read_parquet(config.data)
+    # Rows without an answer (failed corpus rows) leave before the split: every rank then gets as many
+    # batches per epoch and takes a step on each, so DDP's collectives and the epochs stay in step.
+    data = ray.data.read_parquet(config.data).map_batches(
+        _with_answers, batch_format="pyarrow", fn_kwargs={"column": config.answer_column})
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=asdict(config),

@@ -102,6 +102,8 @@ def test_text_adapt_corpus_distill(local_ray, world, data, tmp_path):
 
 
 def test_worker_failure_resumes_from_the_latest_checkpoint(local_ray, world, data, tmp_path):
+    """One of two training workers (DDP over gloo) killed after a checkpoint: Ray Train restarts the group, which
+    resumes from that checkpoint; each step is done once. (One worker trains in the test above.)"""
     import psutil
 
     runs = tmp_path / "runs" / "text"
@@ -121,7 +123,7 @@ def test_worker_failure_resumes_from_the_latest_checkpoint(local_ray, world, dat
     killer = threading.Thread(target=kill_the_worker_after_a_checkpoint)
     killer.start()
     history = train("text", data["text"], {"target": world["llava"]["target"], "from": world["llava"]["text-only"]},
-                    tmp_path / "text-only", tmp_path, steps=40)
+                    tmp_path / "text-only", tmp_path, steps=40, num_workers=2)
     killer.join()
     assert killed, "a training worker was killed"
     assert len(history["resumed_at"]) == 1 and history["resumed_at"][0] % 8 == 0 and history["resumed_at"][0] > 0
@@ -166,3 +168,14 @@ def test_training_state_restores_weights_and_optimizer_exactly_and_strictly(worl
     adapt, adapt_optimizer = start("adapt")  # trains the projector only: the distill checkpoint does not fit
     with pytest.raises(ValueError, match="does not hold this phase's trainable weights"):
         load_training_state(tmp_path, adapt, adapt_optimizer)
+
+
+def test_rows_without_an_answer_leave_before_the_split():
+    """Failed corpus rows (null or empty answers) are dropped before Ray Train splits the data, so no rank ever
+    skips a batch its peers train on (which would leave DDP's collectives and the epochs out of step)."""
+    import pyarrow as pa
+
+    from drafters.training import _with_answers
+
+    batch = pa.table({"prompt": ["p"] * 4, "text": ["a red square.", None, "", "two shapes."]})
+    assert _with_answers(batch, "text")["text"].to_pylist() == ["a red square.", "two shapes."]
