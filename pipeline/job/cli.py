@@ -76,8 +76,6 @@ def _default(field: dataclasses.Field):
 def _show(value) -> str:
     if isinstance(value, (list, tuple)):
         return ",".join(map(str, value))
-    if isinstance(value, dict):
-        return " ".join(f"{k}={v}" for k, v in value.items()) or "none"
     return str(value)
 
 

@@ -90,21 +90,20 @@ def existing_ids(output: str) -> tuple[FinishedIds, list[str]]:
 
     Read one part's id column at a time into 16-byte digests, so 10^7 ids stay in a few hundred MB."""
     fs, _ = url_to_fs(output)
-    readable, incomplete = [], []
-    for part in part_files(output):
-        try:
-            with fs.open(part, "rb") as f:
-                pq.read_metadata(f)  # a torn part has no footer
-            readable.append(part)
-        except Exception:
-            incomplete.append(part)
+    incomplete = []
 
     def id_columns():
-        for part in readable:
-            with fs.open(part, "rb") as f:
-                yield pq.read_table(f, columns=["id"]).column("id").to_pylist()
+        for part in part_files(output):
+            try:
+                with fs.open(part, "rb") as f:
+                    ids = pq.read_table(f, columns=["id"]).column("id").to_pylist()
+            except Exception:  # a torn part has no footer
+                incomplete.append(part)
+                continue
+            yield ids
 
-    return FinishedIds.of(id_columns()), incomplete
+    finished = FinishedIds.of(id_columns())  # consumes every part before `incomplete` is returned
+    return finished, incomplete
 
 
 def remove_parts(output: str, parts: list[str]) -> None:

@@ -39,8 +39,7 @@ def preflight(config: CaptionConfig) -> JobPlan:
     source = plan_source(config)
     processor, text_config = check_target(config)
     if config.drafter_name:
-        _check_weights("drafter", config.drafter_name)
-        light = localize(config.drafter_name, config.model_cache, weights=False)
+        light = _light_checkpoint("drafter", config.drafter_name, config.model_cache)
         try:
             check_drafter(light, processor.tokenizer, text_config, config.drafter_name, config.trust_remote_code)
         except ValueError as exc:
@@ -78,8 +77,7 @@ def plan_resources(config: CaptionConfig, cluster_resources: dict[str, float]) -
 
 def check_target(config: CaptionConfig):
     """(processor, text config) of the target; raises JobConfigError when it cannot serve as one."""
-    _check_weights("target", config.target)
-    light = localize(config.target, config.model_cache, weights=False)
+    light = _light_checkpoint("target", config.target, config.model_cache)
     try:
         model_config = AutoConfig.from_pretrained(light, trust_remote_code=config.trust_remote_code)
     except Exception as exc:
@@ -103,21 +101,29 @@ def check_target(config: CaptionConfig):
     return processor, model_config.get_text_config()
 
 
-def _check_weights(role: str, url: str) -> None:
-    if is_hub_id(url):
-        repo = url
-        try:  # the snapshot in the HF cache (configs and tokenizers only, if it must be downloaded)
-            url = localize(repo, weights=False)
-        except Exception as exc:
-            raise JobConfigError(f"{role} {repo} is neither a local directory nor a Hugging Face repo found in the "
-                                 f"cache or on the Hub ({_first_line(exc)}).") from None
-        if not any(name.endswith(".safetensors") for name in model_files(url)):  # fetched light: ask the Hub
-            from huggingface_hub import HfApi
+def _light_checkpoint(role: str, url: str, cache: str) -> str:
+    """Check a checkpoint's weights (safetensors headers only) and return a local copy of its configs and
+    tokenizers; a Hub repo id is resolved once, through the HF cache."""
+    if not is_hub_id(url):
+        _check_weights(role, url)
+        return localize(url, cache, weights=False)
+    try:  # the snapshot in the HF cache (configs and tokenizers only, if it must be downloaded)
+        light = localize(url, weights=False)
+    except Exception as exc:
+        raise JobConfigError(f"{role} {url} is neither a local directory nor a Hugging Face repo found in the "
+                             f"cache or on the Hub ({_first_line(exc)}).") from None
+    if any(name.endswith(".safetensors") for name in model_files(light)):
+        _check_weights(role, light)
+    else:  # fetched light: ask the Hub which weights it holds
+        from huggingface_hub import HfApi
 
-            if not any(name.endswith(".safetensors") for name in HfApi().list_repo_files(repo)):
-                raise JobConfigError(f"{role} {repo} has no .safetensors weights on the Hub (pickled checkpoints "
-                                     "are never loaded).")
-            return
+        if not any(name.endswith(".safetensors") for name in HfApi().list_repo_files(url)):
+            raise JobConfigError(f"{role} {url} has no .safetensors weights on the Hub (pickled checkpoints "
+                                 "are never loaded).")
+    return light
+
+
+def _check_weights(role: str, url: str) -> None:
     try:
         files = model_files(url)
     except FileNotFoundError:

@@ -26,10 +26,9 @@ def _digests(ids: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
 
 class FinishedIds:
     def __init__(self, high: np.ndarray | None = None, low: np.ndarray | None = None):
-        high = np.zeros(0, np.uint64) if high is None else high
-        low = np.zeros(0, np.uint64) if low is None else low
-        order = np.lexsort((low, high))
-        self.high, self.low = high[order], low[order]
+        """high, low: the digests' halves, sorted by (high, low) and unique, as `of` makes them."""
+        self.high = np.zeros(0, np.uint64) if high is None else high
+        self.low = np.zeros(0, np.uint64) if low is None else low
 
     @classmethod
     def of(cls, id_batches: Iterable[Iterable[str]]) -> FinishedIds:
@@ -41,7 +40,7 @@ class FinishedIds:
             lows.append(low)
         if not highs:
             return cls()
-        unique = np.unique(np.stack([np.concatenate(highs), np.concatenate(lows)], axis=1), axis=0)
+        unique = np.unique(np.stack([np.concatenate(highs), np.concatenate(lows)], axis=1), axis=0)  # sorted rows
         return cls(unique[:, 0].copy(), unique[:, 1].copy())
 
     def __len__(self) -> int:
