@@ -1,7 +1,7 @@
 """What the drafter kinds built on a small HF causal LM share: the model base class, decoding, loading checks.
 
 `CausalLMDraftModel` is the one model class of such a kind, for decoding and training
-alike: `prompt_ids` says which prompt tokens the drafter reads, `embed` turns them
+alike: `prompt_tokens` says which prompt tokens the drafter reads, at which positions, `embed` turns them
 (and the target's image features) into input embeddings, `forward` gives logits.
 `CausalLMDrafter` decodes with any of them over its own RaggedKVCache (the engine's
 Drafter protocol). The kinds: text_only.py and massv.py.
@@ -19,10 +19,11 @@ from pipeline.engine.acceptance import SamplingConfig, logits_to_probs, sample_f
 from pipeline.engine.decoder import RaggedDecoder
 from pipeline.engine.padding import left_pad, right_pad
 from pipeline.engine.prompts import PreparedPrompt
+from pipeline.engine.target import TargetPrefill
 
 
 class CausalLMDraftModel(nn.Module):
-    """A small causal LM as a drafter; kinds override `prompt_ids` and `embed`."""
+    """A small causal LM as a drafter; kinds override `prompt_tokens` and `embed`."""
 
     kind = "causal-lm"
 
@@ -31,9 +32,10 @@ class CausalLMDraftModel(nn.Module):
         self.language_model = language_model
         self.image_token_id = image_token_id
 
-    def prompt_ids(self, input_ids: list[int]) -> list[int]:
-        """The prompt tokens this drafter reads (placeholders included or not)."""
-        return input_ids
+    def prompt_tokens(self, input_ids: list[int], positions: list[int]) -> tuple[list[int], list[int]]:
+        """The prompt tokens this drafter reads and their positions, from the target's tokens and text-axis
+        positions: all of them, where they are (so under M-RoPE text sits where the target's does)."""
+        return input_ids, positions
 
     def embed(
         self,
@@ -42,10 +44,12 @@ class CausalLMDraftModel(nn.Module):
     ) -> torch.Tensor:  # [B, L, drafter hidden]
         return self.language_model.get_input_embeddings()(input_ids)
 
-    def forward(self, input_ids, attention_mask, image_features=None) -> torch.Tensor:
-        """Logits [B, L, V] of a right-padded batch (training)."""
+    def forward(self, input_ids, attention_mask, image_features=None, position_ids=None) -> torch.Tensor:
+        """Logits [B, L, V] of a right-padded batch (training), at positions [B, L] as `prompt_tokens` numbers
+        them and the answers continue them."""
         embeds = self.embed(input_ids, image_features)
-        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask).logits
+        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                   position_ids=position_ids).logits
 
     @classmethod
     def load(cls, path: Path, config: dict, target, trust_remote_code: bool = False) -> CausalLMDrafter:
@@ -124,11 +128,15 @@ class CausalLMDrafter:
         return self.decoder.device
 
     @torch.no_grad()
-    def prefill(self, prompts: list[PreparedPrompt], image_features, first_tokens, append: bool = False) -> None:
-        ids, mask = left_pad([self.model.prompt_ids(p.input_ids) for p in prompts], self.pad_token_id, self.device)
-        if image_features is not None:
-            image_features = image_features.to(self.device, self.decoder.dtype)
-        self.decoder.prefill(self.model.embed(ids, image_features), mask, append=append)
+    def prefill(self, prompts: list[PreparedPrompt], target: TargetPrefill, first_tokens, append: bool = False) -> None:
+        rows = [self.model.prompt_tokens(p.input_ids, positions) for p, positions in zip(prompts, target.positions)]
+        ids, mask = left_pad([ids for ids, _ in rows], self.pad_token_id, self.device)
+        positions = left_pad([positions for _, positions in rows], 0, self.device)[0]
+        offsets = torch.tensor([row[-1] + 1 - len(row) for _, row in rows])  # where each row continues
+        features = target.image_features
+        if features is not None:
+            features = features.to(self.device, self.decoder.dtype)
+        self.decoder.prefill(mask, positions, offsets, append=append, inputs_embeds=self.model.embed(ids, features))
         self.pending = (self.pending if append else []) + [[t] for t in first_tokens.tolist()]
 
     @torch.no_grad()

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from drafters.causal_lm import CausalLMDraftModel, load_language_model
-from pipeline.engine.decoder import embed_with_image_features
+from pipeline.engine.families import embed_with_image_features
 
 DRAFTER_CONFIG = "drafter_config.json"
 PROJECTOR_WEIGHTS = "projector.safetensors"

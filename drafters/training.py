@@ -90,8 +90,8 @@ class TargetModel(nn.Module):
         super().__init__()
         self.vlm = vlm
 
-    def prompt_ids(self, input_ids: list[int]) -> list[int]:
-        return input_ids
+    def prompt_tokens(self, input_ids: list[int], positions: list[int]) -> tuple[list[int], list[int]]:
+        return input_ids, positions  # the VLM numbers its own positions in forward
 
     def forward(self, input_ids, attention_mask, vision_inputs=None, token_inputs=None):
         return self.vlm(input_ids=input_ids, attention_mask=attention_mask, **(vision_inputs or {}),
@@ -125,17 +125,20 @@ def build_draft_model(config: TrainConfig, target: Target) -> CausalLMDraftModel
 def encode_batch(rows: list[dict], config: TrainConfig, target: Target, model: nn.Module, device) -> dict:
     """Right-padded input ids, attention mask and labels (answer tokens + EOS only), plus the image inputs:
     raw vision inputs for the target phase, the target's image features for MASSV phases, none for text."""
-    sequences, labels, prompts = [], [], []
+    sequences, labels, positions = [], [], []
     eos = min(target.eos_token_ids) if target.eos_token_ids else None
+    prompts = []
     for row in rows:
         image = Image.open(io.BytesIO(row["image"])) if config.phase != "text" and row.get("image") else None
-        prompt = prepare_prompt(target.processor, row["prompt"], image, target.context_length)
-        prompt_ids = model.prompt_ids(prompt.input_ids)  # what the drafter reads (text-only: no placeholders)
+        prompts.append(prepare_prompt(target.processor, row["prompt"], image, target.context_length))
+    for row, prompt, target_positions in zip(rows, prompts, target.prompt_positions(prompts)):
+        # what the drafter reads, where (text-only: no placeholders, numbered from 0); answers continue after
+        prompt_ids, prompt_positions = model.prompt_tokens(prompt.input_ids, target_positions)
         answer_ids = target.tokenizer(row[config.answer_column], add_special_tokens=False)["input_ids"]
         answer_ids = answer_ids + ([eos] if eos is not None else [])
         sequences.append(prompt_ids + answer_ids)
         labels.append([IGNORE] * len(prompt_ids) + answer_ids)
-        prompts.append(prompt)
+        positions.append(prompt_positions + [prompt_positions[-1] + 1 + j for j in range(len(answer_ids))])
     input_ids, lengths = right_pad(sequences, target.pad_token_id, device)
     attention_mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
     batch = {"input_ids": input_ids, "attention_mask": attention_mask,
@@ -149,8 +152,10 @@ def encode_batch(rows: list[dict], config: TrainConfig, target: Target, model: n
                              zip(prompts, sequences)], 0, device)[0]
             for name in prompts[0].token_inputs
         }
-    elif config.phase != "text":
-        batch["image_features"] = target.image_features(vision).float() if vision else None
+    else:
+        batch["position_ids"] = right_pad(positions, 0, device)[0]
+        if config.phase != "text":
+            batch["image_features"] = target.image_features(vision).float() if vision else None
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 

@@ -70,7 +70,7 @@ class RunningBatch:
         prefill = self.target.prefill(prompts, append=append)
         first_tokens = choose(prefill.first_logits)
         if self.drafter is not None:
-            self.drafter.prefill(prompts, prefill.image_features, first_tokens, append=append)
+            self.drafter.prefill(prompts, prefill, first_tokens, append=append)
         for row, token in zip(rows, first_tokens.tolist()):
             row.started = started
             row.emit([token])

@@ -17,24 +17,6 @@ from pipeline.engine.families import ROTARY, RotaryFamily
 from pipeline.engine.kv_cache import RaggedKVCache, attention_masks, layer_types_of
 
 
-def embed_with_image_features(
-    embedding: nn.Module,
-    input_ids: torch.Tensor,  # [B, L]
-    image_token_id: int | None,
-    image_features: torch.Tensor | None,  # [num image tokens in input_ids, hidden], row-major order
-) -> torch.Tensor:  # [B, L, hidden]
-    """Token embeddings with the image placeholder positions filled by image features."""
-    if image_features is None or image_token_id is None:
-        return embedding(input_ids)
-    is_image = input_ids == image_token_id
-    embeds = embedding(input_ids.masked_fill(is_image, 0))  # the placeholder id may be outside the vocabulary
-    if int(is_image.sum()) != image_features.shape[0]:
-        raise ValueError(
-            f"{int(is_image.sum())} image placeholder tokens but {image_features.shape[0]} image feature vectors"
-        )
-    return embeds.masked_scatter(is_image[..., None], image_features.to(embeds.dtype))
-
-
 class RaggedDecoder:
     """A model plus its RaggedKVCache; the caller decides what each row appends and rolls back."""
 
@@ -61,20 +43,19 @@ class RaggedDecoder:
     @torch.no_grad()
     def prefill(
         self,
-        inputs_embeds: torch.Tensor,  # [B, L] left-padded embeddings
         attention_mask: torch.Tensor,  # [B, L] 0/1, zeros on the left
+        position_ids: torch.Tensor,  # [B, L] or [axes, B, L], from the family (or the drafter's own numbering)
+        offsets: torch.Tensor,  # [B] on the host: each row's next position minus its length
         append: bool = False,  # add these rows after those already in the cache, instead of replacing them
-        **model_kwargs,  # per-token extras a family needs in prefill (e.g. token_type_ids)
+        **model_inputs,  # the left-padded prompts as the family feeds them: inputs_embeds [B, L, H] or input_ids
     ) -> torch.Tensor:  # [B, V] logits of each row's last prompt token
         lengths = attention_mask.sum(dim=1)
-        position_ids, offsets = self.family.prefill_positions(self.model, attention_mask, model_kwargs)
         out = self.model(
-            inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=True,
             logits_to_keep=1,
-            **model_kwargs,
+            **model_inputs,
         )
         cache = RaggedKVCache.from_left_padded(out.past_key_values, lengths, attention_mask.shape[1], offsets)
         if append and self.cache is not None:

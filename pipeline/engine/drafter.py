@@ -14,6 +14,7 @@ import torch
 
 from pipeline.engine.acceptance import SamplingConfig
 from pipeline.engine.prompts import PreparedPrompt
+from pipeline.engine.target import TargetPrefill
 
 
 class Drafter(Protocol):
@@ -23,7 +24,7 @@ class Drafter(Protocol):
     def prefill(
         self,
         prompts: list[PreparedPrompt],
-        image_features: torch.Tensor | None,  # [image tokens of the batch, target hidden], from the target
+        target: TargetPrefill,  # what the target's prefill of these rows computed: image features, positions
         first_tokens: torch.Tensor,  # [B] the target's first generated token per row
         append: bool = False,  # these rows join the rows already drafting (continuous batching)
     ) -> None: ...

@@ -1,75 +1,150 @@
 """The family seam: everything that differs between target families, in one place.
 
 A family says
+  - what the model's prefill forward takes: the prompt embeddings with the image features filled
+    in, or (multi-axis families) the ids plus the encoder outputs, so the model's own forward does
+    what it does with them (Qwen3-VL's DeepStack adds visual features inside early layers);
   - how prefill positions are computed on the left-padded batch, and how each row's decode
     positions continue from its cache slots (a per-row offset: slot != position is allowed);
-  - which extra per-token inputs the model takes in prefill (Gemma3: token_type_ids);
-  - how the image features that fill the placeholder positions are obtained;
+  - which extra per-token inputs the model takes in prefill (Gemma3: token_type_ids; Qwen:
+    mm_token_type_ids);
+  - how the image features that fill the placeholder positions are obtained (for the drafter too);
   - whether the engine can run it at all, and the context length.
 The engine, the target and the ragged decoder call these and name no family.
 
-LLaVA and Gemma3 use one-axis rotary positions: position = cache slot, offset 0.
-Multi-axis rotary families (Qwen2-VL and later: positions [3, B, q] from an image-grid
-aware rope index, rows continuing from a per-row offset) are refused until their
-family lands here.
+LLaVA and Gemma3 use one-axis rotary positions: position = cache slot, offset 0. A 1-D drafter
+that reads the target's own tokens (MASSV) takes each token's position on the target's text
+axis (`text_axis`), so its text sits where the target's does.
+Qwen2.5-VL and Qwen3-VL use multi-axis rotary positions (M-RoPE): [3, B, q] from the model's own
+image-grid aware rope index, so a row's text after an image sits at positions below its slot
+count; every later token continues at slot + the row's offset on all three axes.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import torch
 import transformers
+from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-from pipeline.engine.padding import left_pad
 
-MULTI_AXIS_ROPE = (
-    "uses multi-axis rotary positions (Qwen2-VL style), which the engine does not support yet: "
-    "use a target with 1D positions such as LLaVA or Gemma3."
-)
+
+@dataclass
+class PrefillInputs:
+    model_inputs: dict  # keyword arguments of the model's prefill forward, besides mask, positions and cache
+    image_features: torch.Tensor | None  # [image tokens of the batch, hidden], row-major: what a drafter reuses
+
+
+def embed_with_image_features(
+    embedding: nn.Module,
+    input_ids: torch.Tensor,  # [B, L]
+    image_token_id: int | None,
+    image_features: torch.Tensor | None,  # [num image tokens in input_ids, hidden], row-major order
+) -> torch.Tensor:  # [B, L, hidden]
+    """Token embeddings with the image placeholder positions filled by image features."""
+    if image_features is None or image_token_id is None:
+        return embedding(input_ids)
+    is_image = input_ids == image_token_id
+    embeds = embedding(input_ids.masked_fill(is_image, 0))  # the placeholder id may be outside the vocabulary
+    if int(is_image.sum()) != image_features.shape[0]:
+        raise ValueError(
+            f"{int(is_image.sum())} image placeholder tokens but {image_features.shape[0]} image feature vectors"
+        )
+    return embeds.masked_scatter(is_image[..., None], image_features.to(embeds.dtype))
 
 
 class RotaryFamily:
-    """One-axis rotary positions: a token's position is its cache slot."""
+    """One-axis rotary positions: a token's position is its cache slot plus its row's offset (0 from prefill)."""
 
-    def prefill_inputs(self, token_inputs: list[dict[str, list[int]]], device) -> dict[str, torch.Tensor]:
-        """Per-token extras of the rows (e.g. token_type_ids), left-padded with 0 like the ids: {name: [B, L]}."""
-        return {name: left_pad([row[name] for row in token_inputs], 0, device)[0] for name in token_inputs[0]}
+    def prefill_inputs(
+        self,
+        model,
+        input_ids: torch.Tensor,  # [B, L] left-padded
+        image_token_id: int | None,
+        vision_inputs: dict[str, torch.Tensor],  # the batch's images, concatenated (empty without images)
+        token_inputs: dict[str, torch.Tensor],  # per-token extras, left-padded with 0 like the ids: {name: [B, L]}
+    ) -> PrefillInputs:
+        """The prefill forward's inputs: embeddings with the image features in place, plus per-token extras."""
+        features = self.image_features(model, vision_inputs)
+        embeds = embed_with_image_features(model.get_input_embeddings(), input_ids, image_token_id, features)
+        return PrefillInputs({"inputs_embeds": embeds, **token_inputs}, features)
 
     def prefill_positions(
         self,
         model,
+        input_ids: torch.Tensor,  # [B, L] left-padded
         attention_mask: torch.Tensor,  # [B, L] 0/1, zeros on the left
-        model_inputs: dict,
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # position_ids [B, L], offsets [B] (position - slot, per row)
+        token_inputs: dict[str, torch.Tensor],  # {name: [B, L]}
+        vision_inputs: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # position_ids [B, L] (or [axes, B, L]), offsets [B] on the host
+        """Each prompt token's position, and each row's offset: the position of its next token minus its length."""
         positions = (attention_mask.cumsum(dim=1) - 1).clamp_min(0)
         return positions, torch.zeros(attention_mask.shape[0], dtype=torch.long)
+
+    def text_axis(self, positions: torch.Tensor) -> torch.Tensor:  # [B, L] from prefill_positions' positions
+        """One position per token, the one text tokens share on every axis: what a 1-D drafter reads."""
+        return positions
 
     def decode_positions(
         self,
         slots: torch.Tensor,  # [B, q] cache slots of the tokens in flight
         offsets: torch.Tensor,  # [B] per-row position offset, on the host
     ) -> torch.Tensor:  # [B, q] position ids
-        return slots
+        return slots + offsets.to(slots.device)[:, None]
 
     @torch.no_grad()
     def image_features(self, model, vision_inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """The vectors that fill the image placeholder tokens, [image tokens, hidden] in row-major order."""
         if not vision_inputs:
             return None
-        inputs = {k: v.to(model.device) for k, v in vision_inputs.items()}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        out = model.get_image_features(**inputs)
-        features = getattr(out, "pooler_output", out)
-        if isinstance(features, (list, tuple)):
-            features = torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
-        return features.reshape(-1, features.shape[-1])
+        return _flat_features(model.get_image_features(**_on_model(model, vision_inputs)))
+
+
+class MultiAxisRopeFamily(RotaryFamily):
+    """Qwen2.5-VL, Qwen3-VL: M-RoPE positions [3, B, q] from the model's rope index, continued per row.
+
+    Prefill hands the model the ids and the image encoder's outputs (`mm_encoder_outputs`), so its own
+    forward fills the placeholders and, for Qwen3-VL, adds the DeepStack features inside its early
+    layers; the vision tower still runs once, and its merged features go on to the drafter.
+    """
+
+    def prefill_inputs(self, model, input_ids, image_token_id, vision_inputs, token_inputs) -> PrefillInputs:
+        model_inputs = {"input_ids": input_ids, **token_inputs}
+        if not vision_inputs:
+            return PrefillInputs(model_inputs, None)
+        with torch.no_grad():
+            encoded = model.get_image_features(**_on_model(model, vision_inputs), return_dict=True)
+        model_inputs["mm_encoder_outputs"] = {"image": encoded}
+        return PrefillInputs(model_inputs, _flat_features(encoded))
+
+    def prefill_positions(self, model, input_ids, attention_mask, token_inputs, vision_inputs):
+        # [3, B, L]; per-row delta = (largest position + 1) - row length, so slot + delta continues the row
+        token_types = token_inputs.get("mm_token_type_ids")  # text 0, image 1: what the rope index groups by
+        if token_types is None:
+            token_types = (input_ids == model.config.image_token_id).long()
+        positions, deltas = model.model.get_rope_index(
+            input_ids, token_types, vision_inputs.get("image_grid_thw"), attention_mask=attention_mask
+        )
+        return positions, deltas.reshape(-1).cpu()
+
+    def text_axis(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions[0]  # temporal: a text token's position on all three axes; an image's start
+
+    def decode_positions(self, slots, offsets) -> torch.Tensor:  # [3, B, q]: every axis continues alike
+        return super().decode_positions(slots, offsets)[None].expand(3, -1, -1)
 
 
 ROTARY = RotaryFamily()
-FAMILIES = {"llava": ROTARY, "gemma3": ROTARY}  # model_type -> family; other 1-D rotary VLMs use ROTARY too
+MULTI_AXIS_ROPE = MultiAxisRopeFamily()
+# model_type -> family; other 1-D rotary VLMs use ROTARY too
+FAMILIES = {"llava": ROTARY, "gemma3": ROTARY, "qwen2_5_vl": MULTI_AXIS_ROPE, "qwen3_vl": MULTI_AXIS_ROPE}
+UNTESTED_MULTI_AXIS_ROPE = (
+    "uses multi-axis rotary positions (M-RoPE) in a way the engine has not been tested with: "
+    "supported multi-axis families are Qwen2.5-VL and Qwen3-VL."
+)
 
 
 def family_for(config) -> RotaryFamily:
@@ -77,7 +152,7 @@ def family_for(config) -> RotaryFamily:
     if config.model_type in FAMILIES:
         return FAMILIES[config.model_type]
     if uses_multi_axis_rope(config):
-        raise ValueError(f"{config.model_type} {MULTI_AXIS_ROPE}")
+        raise ValueError(f"{config.model_type} {UNTESTED_MULTI_AXIS_ROPE}")
     return ROTARY
 
 
@@ -94,3 +169,18 @@ def uses_multi_axis_rope(config) -> bool:
 def context_length(text_config) -> int | None:
     """Tokens a row may hold, prompt and answer together."""
     return getattr(text_config, "max_position_embeddings", None)
+
+
+def _on_model(model, vision_inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    inputs = {k: v.to(model.device) for k, v in vision_inputs.items()}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    return inputs
+
+
+def _flat_features(encoder_output) -> torch.Tensor:
+    """[image tokens, hidden] from what get_image_features returns (a tensor, or per-image pooled outputs)."""
+    features = getattr(encoder_output, "pooler_output", encoder_output)
+    if isinstance(features, (list, tuple)):
+        features = torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
+    return features.reshape(-1, features.shape[-1])

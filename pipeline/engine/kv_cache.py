@@ -9,10 +9,11 @@ lowering its length: rejected drafts are never copied or recomputed, and the
 next forward overwrites them.
 
 Slot and position: a token's rotary position is its slot plus its row's
-`position_offsets` entry. One-axis families have offset 0 (slot = position);
-multi-axis families (positions from an image-grid aware rope index) continue each
-row from its own offset. Masks work on slots; positions only feed the rotary
-embedding (see families.py).
+`position_offsets` entry: slot != position is allowed. One-axis families have
+offset 0 (slot = position); M-RoPE families (Qwen2.5-VL, Qwen3-VL: positions from
+an image-grid aware rope index, text after an image below its slot) continue each
+row from its own offset, and so does a MASSV drafter that reads their positions.
+Masks work on slots; positions only feed the rotary embedding (see families.py).
 
 Memory bound: the buffer holds at most max_i(length_i) + q + GROWTH_SLOTS slots per
 row, where q <= gamma + 1 is the widest forward so far. Rejections do not grow it:

@@ -1,7 +1,7 @@
 """The target VLM: loading through HF Auto classes, prefill with image features computed once, verify, rollback.
 
-Any image-text-to-text checkpoint directory of a supported family works (LLaVA and
-Gemma3 are tested; families.py says what differs between families). The image
+Any image-text-to-text checkpoint directory of a supported family works (LLaVA, Gemma3,
+Qwen2.5-VL and Qwen3-VL are tested; families.py says what differs between families). The image
 features the target computes for its own prefill are returned so a drafter that
 wants them (MASSV) reuses them instead of running the vision tower again.
 """
@@ -11,11 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText
 
-from pipeline.engine.decoder import RaggedDecoder, embed_with_image_features
+from pipeline.engine.decoder import RaggedDecoder
 from pipeline.engine.families import RotaryFamily, context_length, family_for
 from pipeline.engine.padding import left_pad
+from pipeline.engine.processors import load_processor
 from pipeline.engine.prompts import PreparedPrompt
 
 
@@ -30,6 +31,7 @@ def pick_device() -> tuple[torch.device, torch.dtype]:
 class TargetPrefill:
     first_logits: torch.Tensor  # [B, V] logits after each row's prompt
     image_features: torch.Tensor | None  # [image tokens of the batch, hidden], row-major
+    positions: list[list[int]]  # per row, each prompt token's position on the target's text axis
 
 
 class Target:
@@ -56,7 +58,7 @@ class Target:
     def load(cls, path: str, device=None, dtype=None, trust_remote_code: bool = False) -> Target:
         default_device, default_dtype = pick_device()
         device, dtype = device or default_device, dtype or default_dtype
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        processor = load_processor(path, trust_remote_code=trust_remote_code)
         model = AutoModelForImageTextToText.from_pretrained(
             path,
             dtype=dtype,
@@ -81,12 +83,24 @@ class Target:
     @torch.no_grad()
     def prefill(self, prompts: list[PreparedPrompt], append: bool = False) -> TargetPrefill:
         """Prefill these rows, as the whole batch or (append) after the rows already decoding."""
+        ids, mask, token_inputs, vision_inputs = self._padded(prompts)
+        inputs = self.family.prefill_inputs(self.model, ids, self.image_token_id, vision_inputs, token_inputs)
+        positions, offsets = self.family.prefill_positions(self.model, ids, mask, token_inputs, vision_inputs)
+        logits = self.decoder.prefill(mask, positions, offsets, append=append, **inputs.model_inputs)
+        return TargetPrefill(logits, inputs.image_features, _unpadded(self.family.text_axis(positions), mask))
+
+    def prompt_positions(self, prompts: list[PreparedPrompt]) -> list[list[int]]:
+        """Per row, each prompt token's position on the text axis, as prefill numbers it (no forward)."""
+        ids, mask, token_inputs, vision_inputs = self._padded(prompts)
+        positions, _ = self.family.prefill_positions(self.model, ids, mask, token_inputs, vision_inputs)
+        return _unpadded(self.family.text_axis(positions), mask)
+
+    def _padded(self, prompts: list[PreparedPrompt]):
+        """Left-padded ids [B, L], mask [B, L] and per-token extras {name: [B, L]}; the rows' images, concatenated."""
         ids, mask = left_pad([p.input_ids for p in prompts], self.pad_token_id, self.device)
-        features = self.image_features(_concat_vision_inputs(prompts))
-        embeds = embed_with_image_features(self.model.get_input_embeddings(), ids, self.image_token_id, features)
-        token_inputs = self.family.prefill_inputs([p.token_inputs for p in prompts], self.device)
-        logits = self.decoder.prefill(embeds, mask, append=append, **token_inputs)
-        return TargetPrefill(first_logits=logits, image_features=features)
+        token_inputs = {name: left_pad([p.token_inputs[name] for p in prompts], 0, self.device)[0]
+                        for name in prompts[0].token_inputs}
+        return ids, mask, token_inputs, _concat_vision_inputs(prompts)
 
     def verify(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits [B, q, V] for tokens [B, q] = [last token, drafts...] of every row, one forward; all q are
@@ -106,6 +120,11 @@ def _concat_vision_inputs(prompts: list[PreparedPrompt]) -> dict[str, torch.Tens
     if not with_images:
         return {}
     return {name: torch.cat([v[name] for v in with_images]) for name in with_images[0]}
+
+
+def _unpadded(positions: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    """Rows of a left-padded [B, L] tensor without their padding."""
+    return [row[keep.bool()].tolist() for row, keep in zip(positions.cpu(), mask.cpu())]
 
 
 def _eos_ids(model, tokenizer) -> frozenset[int]:

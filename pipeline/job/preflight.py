@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 from drafters import check_drafter
 from pipeline.engine.families import context_length, family_for
+from pipeline.engine.processors import load_processor
 from pipeline.job.config import CaptionConfig, JobConfigError
 from pipeline.job.output import existing_ids, remove_parts
 from pipeline.job.resume import FinishedIds
@@ -89,7 +90,7 @@ def check_target(config: CaptionConfig):
             "architecture transformers knows: use a VLM checkpoint such as LLaVA or Gemma3."
         )
     try:
-        processor = AutoProcessor.from_pretrained(light, trust_remote_code=config.trust_remote_code)
+        processor = load_processor(light, trust_remote_code=config.trust_remote_code)
     except Exception as exc:
         raise JobConfigError(f"target {config.target} has no loadable processor ({_first_line(exc)}).") from None
     try:

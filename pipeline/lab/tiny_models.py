@@ -3,14 +3,19 @@
 Each is saved with save_pretrained (config, safetensors, a real byte-level BPE
 tokenizer, image processor and chat template), so the pipeline loads it through
 the same code path as a downloaded checkpoint. Nothing is downloaded.
-Families: "llava" (LlavaForConditionalGeneration: CLIP vision + Llama) and
+Families: "llava" (LlavaForConditionalGeneration: CLIP vision + Llama),
 "gemma3" (Gemma3ForConditionalGeneration: SigLIP vision + Gemma3 text with
-sliding-window layers and token_type_ids for image tokens).
+sliding-window layers and token_type_ids for image tokens), "qwen2_5_vl"
+(Qwen2_5_VLForConditionalGeneration: windowed ViT with 2x2 patch merging, Qwen2 text
+with M-RoPE) and "qwen3_vl" (Qwen3VLForConditionalGeneration: DeepStack, interleaved
+M-RoPE, Qwen3 text). Qwen images keep their aspect ratio, so image sizes give grids and
+token counts that differ per row. The Qwen checkpoints are saved as tokenizer + chat
+template + PIL image processor files (transformers cannot build their processor class
+without torchvision); a normal install's AutoProcessor reads the same files.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -32,6 +37,15 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2VLImageProcessorPil,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
     SiglipVisionConfig,
 )
 
@@ -43,13 +57,20 @@ except ImportError:  # pragma: no cover - older layouts
 
 from drafters.massv import MassvDraftModel, MassvProjector
 
-FAMILIES = ("llava", "gemma3")
+FAMILIES = ("llava", "gemma3", "qwen2_5_vl", "qwen3_vl")
+QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 IMAGE_SIZE = 32
 IMAGE_TOKENS = 16
 NOISY_HEAD = 0.04  # LM-head noise of the "massv-noisy" drafter
 SPECIAL_TOKENS = [
     "<pad>", "<bos>", "<eos>", "<image>", "<start_of_image>", "<end_of_image>", "<start_of_turn>", "<end_of_turn>",
 ]
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+]
+QWEN_PATCH = 8  # pixels per patch side; 2x2 patches merge into one image token
+QWEN_ROPE_THETA = 1e6  # as the released Qwen2.5-VL checkpoints (Qwen3-VL: 5e6)
+QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 32 * 32, 64 * 64  # 4 to 16 image tokens per image
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
 SHAPES = ["circle", "square", "triangle", "star"]
 CORPUS = [
@@ -68,20 +89,34 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}"
     "{% if add_generation_prompt %}<start_of_turn>assistant\n{% endif %}"
 )
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
-def build_tokenizer(vocab_size: int = 384, extra_corpus: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on a fixed corpus (deterministic)."""
+def build_tokenizer(vocab_size: int = 384, extra_corpus: tuple[str, ...] = (), qwen: bool = False
+                    ) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a fixed corpus (deterministic); qwen=True: Qwen's special tokens."""
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=QWEN_SPECIAL_TOKENS if qwen else SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(CORPUS + list(extra_corpus), trainer)
+    if qwen:
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+            extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+            chat_template=QWEN_CHAT_TEMPLATE,
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token="<bos>",
@@ -108,6 +143,49 @@ def _gemma3_text_config(vocab_size: int, hidden: int, layers: int, init_range: f
     )
 
 
+def _qwen2_config(vocab_size: int, hidden: int, layers: int, init_range: float) -> Qwen2Config:
+    return Qwen2Config(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        eos_token_id=2, pad_token_id=0, initializer_range=init_range, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": QWEN_ROPE_THETA},
+    )
+
+
+def _qwen3_config(vocab_size: int, hidden: int, layers: int, init_range: float) -> Qwen3Config:
+    return Qwen3Config(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=512,
+        eos_token_id=2, pad_token_id=0, initializer_range=init_range, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": QWEN_ROPE_THETA},
+    )
+
+
+def _qwen_target(family: str, tokenizer, hidden: int, layers: int, init_range: float):
+    """A tiny Qwen2.5-VL or Qwen3-VL with its text config matching _qwen2_config / _qwen3_config."""
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": hidden,
+              "patch_size": QWEN_PATCH, "spatial_merge_size": 2, "temporal_patch_size": 2,
+              "initializer_range": init_range}
+    # head_dim / 2 frequencies split between the temporal, height and width axes in the released checkpoints'
+    # proportions: Qwen2.5-VL 16:24:24, Qwen3-VL 24:20:20 (interleaved)
+    bands = hidden // 4 // 2
+    sections = [bands // 4, 3 * bands // 8, bands - bands // 4 - 3 * bands // 8] if family == "qwen2_5_vl" else \
+        [bands // 2, bands // 4, bands - bands // 2 - bands // 4]
+    if family == "qwen2_5_vl":
+        text = _qwen2_config(len(tokenizer), hidden, layers, init_range).to_dict()
+        text["rope_parameters"]["mrope_section"] = sections
+        vision.update(window_size=4 * QWEN_PATCH, fullatt_block_indexes=[1])
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+        return Qwen2_5_VLForConditionalGeneration(config)
+    text = _qwen3_config(len(tokenizer), hidden, layers, init_range).to_dict()
+    text["rope_parameters"].update(mrope_section=sections, mrope_interleaved=True)
+    vision.update(num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+    return Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision, **ids))
+
+
 def build_target(family: str, directory: str | Path, seed: int = 0, hidden: int = 64, layers: int = 4,
                  init_range: float = 0.2, active_layers: int | None = None,
                  tokenizer: PreTrainedTokenizerFast | None = None) -> Path:
@@ -121,9 +199,12 @@ def build_target(family: str, directory: str | Path, seed: int = 0, hidden: int 
     """
     directory = Path(directory)
     torch.manual_seed(seed)
-    tokenizer = tokenizer or build_tokenizer()
+    tokenizer = tokenizer or build_tokenizer(qwen=family in QWEN_FAMILIES)
     vocab = len(tokenizer)
-    if family == "llava":
+    if family in QWEN_FAMILIES:
+        model = _qwen_target(family, tokenizer, hidden, layers, init_range)
+        processor = None  # saved as its parts below
+    elif family == "llava":
         config = LlavaConfig(
             vision_config=CLIPVisionConfig(
                 hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -168,7 +249,14 @@ def build_target(family: str, directory: str | Path, seed: int = 0, hidden: int 
                 layer.self_attn.o_proj.weight.zero_()
                 layer.mlp.down_proj.weight.zero_()
     model.save_pretrained(directory)
-    processor.save_pretrained(directory)
+    if processor is not None:
+        processor.save_pretrained(directory)
+    else:
+        tokenizer.save_pretrained(directory)
+        Qwen2VLImageProcessorPil(
+            patch_size=QWEN_PATCH, merge_size=2, temporal_patch_size=2,
+            size={"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS},
+        ).save_pretrained(directory)
     return directory
 
 
@@ -217,9 +305,8 @@ def build_massv_drafter(target_dir: str | Path, directory: str | Path, seed: int
 def _random_causal_lm(target_dir, vocab_size: int, seed: int, hidden: int, layers: int, init_range: float):
     """A seeded random causal LM of the target's family."""
     torch.manual_seed(seed)
-    if _family_of(target_dir) == "llava":
-        return LlamaForCausalLM(_llama_config(vocab_size, hidden, layers, init_range))
-    return Gemma3ForCausalLM(_gemma3_text_config(vocab_size, hidden, layers, init_range))
+    model_class, make_config = CAUSAL_LMS[_family_of(target_dir)]
+    return model_class(make_config(vocab_size, hidden, layers, init_range))
 
 
 def build_world(family: str, directory: str | Path, target_layers: int = 4,
@@ -248,23 +335,28 @@ def build_world(family: str, directory: str | Path, target_layers: int = 4,
     return world
 
 
+# target family -> the causal LM class of its text model, and that model's config
+CAUSAL_LMS = {
+    "llava": (LlamaForCausalLM, _llama_config),
+    "gemma3": (Gemma3ForCausalLM, _gemma3_text_config),
+    "qwen2_5_vl": (Qwen2ForCausalLM, _qwen2_config),
+    "qwen3_vl": (Qwen3ForCausalLM, _qwen3_config),
+}
+
+
 def _target_language_model(target, num_layers: int | None = None):
     """The target's decoder (its first num_layers layers, or all) + LM head as a standalone causal LM."""
-    text_config = copy.deepcopy(target.config.get_text_config())
-    if num_layers is not None:
-        text_config.num_hidden_layers = num_layers
-        if getattr(text_config, "layer_types", None):
-            text_config.layer_types = text_config.layer_types[:num_layers]
-    cls = LlamaForCausalLM if target.config.model_type == "llava" else Gemma3ForCausalLM
-    lm = cls(text_config)
+    text_config = target.config.get_text_config()
+    model_class, make_config = CAUSAL_LMS[target.config.model_type]
+    lm = model_class(make_config(text_config.vocab_size, text_config.hidden_size,
+                                 num_layers or text_config.num_hidden_layers, text_config.initializer_range))
     lm.model.load_state_dict(target.model.language_model.state_dict(), strict=num_layers is None)
     lm.lm_head.load_state_dict(target.lm_head.state_dict())
     return lm
 
 
 def _family_of(target_dir: str | Path) -> str:
-    model_type = json.loads((Path(target_dir) / "config.json").read_text())["model_type"]
-    return "llava" if model_type == "llava" else "gemma3"
+    return json.loads((Path(target_dir) / "config.json").read_text())["model_type"]
 
 
 QUESTIONS = [

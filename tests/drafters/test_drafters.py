@@ -39,9 +39,10 @@ def test_text_only_drafter_does_not_see_image_tokens(world, targets):
     prompts = prepare_rows(target, ragged_rows(2))
     image_tokens = prompts[0].input_ids.count(target.image_token_id)
     assert image_tokens > 0
-    drafter.prefill(prompts, None, torch.tensor([5, 6]))
+    drafter.prefill(prompts, target.prefill(prompts), torch.tensor([5, 6]))
     text_lengths = [len(p.input_ids) - p.input_ids.count(target.image_token_id) for p in prompts]
     assert drafter.decoder.lengths.tolist() == text_lengths
+    assert drafter.decoder.cache.position_offsets.tolist() == [0, 0]  # its text numbered from 0, without gaps
 
 
 def test_vocabulary_mismatch_is_refused_before_decoding(tmp_path, targets):

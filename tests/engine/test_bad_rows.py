@@ -32,7 +32,7 @@ def test_unusual_modes_become_rgb():
     assert converted["P"].getpixel((0, 0)) == (0, 0, 255)
 
 
-@pytest.mark.parametrize("family", ["llava", "gemma3"])
+@pytest.mark.parametrize("family", ["llava", "gemma3", "qwen2_5_vl", "qwen3_vl"])
 def test_bad_rows_fail_alone_and_good_rows_are_unchanged(targets, family):
     target = targets[family]
     good = ragged_rows(3)

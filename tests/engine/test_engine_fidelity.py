@@ -156,7 +156,7 @@ class AlwaysWrongDrafter:
         self.token = token
         self.rows = 0
 
-    def prefill(self, prompts, image_features, first_tokens, append=False):
+    def prefill(self, prompts, target, first_tokens, append=False):
         self.rows = len(prompts) + (self.rows if append else 0)
 
     def propose(self, k, sampling, generator):
@@ -285,15 +285,15 @@ class OffsetPositions(RotaryFamily):
         self.continue_from_offsets = continue_from_offsets
         self.rows_seen = 0
 
-    def prefill_positions(self, model, attention_mask, model_inputs):
-        positions, _ = super().prefill_positions(model, attention_mask, model_inputs)
+    def prefill_positions(self, model, input_ids, attention_mask, token_inputs, vision_inputs):
+        positions, _ = super().prefill_positions(model, input_ids, attention_mask, token_inputs, vision_inputs)
         rows = torch.arange(self.rows_seen, self.rows_seen + attention_mask.shape[0])
         self.rows_seen += attention_mask.shape[0]
         offsets = 100 + 7 * rows
         return positions + offsets[:, None].to(positions.device), offsets
 
     def decode_positions(self, slots, offsets):
-        return slots + offsets.to(slots.device)[:, None] if self.continue_from_offsets else slots
+        return super().decode_positions(slots, offsets) if self.continue_from_offsets else slots
 
 
 def test_family_seam_carries_per_row_position_offsets(world, targets, references):

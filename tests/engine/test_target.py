@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 from pipeline.engine.target import Target, pick_device
 
@@ -13,14 +13,14 @@ def test_cpu_runs_float32_and_loads_through_auto_classes(targets):
     for family, target in targets.items():
         assert target.model.dtype == dtype and target.device.type == device.type
         assert target.image_token_id is not None and target.eos_token_ids
-        assert type(target.model).__name__.lower().startswith(family)
+        assert target.model.config.model_type == family
 
 
-def test_multi_axis_rotary_targets_are_refused_clearly(targets):
-    config = Qwen2_5_VLConfig(
+def test_untested_multi_axis_rotary_targets_are_refused_clearly(targets):
+    config = Qwen2VLConfig(
         text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
                      "num_key_value_heads": 1, "vocab_size": 128},
         vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 32},
     )
-    with pytest.raises(ValueError, match="multi-axis rotary positions"):
-        Target(Qwen2_5_VLForConditionalGeneration(config), targets["llava"].processor)
+    with pytest.raises(ValueError, match="multi-axis rotary positions .* supported multi-axis families are Qwen2.5-VL"):
+        Target(Qwen2VLForConditionalGeneration(config), targets["llava"].processor)
