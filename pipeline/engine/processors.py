@@ -60,7 +60,8 @@ class QwenVLImageProcessor:
             messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
-    def __call__(self, text: list[str], images: list[list] | None = None, return_tensors: str = "pt") -> BatchFeature:
+    def __call__(self, text: list[str], images: list[list] | None = None, return_tensors: str = "pt",
+                 padding: bool = False) -> BatchFeature:
         """input_ids, attention_mask and mm_token_type_ids [B, L]; pixel_values [patches, C*T*P*P] and
         image_grid_thw [images, 3] when there are images (in the order their placeholders appear)."""
         vision = {}
@@ -71,7 +72,7 @@ class QwenVLImageProcessor:
             text = [self._expand_placeholders(t, tokens_per_image) for t in text]
             if next(tokens_per_image, None) is not None:
                 raise ValueError("more images than image placeholders in the text")
-        encoded = self.tokenizer(text, return_tensors="pt", padding=len(text) > 1)
+        encoded = self.tokenizer(text, return_tensors="pt", padding=padding)
         encoded["mm_token_type_ids"] = (encoded["input_ids"] == self.image_token_id).long()
         return BatchFeature({**encoded, **vision}, tensor_type=return_tensors)
 

@@ -17,7 +17,7 @@ def test_no_drafter(targets):
     assert load_drafter("none", targets["llava"]) is None
 
 
-@pytest.mark.parametrize("family", ["llava", "gemma3"])
+@pytest.mark.parametrize("family", tiny_models.FAMILIES)
 def test_massv_directory_round_trip(world, targets, family):
     path = world[family]["massv"]
     assert json.loads((path / DRAFTER_CONFIG).read_text())["kind"] == "massv"
@@ -72,3 +72,42 @@ def test_projector_for_another_target_is_refused(world, targets):
         finally:
             target.text_config.hidden_size = original
 
+
+
+def test_training_numbers_tokens_as_the_target_does(world, targets):
+    """MASSV training on an M-RoPE target reads each token at the target's text-axis position, as decoding does:
+    the target's own language model as drafter then predicts the target's next answer token (but where image
+    positions on the height and width axes tip a near-tie), far more often than when numbered sequentially."""
+    import io
+
+    from conftest import prepare_rows, ragged_rows
+
+    from drafters.training import IGNORE, TrainConfig, build_draft_model, encode_batch
+
+    target = targets["qwen2_5_vl"]
+    config = TrainConfig(phase="distill", data="unused", target=str(world["qwen2_5_vl"]["target"]), output="unused",
+                         drafter=str(world["qwen2_5_vl"]["massv-oracle"]))
+    model = build_draft_model(config, target)
+    images = ragged_rows(8, text_only_every=0)
+    rows = []
+    for prompt, image in images:
+        data = io.BytesIO()
+        image.save(data, format="PNG")
+        rows.append({"prompt": prompt, "image": data.getvalue(), "answer": "the image shows a small red circle."})
+    inputs = encode_batch(rows, config, target, model, torch.device("cpu"))
+    labels = inputs.pop("labels")
+    with torch.no_grad():
+        drafted = model(**inputs).argmax(-1)
+        sequential = model(**{**inputs, "position_ids": None}).argmax(-1)
+    same = {"target positions": 0, "sequential": 0, "answer tokens": 0}
+    for i, prompt in enumerate(prepare_rows(target, images)):
+        answer = labels[i][labels[i] != IGNORE].tolist()
+        ids = torch.tensor([prompt.input_ids + answer])
+        types = torch.tensor([prompt.token_inputs["mm_token_type_ids"] + [0] * len(answer)])
+        with torch.no_grad():
+            expected = target.model(input_ids=ids, mm_token_type_ids=types, **prompt.vision_inputs).logits.argmax(-1)
+        span = slice(len(prompt.input_ids) - 1, len(prompt.input_ids) - 1 + len(answer))  # predicting the answer
+        same["target positions"] += int((drafted[i, span] == expected[0, span]).sum())
+        same["sequential"] += int((sequential[i, span] == expected[0, span]).sum())
+        same["answer tokens"] += len(answer)
+    assert same["target positions"] >= 0.9 * same["answer tokens"] > same["sequential"], same

@@ -13,9 +13,10 @@ import time
 import pandas as pd
 import pytest
 import ray
-from conftest import write_caption_dataset
+from conftest import prepare_rows, ragged_rows, write_caption_dataset
 from PIL import Image
 
+from pipeline.engine.engine import EngineConfig, SpecDecodeEngine
 from pipeline.job.caption import run_caption
 from pipeline.job.config import CaptionConfig, JobConfigError
 from pipeline.job.charts import HEIGHT, WIDTH
@@ -268,3 +269,20 @@ def test_an_unreadable_input_file_is_listed_and_the_rest_is_written(local_ray, w
     assert main([*flags, "--resume"]) == 0
     assert json.loads((output / "summary.json").read_text())["unreadable_files"] == []
     check_exactly_once(read_output(output), expected)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_qwen_targets_through_the_job(local_ray, world, targets, family, tmp_path):
+    """The caption job on M-RoPE targets with a MASSV drafter: every row once, each answer the target's own."""
+    data = tmp_path / "data"
+    expected = write_caption_dataset(data, num_good=24)
+    summary = run_caption(job(world, data, tmp_path / "out", tmp_path, target=str(world[family]["target"]),
+                              drafter=str(world[family]["massv-noisy"]), gamma=3, max_new_tokens=12))
+    frame = read_output(tmp_path / "out")
+    check_exactly_once(frame, expected)
+    target = targets[family]
+    plain = SpecDecodeEngine(target, None, EngineConfig(max_new_tokens=12)).generate(
+        prepare_rows(target, ragged_rows(24, text_only_every=0)))
+    answers = dict(zip(frame["id"], frame["text"]))
+    assert [answers[f"row-{i}"] for i in range(24)] == [r.text for r in plain]
+    assert summary["mean_accepted_length"] > 1.5, summary
