@@ -15,6 +15,7 @@ from jobs.caption import main
 from pipeline.lab import tiny_models
 from pipeline.job.caption import run_caption
 from pipeline.job.config import CaptionConfig, JobConfigError
+from pipeline.job.preflight import preflight
 
 
 @pytest.fixture
@@ -109,3 +110,15 @@ def test_command_line_errors_are_one_line(flags, message, capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and "\n" not in err
     assert re.search(message, err)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_qwen_targets_and_their_drafters_pass_preflight(family, world, data, tmp_path):
+    settings = dict(input=str(data), output=str(tmp_path / "out"), target=str(world[family]["target"]),
+                    model_cache=str(tmp_path / "cache"))
+    for drafter in ("massv", "text-only"):
+        plan = preflight(CaptionConfig(**settings, drafter=str(world[family][drafter])))
+        assert plan.context_length == 512
+    with pytest.raises(JobConfigError, match="does not share the target's vocabulary"):
+        run_caption(CaptionConfig(**settings, drafter=str(world["llava"]["massv"])))
+    assert not ray.is_initialized()

@@ -1,0 +1,147 @@
+"""Memory soak of the caption job (not in CI): many demo rows through the job while resident memory is sampled.
+
+    python jobs/soak.py --rows 100000 --work out/soak
+
+Repeats the demo world's held-out prompts with new ids to --rows rows, runs the demo's speculative
+job (MASSV, gamma auto, batch 64) on a local Ray, and every --every seconds samples the rows
+written so far (the output parts' Parquet footers), the driver's resident memory and each engine
+actor's (Linux /proc). Writes samples.json and memory.png under --work and prints, per process,
+the growth from the sample nearest --warm rows to the last one: the goal is under 10%.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.job.cli import flag, parse_config  # noqa: E402
+
+GOAL = 0.10  # largest growth allowed after warm-up
+
+
+@dataclass
+class SoakConfig:
+    rows: int = field(default=100_000, metadata=flag("rows through the job"))
+    warm: int = field(default=20_000, metadata=flag("rows written when warm-up counts as over"))
+    every: float = field(default=5.0, metadata=flag("seconds between samples"))
+    max_new_tokens: int = field(default=48, metadata=flag("answer length cap"))
+    work: str = field(default="out/soak", metadata=flag("input, output and the report go here"))
+
+
+def rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def actor_pids() -> list[int]:
+    """Processes whose title names the engine actor (Ray titles its workers ray::<what they run>)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if b"CaptionActor" in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return sorted(pids)
+
+
+class RowCounter:
+    """Rows written so far: each finished part's footer is read once."""
+
+    def __init__(self, parts: Path):
+        self.parts = parts
+        self.counted: dict[str, int] = {}
+
+    def __call__(self) -> int:
+        import pyarrow.parquet as pq
+
+        for path in self.parts.glob("*.parquet") if self.parts.exists() else []:
+            if path.name not in self.counted:
+                try:
+                    self.counted[path.name] = pq.ParquetFile(path).metadata.num_rows
+                except Exception:  # still being written: counted at the next sample
+                    continue
+        return sum(self.counted.values())
+
+
+def sample_until(done: threading.Event, config: SoakConfig, parts: Path, samples: list[dict]) -> None:
+    count_rows, started = RowCounter(parts), time.perf_counter()
+    while not done.wait(config.every):
+        actors = {str(pid): rss_mb(pid) for pid in actor_pids()}
+        samples.append({"seconds": round(time.perf_counter() - started, 1), "rows": count_rows(),
+                        "driver_mb": rss_mb(os.getpid()),
+                        "actors_mb": {pid: mb for pid, mb in actors.items() if mb is not None}})
+        last = samples[-1]
+        print(f"[soak] {last['seconds']:7.0f} s  {last['rows']:7d} rows  driver {last['driver_mb']:.0f} MB  "
+              f"actors {' '.join(f'{mb:.0f}' for mb in last['actors_mb'].values())} MB", flush=True)
+
+
+def growth(samples: list[dict], warm: int) -> dict[str, tuple[float, float]]:
+    """Per process: (MB at the first sample with >= warm rows, MB at the last sample)."""
+    after = [s for s in samples if s["rows"] >= warm]
+    if len(after) < 2:
+        return {}
+    first, last = after[0], after[-1]
+    out = {"driver": (first["driver_mb"], last["driver_mb"])}
+    for pid, mb in last["actors_mb"].items():
+        if pid in first["actors_mb"]:
+            out[f"actor {pid}"] = (first["actors_mb"][pid], mb)
+    return out
+
+
+def chart(samples: list[dict], path: Path) -> None:
+    from pipeline.job.charts import line_chart
+
+    series = {"driver": [(s["rows"], s["driver_mb"]) for s in samples]}
+    for pid in sorted({pid for s in samples for pid in s["actors_mb"]}):
+        series[f"actor {pid}"] = [(s["rows"], s["actors_mb"][pid]) for s in samples if pid in s["actors_mb"]]
+    path.write_bytes(line_chart(series, "Resident memory over a soak of the caption job", "rows written",
+                                "resident MB"))
+
+
+def main() -> int:
+    config = parse_config(SoakConfig, None, __doc__)
+    print(f"soak config: {json.dumps(asdict(config))}", flush=True)
+    from pipeline.job.caption import run_caption
+    from pipeline.lab.demo import demo_configs
+
+    work = Path(config.work)
+    job = demo_configs(work, rows=config.rows, max_new_tokens=config.max_new_tokens)["speculative"]
+    samples: list[dict] = []
+    done = threading.Event()
+    sampler = threading.Thread(target=sample_until, args=(done, config, Path(job.output) / "parts", samples))
+    sampler.start()
+    try:
+        summary = run_caption(job)
+    finally:
+        done.set()
+        sampler.join()
+    (work / "samples.json").write_text(json.dumps(samples, indent=1))
+    chart(samples, work / "memory.png")
+    print(f"rows written {summary['rows_out']} of {config.rows}; memory from {config.warm} rows to the end:")
+    worst = 0.0
+    for name, (start, end) in growth(samples, config.warm).items():
+        change = (end - start) / start
+        worst = max(worst, change)
+        print(f"  {name:14s} {start:7.0f} MB -> {end:7.0f} MB  ({change:+.1%})")
+    print(f"goal: growth under {GOAL:.0%} -> {'met' if worst < GOAL else 'missed'}; "
+          f"samples.json and memory.png under {work}")
+    return 0 if worst < GOAL and summary["rows_out"] == config.rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
