@@ -150,4 +150,5 @@ def test_charts_draw_every_series():
     for png in (lines, bars):
         image = Image.open(io.BytesIO(png)).convert("RGB")
         colours = {colour for _, colour in image.getcolors(WIDTH * HEIGHT)}
-        assert image.size == (WIDTH, HEIGHT) and {COLOURS[0], COLOURS[1]} <= colours
+        rgb = {tuple(int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)) for hex_colour in COLOURS[:2]}
+        assert image.size == (WIDTH, HEIGHT) and rgb <= colours
