@@ -23,6 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.job.signals import exit_promptly_on_signals  # noqa: E402  (standard library only)
+
+if __name__ == "__main__":
+    exit_promptly_on_signals()  # before any import below starts a thread
+
 from pipeline.job.cli import parse_config  # noqa: E402
 from pipeline.job.config import CaptionConfig, JobConfigError  # noqa: E402
 

@@ -19,6 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.job.signals import exit_promptly_on_signals  # noqa: E402  (standard library only)
+
+if __name__ == "__main__":
+    exit_promptly_on_signals()  # before any import below starts a thread
+
 from drafters.training import TrainConfig, run_training  # noqa: E402
 from pipeline.job.cli import parse_config  # noqa: E402
 

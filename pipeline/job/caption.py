@@ -22,13 +22,21 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from pipeline.job.actor import CaptionActor
 from pipeline.job.config import CaptionConfig
-from pipeline.job.preflight import JobPlan, plan_resources, preflight
+from pipeline.engine.families import context_length
+from pipeline.job.preflight import JobPlan, check_models, plan_resources, preflight
 from pipeline.job.preprocess import prepare_batch
 from pipeline.job.ray_cluster import connect as connect_ray
 from pipeline.job.output import forget_unreadable, part_files, parts_dir, record_unreadable
 from pipeline.job.summary import format_summary, summarize, write_summary
-from pipeline.job.sources import SourcePlan, read_rows
+from pipeline.job.sources import SOURCE_SCHEMA, SourcePlan, read_rows, source_row
 from pipeline.job.storage import url_to_fs
+
+
+# Writing a part is brief I/O; its tasks ask for no CPU. Ray Data reserves each stage at least one task's
+# resources, upstream stages first, so with the read and prepare stages holding the CPUs a write asking for any
+# CPU got no budget: finished rows queued in the object store until the end of the job (measured on 2 CPUs:
+# none of 30,336 finished rows written after 130 s).
+WRITE_CPUS = 0
 
 
 def run_caption(config: CaptionConfig) -> dict:
@@ -42,7 +50,8 @@ def run_caption(config: CaptionConfig) -> dict:
     forget_unreadable(config.output)
     parts_before = set(part_files(config.output))
     fs, parts_path = url_to_fs(parts_dir(config.output))  # written through fsspec, as everything else is
-    build_dataset(config, plan).write_parquet(parts_path, filesystem=PyFileSystem(FSSpecHandler(fs)))
+    build_dataset(config, plan).write_parquet(parts_path, filesystem=PyFileSystem(FSSpecHandler(fs)),
+                                              ray_remote_args={"num_cpus": WRITE_CPUS})
     run_parts = set(part_files(config.output)) - parts_before
     summary = summarize(config.output, config.to_dict(), time.perf_counter() - start, run_parts)
     summary["rows_skipped_by_resume"] = len(plan.skip_ids)
@@ -54,24 +63,47 @@ def run_caption(config: CaptionConfig) -> dict:
 
 
 def build_dataset(config: CaptionConfig, plan: JobPlan) -> ray.data.Dataset:
-    gpus = plan_resources(config, ray.cluster_resources())
     reads = plan.source.reads
+    rows = ray.data.from_items([{"relatives": r} for r in reads], override_num_blocks=min(len(reads), 1000)).map_batches(
+        _read_task, batch_size=1, batch_format="pyarrow",
+        # the finished ids go to the object store once; each read task maps them, zero-copy
+        fn_kwargs={"plan": plan.source, "skip": ray.put(plan.skip_ids), "output": config.output},
+    )
+    return _engine_stages(rows, config, plan.processor, plan.context_length)
+
+
+def caption(dataset: ray.data.Dataset, config: CaptionConfig) -> ray.data.Dataset:
+    """The caption job's stages on a Dataset of your own: rows in, a Dataset of OUTPUT_SCHEMA rows out.
+
+    Compose it into your own Ray Data pipeline as you would a `ray.data.llm` processor; it is lazy, so
+    nothing runs until you write, iterate or materialize the result. Input columns are the job's: ids in
+    config.id_column ("id" by default; a row without one gets an id derived from its prompt and image),
+    prompts in config.prompt_column ("prompt"; config.prompt where a row has none), images in
+    config.image_column ("image": bytes, a path or URL, a data: URL, or {bytes, path}; relative paths
+    resolve against config.input). config.output is not used: the caller decides where rows go. The
+    models are checked first, as the job checks them (JobConfigError, one sentence); every row, whatever
+    is wrong with it, comes out once, with its error.
+    """
+    processor, text_config = check_models(config)
+    plan = SourcePlan("rows", config.input, [], config.id_column or "id", config.prompt_column or "prompt",
+                      config.image_column or "image", config.prompt)
+    rows = dataset.map_batches(_source_rows, batch_format="pyarrow", fn_kwargs={"plan": plan})
+    return _engine_stages(rows, config, processor, context_length(text_config))
+
+
+def _engine_stages(rows: ray.data.Dataset, config: CaptionConfig, processor, context: int | None) -> ray.data.Dataset:
+    """SOURCE_SCHEMA rows -> prepared on CPU tasks -> the engine actors -> OUTPUT_SCHEMA rows."""
+    gpus = plan_resources(config, ray.cluster_resources())
     low, high = config.num_actors
     # Streaming repartitions make blocks of one engine batch each, so work spreads over every actor even
     # from a single input file, and keep Ray Data from fusing the CPU stage into the engine actors.
     return (
-        ray.data.from_items([{"relatives": r} for r in reads], override_num_blocks=min(len(reads), 1000))
-        .map_batches(
-            _read_task, batch_size=1, batch_format="pyarrow",
-            # the finished ids go to the object store once; each read task maps them, zero-copy
-            fn_kwargs={"plan": plan.source, "skip": ray.put(plan.skip_ids), "output": config.output},
-        )
-        .repartition(target_num_rows_per_block=config.batch_size)
+        rows.repartition(target_num_rows_per_block=config.batch_size)
         .map_batches(
             prepare_batch,
             batch_size=None,
             batch_format="pyarrow",
-            fn_kwargs={"processor": plan.processor, "context_length": plan.context_length,
+            fn_kwargs={"processor": processor, "context_length": context,
                        "keep_images": config.keep_images, "max_image_pixels": config.max_image_pixels},
         )
         .repartition(target_num_rows_per_block=config.batch_size)
@@ -85,6 +117,11 @@ def build_dataset(config: CaptionConfig, plan: JobPlan) -> ray.data.Dataset:
             num_cpus=config.cpus_per_actor,
         )
     )
+
+
+def _source_rows(batch: pa.Table, plan: SourcePlan) -> pa.Table:
+    """A caller's rows as SOURCE_SCHEMA rows; anything wrong with one becomes its error."""
+    return pa.Table.from_pylist([source_row(plan, record) for record in batch.to_pylist()], schema=SOURCE_SCHEMA)
 
 
 def _read_task(batch: pa.Table, plan: SourcePlan, skip: ray.ObjectRef, output: str):

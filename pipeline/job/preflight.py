@@ -38,15 +38,7 @@ class JobPlan:
 
 def preflight(config: CaptionConfig) -> JobPlan:
     source = plan_source(config)
-    processor, text_config = check_target(config)
-    if config.drafter_name:
-        light = _light_checkpoint("drafter", config.drafter_name, config.model_cache)
-        try:
-            check_drafter(light, processor.tokenizer, text_config, config.drafter_name, config.trust_remote_code)
-        except ValueError as exc:
-            raise JobConfigError(str(exc)) from None
-        except Exception as exc:
-            raise JobConfigError(f"drafter {config.drafter_name} cannot be loaded ({_first_line(exc)}).") from None
+    processor, text_config = check_models(config)
     try:
         check_writable(config.output)
     except Exception as exc:
@@ -74,6 +66,20 @@ def plan_resources(config: CaptionConfig, cluster_resources: dict[str, float]) -
             "lower --num-actors or --cpus-per-actor."
         )
     return gpus
+
+
+def check_models(config: CaptionConfig):
+    """(processor, text config) of the target, with the drafter checked against it; raises JobConfigError."""
+    processor, text_config = check_target(config)
+    if config.drafter_name:
+        light = _light_checkpoint("drafter", config.drafter_name, config.model_cache)
+        try:
+            check_drafter(light, processor.tokenizer, text_config, config.drafter_name, config.trust_remote_code)
+        except ValueError as exc:
+            raise JobConfigError(str(exc)) from None
+        except Exception as exc:
+            raise JobConfigError(f"drafter {config.drafter_name} cannot be loaded ({_first_line(exc)}).") from None
+    return processor, text_config
 
 
 def check_target(config: CaptionConfig):

@@ -57,3 +57,4 @@ def answers(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
             return True
     except (OSError, ValueError):
         return False
+

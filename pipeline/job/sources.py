@@ -12,10 +12,11 @@ WebDataset), so they are stable across runs and `--resume` can skip them.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import tarfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import pyarrow as pa
@@ -183,6 +184,17 @@ def _column(plan: SourcePlan, flag: str, requested: str | None, default: str) ->
             f"(found: {', '.join(plan.columns) or 'none'}): pass one of those."
         )
     return requested
+
+
+def source_row(plan: SourcePlan, record: dict) -> dict:
+    """One SOURCE_SCHEMA row from a record of a caller's Dataset (`caption`): columns the record lacks are absent
+    (no id: one derived from its prompt and image; no prompt: the default prompt)."""
+    present = replace(plan, id_column=plan.id_column if plan.id_column in record else None,
+                      prompt_column=plan.prompt_column if plan.prompt_column in record else None)
+    digest = hashlib.blake2b(digest_size=12)
+    for value in (record.get(plan.prompt_column), record.get(plan.image_column)):
+        digest.update(value if isinstance(value, bytes) else repr(value).encode())
+    return _row(present, "row-" + digest.hexdigest(), record, plan.image_column)
 
 
 def _row(plan: SourcePlan, derived_id: str, record: dict, image_column: str | None) -> dict:

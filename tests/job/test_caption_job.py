@@ -286,3 +286,34 @@ def test_qwen_targets_through_the_job(local_ray, world, targets, family, tmp_pat
     answers = dict(zip(frame["id"], frame["text"]))
     assert [answers[f"row-{i}"] for i in range(24)] == [r.text for r in plain]
     assert summary["mean_accepted_length"] > 1.5, summary
+
+
+def test_ray_data_native_entry_point(local_ray, world, targets, tmp_path):
+    """caption(dataset, config): a Dataset of the caller's rows in, output rows out, composed lazily."""
+    import io
+
+    from pipeline.job.caption import caption
+
+    images = ragged_rows(10, text_only_every=0)
+    items = []
+    for i, (prompt, image) in enumerate(images):
+        data = io.BytesIO()
+        image.save(data, format="PNG")
+        items.append({"id": f"r{i}", "prompt": prompt, "image": data.getvalue()})
+    items += [{"id": "bad", "prompt": "Describe.", "image": b"not an image"},
+              {"id": None, "prompt": images[0][0], "image": items[0]["image"]}]
+    config = CaptionConfig(input=str(tmp_path), output=str(tmp_path / "unused"), target=str(world["llava"]["target"]),
+                           drafter=str(world["llava"]["massv-noisy"]), gamma=3, max_new_tokens=8, batch_size=4,
+                           num_actors=1, gpus_per_actor=0)
+    output = caption(ray.data.from_items(items), config)
+    answered = output.filter(lambda row: row["error"] is None)  # composes like any Dataset
+    frame = output.to_pandas().set_index("id")
+    assert len(frame) == len(items) and answered.count() == len(items) - 1
+    assert frame.loc["bad", "error"].startswith("image cannot be decoded")
+    derived = [row_id for row_id in frame.index if row_id.startswith("row-")]
+    assert len(derived) == 1
+    target = targets["llava"]
+    plain = SpecDecodeEngine(target, None, EngineConfig(max_new_tokens=8)).generate(prepare_rows(target, images))
+    assert [frame.loc[f"r{i}", "text"] for i in range(10)] == [r.text for r in plain]
+    assert frame.loc[derived[0], "text"] == plain[0].text
+    assert frame["num_drafted"].sum() > 0 and not (tmp_path / "unused").exists()
