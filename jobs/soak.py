@@ -110,8 +110,8 @@ def chart(samples: list[dict], path: Path) -> None:
         for measure, label in (("rss", "resident"), ("anon", "private")):
             series[f"{name}, {label}"] = [(s["rows"], s["processes"][name][measure]) for s in samples
                                           if name in s["processes"]]
-    path.write_bytes(line_chart(series, "Memory over a soak of the caption job (private: resident minus the object "
-                                "store's shared pages)", "rows written", "MB"))
+    path.write_bytes(line_chart(series, "Memory over a soak of the caption job", "rows written",
+                                "MB (private: without mapped object-store pages)"))
 
 
 def main() -> int:

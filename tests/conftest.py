@@ -43,6 +43,24 @@ def private_ray():
     shutil.rmtree(directory, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def s3_server():
+    """An S3-compatible server on loopback; the standard AWS variables point s3fs (and Ray's workers) at it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # the server binds a free port
+    server.start()
+    _, port = server.get_host_and_port()
+    variables = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                 "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    yield variables["AWS_ENDPOINT_URL"]
+    for k, v in saved.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
     """family -> {"target", "text-only", "massv", "massv-oracle", "massv-noisy"} checkpoint directories."""

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def local_ray():
+def local_ray(s3_server):  # the S3 variables are set before Ray starts, so its workers see them too
     ray.init(num_cpus=4, include_dashboard=False)
     yield
     ray.shutdown()
@@ -179,3 +179,24 @@ def test_rows_without_an_answer_leave_before_the_split():
 
     batch = pa.table({"prompt": ["p"] * 4, "text": ["a red square.", None, "", "two shapes."]})
     assert _with_answers(batch, "text")["text"].to_pylist() == ["a red square.", "two shapes."]
+
+
+def test_two_workers_on_uneven_data_from_and_to_s3(local_ray, world, tmp_path):
+    """--data and --storage-path on s3:// (moto), two DDP workers, 13 rows for batches of 4 on 2 ranks: Ray Train
+    splits rows equally (one left out each epoch) and the loop counts steps, not epochs, so both ranks take every
+    step together across epochs (a rank with a batch more would wait on a collective forever)."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("training")
+    local = scenes.write_parquet(scenes.text_records(13, seed=5), tmp_path / "text.parquet")
+    fs.put(str(local), "training/data/text.parquet")
+    output = tmp_path / "drafter"
+    run_training(TrainConfig(phase="text", data="s3://training/data/", target=str(world["llava"]["target"]),
+                             drafter=str(world["llava"]["text-only"]), output=str(output),
+                             storage_path="s3://training/runs", name="uneven", steps=10, batch_size=4,
+                             checkpoint_every=5, log_every=5, num_workers=2))
+    history = json.loads((output / TRAINING_LOG).read_text())
+    assert len(history["losses"]) == 10 and history["resumed_at"] == []
+    stored = fs.find("training/runs/uneven")
+    assert any("checkpoint_" in path for path in stored), stored

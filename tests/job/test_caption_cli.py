@@ -174,3 +174,39 @@ def test_hub_repo_ids_resolve_through_the_hf_cache_offline(world, tmp_path, priv
                              text=True, timeout=120)
     assert refused.returncode == 2
     assert refused.stderr.startswith("error: target nobody/absent is neither a local directory nor a Hugging Face")
+
+
+def test_sigterm_ends_a_driver_stuck_connecting_to_its_cluster(world, tmp_path, private_ray):
+    """With RAY_ADDRESS at a head that does not answer, ray.init waits inside Ray's C++ code (where Python's own
+    handlers, Ray's included, do not run: before the fix the driver was still there 30 s after SIGTERM)."""
+    import socket
+    import threading
+
+    data = tmp_path / "data"
+    write_caption_dataset(data, num_good=2, parts=1)
+    with socket.socket() as gone:
+        gone.bind(("127.0.0.1", 0))
+        env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{gone.getsockname()[1]}"}
+        driver = subprocess.Popen([sys.executable, "jobs/caption.py", *caption_flags(world, data, tmp_path / "out")],
+                                  cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  start_new_session=True)
+        connecting, lines = threading.Event(), []
+
+        def read() -> None:
+            for line in driver.stdout:
+                lines.append(line)
+                if "Connecting to existing Ray cluster" in line:
+                    connecting.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        try:
+            assert connecting.wait(120), "".join(lines)[-3000:]
+            time.sleep(3)  # well inside the connection attempt
+            sent = time.monotonic()
+            driver.send_signal(signal.SIGTERM)
+            assert driver.wait(timeout=15) == 128 + signal.SIGTERM
+            assert time.monotonic() - sent < 5, time.monotonic() - sent
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+    assert any("stopped by SIGTERM" in line for line in lines)

@@ -1,6 +1,6 @@
 """The caption job on a real local Ray: every row exactly once, lossless drafting, bad rows, and S3 end to end.
 
-S3 is moto's server on 127.0.0.1, started here, with s3fs as the client; input,
+S3 is moto's server on 127.0.0.1 (conftest's s3_server), with s3fs as the client; input,
 output and both checkpoints live in it.
 """
 
@@ -23,24 +23,6 @@ from pipeline.job.charts import HEIGHT, WIDTH
 from pipeline.job.output import OUTPUT_SCHEMA
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    """An S3-compatible server on loopback; the standard AWS variables point s3fs (and Ray's workers) at it."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # the server binds a free port
-    server.start()
-    _, port = server.get_host_and_port()
-    variables = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                 "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in variables}
-    os.environ.update(variables)
-    yield variables["AWS_ENDPOINT_URL"]
-    for k, v in saved.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    server.stop()
 
 
 @pytest.fixture(scope="module")
