@@ -43,9 +43,10 @@ def private_ray():
     shutil.rmtree(directory, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def s3_server():
-    """An S3-compatible server on loopback; the standard AWS variables point s3fs (and Ray's workers) at it."""
+    """An S3-compatible server on loopback, one for the session (s3fs caches its clients, endpoint included); the
+    standard AWS variables point s3fs (and the workers of every Ray started after it) at it."""
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # the server binds a free port

@@ -79,6 +79,19 @@ def test_ray_job_submit_against_a_local_head(world, tmp_path, private_ray):
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["rows_out"] == len(expected)
 
 
+def wait_until_unchanged(directory: Path, quiet_s: float = 3.0, limit_s: float = 60.0) -> None:
+    """Until the directory's files have not changed for quiet_s seconds (Ray's workers outlive a killed driver
+    by a moment: they stop when they notice their raylet is gone)."""
+    def state():
+        return sorted((p.name, p.stat().st_size) for p in directory.glob("*"))
+
+    deadline, last, since = time.monotonic() + limit_s, state(), time.monotonic()
+    while time.monotonic() - since < quiet_s and time.monotonic() < deadline:
+        time.sleep(0.2)
+        if (now := state()) != last:
+            last, since = now, time.monotonic()
+
+
 def test_killed_job_resumed_writes_every_row_exactly_once(world, tmp_path, private_ray):
     data, output = tmp_path / "data", tmp_path / "out"
     expected = write_caption_dataset(data, num_good=150, parts=3)
@@ -95,6 +108,7 @@ def test_killed_job_resumed_writes_every_row_exactly_once(world, tmp_path, priva
     finally:
         os.killpg(job.pid, signal.SIGKILL)  # the driver and the local Ray it started
         job.wait()
+    wait_until_unchanged(output / "parts")  # a write task already under way when the kill landed may still finish
     first = pd.read_parquet(output / "parts")
     assert 0 < len(first) < len(expected), "the kill must land midway"
     # A kill during a write leaves a prefix of the part (Parquet's footer is written last): tear one part so.
