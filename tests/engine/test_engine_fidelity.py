@@ -1,4 +1,4 @@
-"""Engine fidelity on tiny LLaVA and Gemma3 models: greedy is token-identical, sampling keeps the target's distribution.
+"""Engine fidelity on tiny models: greedy is token-identical (every family), sampling keeps the target's distribution.
 
 Fidelity is proven with a drafter the target actually accepts about half the time
 ("massv-noisy": the target's own language model with a noisy head), so rollback
@@ -29,7 +29,8 @@ NEAR_TIE = 1e-4
 
 @pytest.fixture(scope="module")
 def references(targets):
-    """family -> (13 prepared rows, HF greedy output of each row run alone)."""
+    """family -> (13 prepared rows, HF greedy output of each row run alone). Qwen rows' images differ in size, so
+    their grids and image-token counts differ per row."""
     out = {}
     for family, target in targets.items():
         prompts = prepare_rows(target, ragged_rows(13))
@@ -84,7 +85,7 @@ def assert_exact_counts(result, gamma: int) -> None:
     assert all(a <= d for a, d in zip(c.accepted_per_position, c.drafted_per_position))
 
 
-@pytest.mark.parametrize("family", ["llava", "gemma3"])
+@pytest.mark.parametrize("family", tiny_models.FAMILIES)
 @pytest.mark.parametrize("drafter_kind", ["text-only", "massv", "massv-noisy"])
 @pytest.mark.parametrize("gamma", [1, 3, 5, "auto"])
 def test_greedy_is_token_identical(world, targets, references, family, drafter_kind, gamma):
@@ -213,7 +214,12 @@ def test_sampling_with_a_drafter_keeps_the_targets_distribution(world, targets):
     head = drafter.model.language_model.lm_head.weight
     with torch.no_grad():  # a good but imperfect drafter: both acceptance and rejection happen
         head.add_(0.1 * torch.randn(head.shape, generator=torch.Generator().manual_seed(0)))
-    rows = 4000
+    assert_first_tokens_follow_the_target(target, drafter, prompt, rows=4000)
+
+
+def assert_first_tokens_follow_the_target(target, drafter, prompt, rows: int) -> None:
+    """Histograms of the first sampled tokens with the drafter lie within the noise between two runs without it,
+    and the drafter was both accepted and rejected."""
     plain_a, _ = first_tokens_histogram(target, None, prompt, rows, seed=1)
     plain_b, _ = first_tokens_histogram(target, None, prompt, rows, seed=2)
     speculative, acceptance = first_tokens_histogram(target, drafter, prompt, rows, seed=3)
@@ -221,7 +227,7 @@ def test_sampling_with_a_drafter_keeps_the_targets_distribution(world, targets):
     for position in range(2):
         noise = float((plain_a[position] - plain_b[position]).abs().sum())
         distance = float((speculative[position] - plain_a[position]).abs().sum())
-        # At noise level. Measured power: a rule that leans a third of the way towards the
+        # At noise level. Measured power (LLaVA, 4000 rows): a rule that leans a third of the way towards the
         # drafter's distribution lands at 2.6x (position 1) and 2.7x (position 2) the noise.
         assert distance < 1.5 * noise + 0.05, (position, distance, noise)
 
