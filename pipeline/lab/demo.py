@@ -17,6 +17,7 @@ from pipeline.job.config import CaptionConfig
 
 DEMO_WORLD = Path(__file__).resolve().parents[2] / "demo_world"
 DEMO_OUT = Path("out/demo")
+WARM_UP_ROWS = 16  # a first short run, so neither compared run pays Ray's cold start
 BENCH_PROMPTS = "bench/held_out_captions.parquet"  # under a world: held-out caption prompts for jobs/bench.py
 
 
