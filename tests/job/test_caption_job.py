@@ -274,6 +274,8 @@ def test_ray_data_native_entry_point(local_ray, world, targets, tmp_path):
     """caption(dataset, config): a Dataset of the caller's rows in, output rows out, composed lazily."""
     import io
 
+    from ray.data.expressions import col
+
     from pipeline.job.caption import caption
 
     images = ragged_rows(10, text_only_every=0)
@@ -288,7 +290,7 @@ def test_ray_data_native_entry_point(local_ray, world, targets, tmp_path):
                            drafter=str(world["llava"]["massv-noisy"]), gamma=3, max_new_tokens=8, batch_size=4,
                            num_actors=1, gpus_per_actor=0)
     output = caption(ray.data.from_items(items), config)
-    answered = output.filter(lambda row: row["error"] is None)  # composes like any Dataset
+    answered = output.filter(expr=col("error").is_null())  # composes like any Dataset
     frame = output.to_pandas().set_index("id")
     assert len(frame) == len(items) and answered.count() == len(items) - 1
     assert frame.loc["bad", "error"].startswith("image cannot be decoded")
