@@ -35,6 +35,8 @@ class SoakConfig:
     every: float = field(default=5.0, metadata=flag("seconds between samples"))
     max_new_tokens: int = field(default=48, metadata=flag("answer length cap"))
     work: str = field(default="out/soak", metadata=flag("input, output and the report go here"))
+    object_store_mb: int | None = field(default=None, metadata=flag(
+        "object store size of the local Ray the soak starts (default: Ray's, 30%% of RAM)"))
 
 
 def rss_mb(pid: int) -> dict[str, float] | None:
@@ -122,6 +124,10 @@ def main() -> int:
 
     work = Path(config.work)
     job = demo_configs(work, rows=config.rows, max_new_tokens=config.max_new_tokens)["speculative"]
+    if config.object_store_mb:
+        import ray
+
+        ray.init(object_store_memory=config.object_store_mb * 2**20)
     samples: list[dict] = []
     done = threading.Event()
     sampler = threading.Thread(target=sample_until, args=(done, config, Path(job.output) / "parts", samples))
