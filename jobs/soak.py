@@ -6,8 +6,9 @@ Repeats the demo world's held-out prompts with new ids to --rows rows, runs the 
 job (MASSV, gamma auto, batch 64) on a local Ray, and every --every seconds samples the rows
 written so far (the output parts' Parquet footers), the driver's resident memory and each engine
 actor's (Linux /proc). Writes samples.json and memory.png under --work and prints, per process,
-the growth from the sample nearest --warm rows to its last one: the goal is under 10%. Resident
-memory is split into private pages and the shared pages of Ray's object store it has mapped.
+the growth from the sample nearest --warm rows to its last one while rows were written: the goal
+is under 10%. Resident memory is split into private pages and the shared pages of Ray's object
+store it has mapped.
 """
 
 from __future__ import annotations
@@ -94,10 +95,12 @@ def sample_until(done: threading.Event, config: SoakConfig, parts: Path, samples
 
 
 def growth(samples: list[dict], warm: int) -> dict[str, dict[str, tuple[float, float]]]:
-    """Per process and measure (rss, anon, shmem): (MB at its first sample with >= warm rows, MB at its last)."""
+    """Per process and measure (rss, anon, shmem): (MB at its first sample with >= warm rows, MB at its last one
+    taken while rows were still being written: later ones can catch the actors shutting down)."""
+    final = max((s["rows"] for s in samples), default=0)
     out = {}
     for name in {name for s in samples for name in s["processes"]}:
-        seen = [s for s in samples if name in s["processes"] and s["rows"] >= warm]
+        seen = [s for s in samples if name in s["processes"] and warm <= s["rows"] < final]
         if len(seen) >= 2:
             first, last = seen[0]["processes"][name], seen[-1]["processes"][name]
             out[name] = {measure: (first[measure], last[measure]) for measure in first}
@@ -140,7 +143,7 @@ def main() -> int:
     (work / "samples.json").write_text(json.dumps(samples, indent=1))
     chart(samples, work / "memory.png")
     print(f"rows written {summary['rows_out']} of {config.rows}; memory from {config.warm} rows to each "
-          "process's last sample:")
+          "process's last sample while rows were being written:")
     worst = 0.0
     for name, measures in sorted(growth(samples, config.warm).items()):
         for measure, (start, end) in measures.items():

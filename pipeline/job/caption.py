@@ -7,8 +7,8 @@
 
 An input file that cannot be read is skipped and listed in the summary (`unreadable_files`), and the
 job counts as incomplete; every other file's rows are written. Everything that can be wrong with the
-job is checked first (preflight.py), so a
-bad configuration fails in seconds with one sentence, before any cluster work.
+job is checked first (preflight.py), so a bad configuration fails in seconds with one sentence, before
+any cluster work. `caption(dataset, config)` runs the same stages on a Dataset of the caller's rows.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def run_caption(config: CaptionConfig) -> dict:
 
 def build_dataset(config: CaptionConfig, plan: JobPlan) -> ray.data.Dataset:
     reads = plan.source.reads
-    rows = ray.data.from_items([{"relatives": r} for r in reads], override_num_blocks=min(len(reads), 1000)).map_batches(
+    files = ray.data.from_items([{"relatives": r} for r in reads], override_num_blocks=min(len(reads), 1000))
+    rows = files.map_batches(
         _read_task, batch_size=1, batch_format="pyarrow",
         # the finished ids go to the object store once; each read task maps them, zero-copy
         fn_kwargs={"plan": plan.source, "skip": ray.put(plan.skip_ids), "output": config.output},

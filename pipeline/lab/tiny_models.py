@@ -66,7 +66,8 @@ SPECIAL_TOKENS = [
     "<pad>", "<bos>", "<eos>", "<image>", "<start_of_image>", "<end_of_image>", "<start_of_turn>", "<end_of_turn>",
 ]
 QWEN_SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+    "<|video_pad|>",
 ]
 QWEN_PATCH = 8  # pixels per patch side; 2x2 patches merge into one image token
 QWEN_ROPE_THETA = 1e6  # as the released Qwen2.5-VL checkpoints (Qwen3-VL: 5e6)
@@ -172,16 +173,15 @@ def _qwen_target(family: str, tokenizer, hidden: int, layers: int, init_range: f
     # head_dim / 2 frequencies split between the temporal, height and width axes in the released checkpoints'
     # proportions: Qwen2.5-VL 16:24:24, Qwen3-VL 24:20:20 (interleaved)
     bands = hidden // 4 // 2
-    sections = [bands // 4, 3 * bands // 8, bands - bands // 4 - 3 * bands // 8] if family == "qwen2_5_vl" else \
-        [bands // 2, bands // 4, bands - bands // 2 - bands // 4]
     if family == "qwen2_5_vl":
         text = _qwen2_config(len(tokenizer), hidden, layers, init_range).to_dict()
-        text["rope_parameters"]["mrope_section"] = sections
+        text["rope_parameters"]["mrope_section"] = [bands // 4, 3 * bands // 8, bands - bands // 4 - 3 * bands // 8]
         vision.update(window_size=4 * QWEN_PATCH, fullatt_block_indexes=[1])
         config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
         return Qwen2_5_VLForConditionalGeneration(config)
     text = _qwen3_config(len(tokenizer), hidden, layers, init_range).to_dict()
-    text["rope_parameters"].update(mrope_section=sections, mrope_interleaved=True)
+    text["rope_parameters"].update(mrope_section=[bands // 2, bands // 4, bands - bands // 2 - bands // 4],
+                                   mrope_interleaved=True)
     vision.update(num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
     return Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision, **ids))
 
