@@ -110,6 +110,8 @@ class CausalLMDrafter:
     them in one ragged forward, then drafts k tokens, feeding back the first k-1.
     """
 
+    reads_target_hidden_states = False
+
     def __init__(self, model: CausalLMDraftModel, target_vocab_size: int, pad_token_id: int = 0,
                  name: str = "drafter"):
         self.model = model.eval()
@@ -145,19 +147,20 @@ class CausalLMDrafter:
         batch = len(self.pending)
         # Catch up: read the committed tokens not yet in the cache (ragged, right-padded).
         pending, counts = right_pad(self.pending, self.pad_token_id, self.device)
-        logits = self.decoder.forward(pending, num_new=counts)
+        logits = self.decoder.forward(input_ids=pending, num_new=counts).logits
         logits = logits[torch.arange(batch, device=self.device), (counts - 1).to(self.device)]
         self.pending = [[] for _ in range(batch)]
         tokens, probs = [], []
         for j in range(k):
-            token, prob = self._choose(logits, sampling, generator)
+            token, prob = choose_draft(logits, self.target_vocab_size, sampling, generator)
             tokens.append(token)
             probs.append(prob)
             if j < k - 1:
-                logits = self.decoder.forward(token[:, None])[:, 0]
+                logits = self.decoder.forward(input_ids=token[:, None]).logits[:, 0]
         return torch.stack(tokens, dim=1), (torch.stack(probs, dim=1) if not sampling.greedy else None)
 
-    def commit(self, k: int, num_accepted: torch.Tensor, output_tokens: torch.Tensor) -> None:
+    def commit(self, k: int, num_accepted: torch.Tensor, output_tokens: torch.Tensor,
+               target_hidden_states: torch.Tensor | None = None) -> None:
         """num_accepted [B] and output_tokens [B, k+1] on the host."""
         # propose(k) appended the first k-1 drafts to the cache; roll back those after the first rejection.
         fed_drafts = max(k - 1, 0)
@@ -171,12 +174,16 @@ class CausalLMDrafter:
         self.decoder.select_rows(rows)
         self.pending = [self.pending[i] for i in rows.tolist()]
 
-    def _choose(self, logits, sampling, generator):
-        logits = _fit_vocab(logits.float(), self.target_vocab_size)
-        if sampling.greedy:
-            return logits.argmax(dim=-1), None
-        probs = logits_to_probs(logits, sampling)
-        return sample_from(probs, generator), probs
+
+def choose_draft(logits: torch.Tensor, vocab_size: int, sampling: SamplingConfig, generator
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A draft token per row from drafter logits [B, V_d] and, when sampling, the distribution [B, V] it was
+    drawn from (the target's temperature and top-p rules, over the target's vocabulary)."""
+    logits = _fit_vocab(logits.float(), vocab_size)
+    if sampling.greedy:
+        return logits.argmax(dim=-1), None
+    probs = logits_to_probs(logits, sampling)
+    return sample_from(probs, generator), probs
 
 
 def _fit_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -12,13 +12,16 @@ from pathlib import Path
 
 from drafters.causal_lm import CausalLMDraftModel
 from drafters.massv import DRAFTER_CONFIG, MassvDraftModel
+from drafters.msd import MsdDraftModel
 from drafters.text_only import TextOnlyDraftModel
 from pipeline.engine.drafter import Drafter
 from pipeline.engine.target import Target
 
-DRAFTER_KINDS: dict[str, type[CausalLMDraftModel]] = {
+# kind -> the class that loads (`load`), checks (`check`) and trains a drafter of that kind
+DRAFTER_KINDS: dict[str, type[CausalLMDraftModel] | type[MsdDraftModel]] = {
     TextOnlyDraftModel.kind: TextOnlyDraftModel,
     MassvDraftModel.kind: MassvDraftModel,
+    MsdDraftModel.kind: MsdDraftModel,
 }
 
 
@@ -31,7 +34,7 @@ def read_drafter_config(path: Path) -> dict:
     return config
 
 
-def drafter_kind(path: str | Path) -> tuple[type[CausalLMDraftModel], dict]:
+def drafter_kind(path: str | Path) -> tuple[type[CausalLMDraftModel] | type[MsdDraftModel], dict]:
     """The kind's class and the directory's drafter config."""
     config = read_drafter_config(Path(path))
     return DRAFTER_KINDS[config["kind"]], config

@@ -1,17 +1,22 @@
-"""Drafter distillation on Ray Train: a text-only LM, then MASSV phase 1 (adapt) and phase 2 (distill).
+"""Drafter distillation on Ray Train: a text-only LM, MASSV phase 1 (adapt) and phase 2 (distill), an MSD head.
 
     target   (the demo world only) the target VLM itself learns the answers, image in; same machinery
     text     the small LM learns the answers' language from text (image placeholders stripped, as the
              text-only drafter reads prompts): the baseline drafter, and MASSV's starting point
     adapt    MASSV phase 1: a new projector maps the target's image features into the frozen LM
     distill  MASSV phase 2: projector + LM learn the target's own answers (a corpus the caption job writes)
+    msd      an MSD head learns to predict the target's next hidden state from (h_t, x_{t+1}), the frozen
+             target computing its hidden states in the loop: text-only first (rows' images left out), then
+             each row keeps its image with a probability that ramps linearly from 0 to 1
 
 Rows come from Parquet through Ray Data (`get_dataset_shard`); each worker runs
-`train_loop` on its shard. The loss is cross-entropy on answer tokens only. Rank 0
+`train_loop` on its shard. The loss is cross-entropy on answer tokens only (MSD: SmoothL1 to the
+target's next hidden state + 0.1 x soft cross-entropy to its next-token distribution, answer
+positions only, uniform noise on the input hidden states). Rank 0
 reports a checkpoint (safetensors: weights, optimizer state, step) every
 `checkpoint_every` steps; after a worker failure Ray Train restarts the group and
 the loop resumes from the latest one. The result is saved in the format the
-caption job loads: an HF causal-LM directory (text) or a MASSV directory.
+caption job loads: an HF causal-LM directory (text), a MASSV or an MSD directory.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from torch import nn
 
 from drafters.causal_lm import CausalLMDraftModel
 from drafters.massv import MassvDraftModel, MassvProjector
+from drafters.msd import MsdDraftModel
 from drafters.registry import drafter_kind
 from drafters.text_only import TextOnlyDraftModel
 from pipeline.engine.padding import right_pad
@@ -41,14 +47,14 @@ from pipeline.job.cli import flag
 from pipeline.job.ray_cluster import connect as connect_ray
 from pipeline.job.storage import absolute, is_remote, url_to_fs
 
-PHASES = ("target", "text", "adapt", "distill")
+PHASES = ("target", "text", "adapt", "distill", "msd")
 IGNORE = -100  # label of positions that carry no loss (prompt and padding)
 TRAINING_LOG = "training_log.json"
 
 
 @dataclass
 class TrainConfig:
-    phase: str = field(metadata=flag("target (demo world) | text | adapt (MASSV 1) | distill (MASSV 2)",
+    phase: str = field(metadata=flag("target (demo world) | text | adapt (MASSV 1) | distill (MASSV 2) | msd",
                                      choices=PHASES))
     data: str = field(metadata=flag("Parquet file or directory (local or s3://) with prompt, answer and\n"
                                     "(adapt, distill) image columns"))
@@ -56,8 +62,9 @@ class TrainConfig:
                                       "adapt and distill"))
     output: str = field(metadata=flag("the trained drafter (or target), in the format the caption job loads\n"
                                       "(local or s3://)"))
-    drafter: str = field(default="", metadata=flag("start from: a causal-LM directory (text, adapt) or a MASSV\n"
-                                                   "directory (distill); unused by --phase target"))
+    drafter: str = field(default="", metadata=flag("start from: a causal-LM directory (text, adapt), a MASSV\n"
+                                                   "directory (distill) or an MSD one (msd: optional, a new\n"
+                                                   "head otherwise); unused by --phase target"))
     storage_path: str = field(default="out/train_runs", metadata=flag("Ray Train checkpoints (local or s3://)"))
     name: str = field(default="drafter", metadata=flag("the Ray Train run's name"))
     answer_column: str = field(default="answer", metadata=flag("'text' for a corpus written by the caption job"))
@@ -70,6 +77,14 @@ class TrainConfig:
     max_failures: int = field(default=2, metadata=flag("worker-group restarts from the latest checkpoint"))
     log_every: int = field(default=10, metadata=flag("steps between loss lines"))
     seed: int = field(default=0, metadata=flag("torch seed (plus the worker's rank)"))
+    head_layers: int = field(default=1, metadata=flag("msd: decoder layers of a new head"))
+    decoupled: bool = field(default=True, metadata=flag(
+        "msd: image tokens enter the head as the target's image embeddings (MSD); off: fused\n"
+        "with the hidden state like text tokens (a plain EAGLE head)"))
+    curriculum: bool = field(default=True, metadata=flag(
+        "msd: text-only for the first half of the steps, then a row keeps its image with a\n"
+        "probability ramping linearly from 0 to 1 (MSD's); off: images from the start"))
+    feature_noise: float = field(default=0.2, metadata=flag("msd: width of the uniform noise on input hidden states"))
 
     def __post_init__(self):
         if self.phase not in PHASES:
@@ -77,7 +92,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "checkpoint_every", "num_workers", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
-        if self.phase != "target" and not self.drafter:
+        if self.phase not in ("target", "msd") and not self.drafter:
             raise ValueError(f"--phase {self.phase} needs --drafter, the checkpoint it starts from.")
         for name in ("data", "target", "drafter", "output", "storage_path"):  # Ray Train workers run elsewhere
             setattr(self, name, absolute(getattr(self, name)))
@@ -103,7 +118,25 @@ def build_model(config: TrainConfig, target: Target) -> nn.Module:
         target.model.train().requires_grad_(True)
         return TargetModel(target.model)
     target.model.requires_grad_(False)
+    if config.phase == "msd":
+        if not config.drafter:
+            return MsdDraftModel.new(target, config.head_layers, config.decoupled)
+        kind, drafter_config = drafter_kind(config.drafter)
+        if kind is not MsdDraftModel:
+            raise ValueError(f"--phase msd starts from an MSD head or none, but {config.drafter} is {kind.kind}.")
+        return MsdDraftModel.from_pretrained(Path(config.drafter), drafter_config, target)
     return build_draft_model(config, target)
+
+
+def image_probability(config: TrainConfig, step: int) -> float:
+    """The chance that a row is trained with its image at this step: text phase 0; msd's curriculum, text-only
+    for the first half of the steps, then a linear ramp to 1; other phases 1."""
+    if config.phase == "text":
+        return 0.0
+    if config.phase != "msd" or not config.curriculum:
+        return 1.0
+    half = config.steps / 2
+    return max(0.0, (step - half) / half)
 
 
 def build_draft_model(config: TrainConfig, target: Target) -> CausalLMDraftModel:
@@ -122,14 +155,19 @@ def build_draft_model(config: TrainConfig, target: Target) -> CausalLMDraftModel
     return start
 
 
-def encode_batch(rows: list[dict], config: TrainConfig, target: Target, model: nn.Module, device) -> dict:
+def encode_batch(rows: list[dict], config: TrainConfig, target: Target, model: nn.Module, device,
+                 with_images: float | None = None) -> dict:
     """Right-padded input ids, attention mask and labels (answer tokens + EOS only), plus the image inputs:
-    raw vision inputs for the target phase, the target's image features for MASSV phases, none for text."""
+    raw vision inputs for the target phase, the target's image features for MASSV phases, none for text;
+    for msd, the head's inputs and targets from the target's hidden states. A row keeps its image with
+    probability with_images (by default the phase's at the end of training)."""
+    with_images = image_probability(config, config.steps) if with_images is None else with_images
     sequences, labels, positions = [], [], []
     eos = min(target.eos_token_ids) if target.eos_token_ids else None
     prompts = []
     for row in rows:
-        image = Image.open(io.BytesIO(row["image"])) if config.phase != "text" and row.get("image") else None
+        keep = row.get("image") and (with_images >= 1 or float(torch.rand(())) < with_images)
+        image = Image.open(io.BytesIO(row["image"])) if keep else None
         prompts.append(prepare_prompt(target.processor, row["prompt"], image, target.context_length))
     for row, prompt, target_positions in zip(rows, prompts, target.prompt_positions(prompts)):
         # what the drafter reads, where (text-only: no placeholders, numbered from 0); answers continue after
@@ -145,18 +183,53 @@ def encode_batch(rows: list[dict], config: TrainConfig, target: Target, model: n
              "labels": right_pad(labels, IGNORE, device)[0]}
     vision = [p.vision_inputs for p in prompts if p.vision_inputs]
     vision = {k: torch.cat([v[k] for v in vision]).to(device) for k in vision[0]} if vision else {}
-    if config.phase == "target":
+    if config.phase in ("target", "msd"):
         batch["vision_inputs"] = vision
         batch["token_inputs"] = {
             name: right_pad([p.token_inputs[name] + [0] * (len(s) - len(p.input_ids)) for p, s in
                              zip(prompts, sequences)], 0, device)[0]
             for name in prompts[0].token_inputs
         }
+        if config.phase == "msd":
+            batch = head_batch(batch, right_pad(positions, 0, device)[0], target, config.feature_noise)
     else:
         batch["position_ids"] = right_pad(positions, 0, device)[0]
         if config.phase != "text":
             batch["image_features"] = target.image_features(vision).float() if vision else None
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def head_batch(batch: dict, positions: torch.Tensor, target: Target, noise: float) -> dict:
+    """An MSD head's training batch from the target's: pairs (h_t + noise, x_{t+1}) at the target's positions of
+    x_{t+1}, the image embeddings the target consumed, and what the head predicts, h_{t+1} (answer positions)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    hidden = target.model(input_ids=ids, attention_mask=mask, **batch["vision_inputs"], **batch["token_inputs"],
+                          output_hidden_states=True).hidden_states[-1].float()  # [B, L, H]
+    inputs = hidden[:, :-1]
+    return {"hidden_states": inputs + noise * (torch.rand_like(inputs) - 0.5), "next_ids": ids[:, 1:],
+            "attention_mask": mask[:, 1:], "position_ids": positions[:, 1:],
+            "image_embeds": target.image_features(batch["vision_inputs"]).float() if batch["vision_inputs"] else None,
+            "next_features": hidden[:, 1:], "labels": batch["labels"][:, 1:]}
+
+
+def feature_loss(predicted: torch.Tensor, next_features: torch.Tensor, labels: torch.Tensor, lm_head) -> torch.Tensor:
+    """MSD's loss at answer positions: predicted [B, L, H] vs the target's next hidden states [B, L, H] (SmoothL1)
+    + 0.1 x cross-entropy of the head's next-token distribution to the target's; labels [B, L] (IGNORE elsewhere)."""
+    answer = labels != IGNORE
+    predicted, true = predicted[answer], next_features[answer]  # [N, H]
+    target_probs = F.softmax(lm_head(true).float(), dim=-1)
+    soft_cross_entropy = -(target_probs * F.log_softmax(lm_head(predicted).float(), dim=-1)).sum(-1).mean()
+    return F.smooth_l1_loss(predicted, true) + 0.1 * soft_cross_entropy
+
+
+def training_loss(model: nn.Module, inner: nn.Module, inputs: dict) -> torch.Tensor:
+    """The phase's loss for a batch from encode_batch (model: DDP-wrapped or not; inner: the model itself)."""
+    labels = inputs.pop("labels")
+    if "next_features" in inputs:
+        next_features = inputs.pop("next_features")
+        return feature_loss(model(**inputs), next_features, labels, inner.logits)
+    return answer_loss(model(**inputs), labels)
 
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -190,9 +263,9 @@ def train_loop(loop_config: dict) -> None:
     started = time.perf_counter()
     while step < config.steps:
         for batch in shard.iter_batches(batch_size=config.batch_size, batch_format="pandas"):
-            inputs = encode_batch(batch.to_dict("records"), config, target, inner, device)
-            labels = inputs.pop("labels")
-            loss = answer_loss(model(**inputs), labels)
+            inputs = encode_batch(batch.to_dict("records"), config, target, inner, device,
+                                  image_probability(config, step))
+            loss = training_loss(model, inner, inputs)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

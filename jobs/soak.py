@@ -127,10 +127,7 @@ def main() -> int:
 
     work = Path(config.work)
     job = demo_configs(work, rows=config.rows, max_new_tokens=config.max_new_tokens)["speculative"]
-    if config.object_store_mb:
-        import ray
-
-        ray.init(object_store_memory=config.object_store_mb * 2**20)
+    job.object_store_mb = config.object_store_mb
     samples: list[dict] = []
     done = threading.Event()
     sampler = threading.Thread(target=sample_until, args=(done, config, Path(job.output) / "parts", samples))

@@ -14,8 +14,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# Ray reads this when it is imported (test modules import it at collection), not at ray.init: so here, before
+# any of them. With it, Ray takes 127.0.0.1 as the node address, not a routable one.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -26,7 +30,7 @@ from pipeline.lab.tiny_models import sample_rows as ragged_rows  # noqa: E402, F
 
 
 RAY_ENVIRONMENT = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # Ray then takes 127.0.0.1 as the node address, not a routable one
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # for the subprocesses too
 }
 
 

@@ -57,6 +57,9 @@ class RunningBatch:
         self.drafter = drafter
         self.rows: list[Row] = []
         self.last_tokens: torch.Tensor | None = None  # [B] each row's newest token, not yet verified past
+        # the target's hidden states are computed only for a drafter that reads them (MSD)
+        self.hidden_states_wanted = drafter is not None and drafter.reads_target_hidden_states
+        self.verified_hidden_states: torch.Tensor | None = None  # [B, k+1, H] of the last verify, when wanted
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -67,7 +70,7 @@ class RunningBatch:
         target's logits [B, V] by `choose`."""
         started = time.perf_counter()
         append = bool(self.rows)
-        prefill = self.target.prefill(prompts, append=append)
+        prefill = self.target.prefill(prompts, append=append, hidden_states=self.hidden_states_wanted)
         first_tokens = choose(prefill.first_logits)
         if self.drafter is not None:
             self.drafter.prefill(prompts, prefill, first_tokens, append=append)
@@ -84,6 +87,12 @@ class RunningBatch:
             return self.last_tokens.new_empty(len(self.rows), 0), None
         return self.drafter.propose(k, sampling, generator)
 
+    def verify(self, draft_tokens: torch.Tensor) -> torch.Tensor:  # [B, k] -> target logits [B, k+1, V]
+        """One target forward over [last token, drafts] of every row."""
+        tokens = torch.cat([self.last_tokens[:, None], draft_tokens], dim=1)
+        logits, self.verified_hidden_states = self.target.verify(tokens, hidden_states=self.hidden_states_wanted)
+        return logits
+
     def rollback(
         self,
         k: int,
@@ -94,7 +103,7 @@ class RunningBatch:
         if k > 0:  # a plain step rejects nothing
             self.target.rollback(k - num_accepted)
         if self.drafter is not None:
-            self.drafter.commit(k, num_accepted, output_tokens)
+            self.drafter.commit(k, num_accepted, output_tokens, self.verified_hidden_states)
 
     def emit(
         self,

@@ -10,6 +10,8 @@ has no family-specific branches.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -26,6 +28,9 @@ class RaggedDecoder:
         text_config = model.config.get_text_config()
         self.layer_types, self.sliding_window = layer_types_of(text_config)
         self.cache: RaggedKVCache | None = None
+        # a causal LM computes logits of the last prompt token only; a feature model (an MSD head) has none
+        keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.prefill_options = {"logits_to_keep": 1} if keeps_logits else {}
 
     @property
     def device(self) -> torch.device:
@@ -47,14 +52,16 @@ class RaggedDecoder:
         position_ids: torch.Tensor,  # [B, L] or [axes, B, L], from the family (or the drafter's own numbering)
         offsets: torch.Tensor,  # [B] on the host: each row's next position minus its length
         append: bool = False,  # add these rows after those already in the cache, instead of replacing them
+        hidden_states: bool = False,  # also return the last hidden states [B, L, H] (left-padded)
         **model_inputs,  # the left-padded prompts as the family feeds them: inputs_embeds [B, L, H] or input_ids
-    ) -> torch.Tensor:  # [B, V] logits of each row's last prompt token
+    ):  # the model's output: logits [B, 1, V] of each row's last prompt token (a feature model: its features)
         lengths = attention_mask.sum(dim=1)
         out = self.model(
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=True,
-            logits_to_keep=1,
+            **self.prefill_options,
+            **_hidden_states_request(hidden_states),
             **model_inputs,
         )
         cache = RaggedKVCache.from_left_padded(out.past_key_values, lengths, attention_mask.shape[1], offsets)
@@ -62,26 +69,29 @@ class RaggedDecoder:
             self.cache.append_rows(cache)
         else:
             self.cache = cache
-        return out.logits[:, -1]
+        return out
 
     @torch.no_grad()
     def forward(
         self,
-        tokens: torch.Tensor,  # [B, q]
         num_new: torch.Tensor | None = None,  # [B] on the host: row i appends its first num_new[i] tokens (all q)
-    ) -> torch.Tensor:  # [B, q, V] logits
+        hidden_states: bool = False,  # also return the last hidden states [B, q, H]
+        **model_inputs,  # input_ids [B, q] or inputs_embeds [B, q, H]
+    ):  # the model's output: logits [B, q, V] (a feature model: its features)
         """Run q tokens per row at each row's next slots and append them (right-padded rows: fewer)."""
-        slots = self.cache.begin_forward(tokens.shape[1])
+        q = next(iter(model_inputs.values())).shape[1]
+        slots = self.cache.begin_forward(q)
         masks = attention_masks(slots, self.cache.kv_len, self.layer_types, self.sliding_window, self.dtype)
         out = self.model(
-            input_ids=tokens,
             attention_mask=masks,
             position_ids=self.family.decode_positions(slots, self.cache.position_offsets),
             past_key_values=self.cache,
             use_cache=True,
+            **_hidden_states_request(hidden_states),
+            **model_inputs,
         )
-        self.cache.end_forward(tokens.shape[1] if num_new is None else num_new)
-        return out.logits
+        self.cache.end_forward(q if num_new is None else num_new)
+        return out
 
     def rollback(self, num_dropped: torch.Tensor) -> None:
         """Discard the last num_dropped[i] tokens of row i (host tensor)."""
@@ -89,3 +99,8 @@ class RaggedDecoder:
 
     def select_rows(self, rows: torch.Tensor) -> None:
         self.cache.select_rows(rows)
+
+
+def _hidden_states_request(wanted: bool) -> dict:
+    """HF keeps every layer's output when asked; [-1], the last one (after the final norm), is what is read."""
+    return {"output_hidden_states": True} if wanted else {}

@@ -20,11 +20,13 @@ from pipeline.engine.target import TargetPrefill
 class Drafter(Protocol):
     name: str
     kind: str
+    reads_target_hidden_states: bool  # the target then returns its last hidden states from prefill and verify
 
     def prefill(
         self,
         prompts: list[PreparedPrompt],
-        target: TargetPrefill,  # what the target's prefill of these rows computed: image features, positions
+        target: TargetPrefill,  # what the target's prefill of these rows computed: image features, positions,
+        # and its last hidden states when the drafter reads them
         first_tokens: torch.Tensor,  # [B] the target's first generated token per row
         append: bool = False,  # these rows join the rows already drafting (continuous batching)
     ) -> None: ...
@@ -40,6 +42,7 @@ class Drafter(Protocol):
         k: int,  # drafts proposed per row this step (0: the drafter was not called)
         num_accepted: torch.Tensor,  # [B] on the host: drafts the target accepted
         output_tokens: torch.Tensor,  # [B, k+1] on the host: emitted tokens, placeholder after num_accepted
+        target_hidden_states: torch.Tensor | None,  # [B, k+1, H] of the verify forward, when the drafter reads them
     ) -> None:
         """Roll back the rejected drafts and take the emitted tokens as the rows' continuation."""
         ...

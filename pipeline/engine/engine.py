@@ -113,7 +113,7 @@ class SpecDecodeEngine:
         clock.lap("draft" if k else "verify")  # a plain step (k = 0) spends no time drafting
 
         # Verify: one target forward over [last, d1..dk] for the whole batch.
-        target_logits = self.target.verify(torch.cat([batch.last_tokens[:, None], draft_tokens], dim=1))
+        target_logits = batch.verify(draft_tokens)
 
         # Accept: the pure acceptance rule; counts go to the host, where rollback lengths live.
         num_accepted, output_tokens = self._accept(draft_tokens, draft_probs, target_logits)

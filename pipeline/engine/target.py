@@ -32,6 +32,7 @@ class TargetPrefill:
     first_logits: torch.Tensor  # [B, V] logits after each row's prompt
     image_features: torch.Tensor | None  # [image tokens of the batch, hidden], row-major
     positions: list[list[int]]  # per row, each prompt token's position on the target's text axis
+    hidden_states: torch.Tensor | None = None  # [B, L, H] last hidden states, left-padded like the prompts (on request)
 
 
 class Target:
@@ -81,13 +82,18 @@ class Target:
         return self.family.image_features(self.model, vision_inputs)
 
     @torch.no_grad()
-    def prefill(self, prompts: list[PreparedPrompt], append: bool = False) -> TargetPrefill:
-        """Prefill these rows, as the whole batch or (append) after the rows already decoding."""
+    def prefill(self, prompts: list[PreparedPrompt], append: bool = False, hidden_states: bool = False
+                ) -> TargetPrefill:
+        """Prefill these rows, as the whole batch or (append) after the rows already decoding; with hidden_states,
+        also the last hidden state of every prompt token (for a drafter that reads them)."""
         ids, mask, token_inputs, vision_inputs = self._padded(prompts)
         inputs = self.family.prefill_inputs(self.model, ids, self.image_token_id, vision_inputs, token_inputs)
         positions, offsets = self.family.prefill_positions(self.model, ids, mask, token_inputs, vision_inputs)
-        logits = self.decoder.prefill(mask, positions, offsets, append=append, **inputs.model_inputs)
-        return TargetPrefill(logits, inputs.image_features, _unpadded(self.family.text_axis(positions), mask))
+        out = self.decoder.prefill(mask, positions, offsets, append=append, hidden_states=hidden_states,
+                                   **inputs.model_inputs)
+        return TargetPrefill(out.logits[:, -1], inputs.image_features,
+                             _unpadded(self.family.text_axis(positions), mask),
+                             out.hidden_states[-1] if hidden_states else None)
 
     def prompt_positions(self, prompts: list[PreparedPrompt]) -> list[list[int]]:
         """Per row, each prompt token's position on the text axis, as prefill numbers it (no forward)."""
@@ -102,10 +108,12 @@ class Target:
                         for name in prompts[0].token_inputs}
         return ids, mask, token_inputs, _concat_vision_inputs(prompts)
 
-    def verify(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits [B, q, V] for tokens [B, q] = [last token, drafts...] of every row, one forward; all q are
-        appended until `rollback` discards the rejected ones."""
-        return self.decoder.forward(tokens)
+    def verify(self, tokens: torch.Tensor, hidden_states: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits [B, q, V] for tokens [B, q] = [last token, drafts...] of every row, one forward, and (on request)
+        the last hidden states [B, q, H]; all q are appended until `rollback` discards the rejected ones."""
+        out = self.decoder.forward(input_ids=tokens, hidden_states=hidden_states)
+        return out.logits, out.hidden_states[-1] if hidden_states else None
 
     def rollback(self, num_rejected: torch.Tensor) -> None:
         """Discard the last num_rejected[i] verified tokens of row i (host tensor)."""

@@ -46,7 +46,7 @@ def run_caption(config: CaptionConfig) -> dict:
     plan = preflight(config)
     if plan.skip_ids:
         print(f"resuming: {len(plan.skip_ids)} rows already in {config.output} are skipped", flush=True)
-    connect_ray()
+    connect_ray(config.object_store_mb)
     forget_unreadable(config.output)
     parts_before = set(part_files(config.output))
     fs, parts_path = url_to_fs(parts_dir(config.output))  # written through fsspec, as everything else is

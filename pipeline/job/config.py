@@ -72,6 +72,9 @@ class CaptionConfig:
         "also write each row's image bytes (column image): a self-distillation corpus\n"
         "that jobs/train_drafter.py --phase distill reads as it is"))
     seed: int | None = field(default=None, metadata=flag("seed for sampling (temperature > 0)"))
+    object_store_mb: int | None = field(default=None, metadata=flag(
+        "object store of the local Ray the job starts when there is no cluster (default Ray's,\n"
+        "30%% of RAM); a store sized to the job keeps the actors' resident memory flat"))
     model_cache: str = field(default=DEFAULT_MODEL_CACHE, metadata=flag("per-node copy of s3:// checkpoints"))
     trust_remote_code: bool = field(default=False, metadata=flag("allow checkpoints' own Python code"))
 
@@ -88,6 +91,8 @@ class CaptionConfig:
             (0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}."),
             (self.max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {self.max_new_tokens}."),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}."),
+            (self.object_store_mb is None or self.object_store_mb >= 75,
+             f"--object-store-mb must be at least 75 (Ray's smallest store), got {self.object_store_mb}."),
             (self.max_image_pixels >= 1, f"--max-image-pixels must be at least 1, got {self.max_image_pixels}."),
             (self.gpus_per_actor is None or self.gpus_per_actor >= 0, "--gpus-per-actor must be >= 0."),
             (self.cpus_per_actor > 0, f"--cpus-per-actor must be > 0, got {self.cpus_per_actor}."),

@@ -6,6 +6,11 @@ the record stays behind and `ray.init()` retries it for minutes. `connect` check
 the recorded address first (a TCP connect with a short timeout) and, when nothing
 answers there, says so in one sentence and starts a local Ray instead. With
 RAY_ADDRESS set (`ray job submit`, or a user's choice) Ray is left to do as it does.
+
+A local Ray the job starts itself can have its object store sized for the job: Ray's default (30% of RAM)
+is fine for throughput, but a long job's actors map ever more of the store's shared pages (measured by
+jobs/soak.py: resident memory grows until it holds the whole store), so a store sized to what the job
+keeps in flight keeps their resident memory flat.
 """
 
 from __future__ import annotations
@@ -20,21 +25,23 @@ log = logging.getLogger(__name__)
 PROBE_TIMEOUT_S = 3.0
 
 
-def connect(**init_kwargs) -> None:
-    """ray.init for a job's driver: the cluster it runs on, the recorded one if it answers, else a local Ray."""
+def connect(object_store_mb: int | None = None) -> None:
+    """ray.init for a job's driver: the cluster it runs on, the recorded one if it answers, else a local Ray
+    (with an object store of object_store_mb when given; a cluster's store is the cluster's to size)."""
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(**init_kwargs)
+    record, address = (None, None) if os.environ.get("RAY_ADDRESS") else recorded_cluster()
+    if os.environ.get("RAY_ADDRESS") or (address and answers(address)):
+        ray.init()
         return
-    record, address = recorded_cluster()
-    if address and not answers(address):
+    if address:
         print(f"warning: the Ray cluster recorded in {record} ({address}) does not answer, so a local Ray is "
               f"started instead; to use a cluster, set RAY_ADDRESS (or start that cluster again), and to stop "
               f"seeing this, delete {record}.", flush=True)
-        ray.init(address="local", **init_kwargs)
-        return
-    ray.init(**init_kwargs)
+    ray.init(address="local", object_store_memory=object_store_mb * 2**20 if object_store_mb else None)
+    store_mb = ray.cluster_resources().get("object_store_memory", 0) / 2**20
+    print(f"started a local Ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, "
+          f"{ray.cluster_resources().get('GPU', 0):g} GPUs, a {store_mb:.0f} MB object store", flush=True)
 
 
 def recorded_cluster() -> tuple[str, str | None]:

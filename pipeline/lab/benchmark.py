@@ -53,7 +53,7 @@ QUICK = dict(rows=4, batch_sizes=[1, 4], gammas=[2, AUTO], max_new_tokens=8, rep
 
 
 def demo_drafters() -> dict[str, str]:
-    return {"text-only": str(DEMO_WORLD / "text-only"), "massv": str(DEMO_WORLD / "massv")}
+    return {name: str(DEMO_WORLD / name) for name in ("text-only", "msd", "massv")}  # the caption job runs the last
 
 
 def _named_path(value: str) -> tuple[str, str]:

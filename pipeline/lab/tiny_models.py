@@ -302,6 +302,32 @@ def build_massv_drafter(target_dir: str | Path, directory: str | Path, seed: int
     return Path(directory)
 
 
+def build_msd_drafter(target_dir: str | Path, directory: str | Path, seed: int = 3, oracle: bool = False) -> Path:
+    """An MSD head for the target: one random decoder layer, or (oracle=True) the target's whole decoder stack
+    and final norm with fc passing the token embedding through. The oracle then computes what the target
+    does but for the first prompt token, which its pairs (h_t, x_{t+1}) never show it: its drafts are
+    mostly accepted, and sometimes not (what fidelity tests need)."""
+    from drafters.msd import MsdDraftModel
+    from pipeline.engine.target import Target
+
+    torch.manual_seed(seed)
+    target = Target.load(str(target_dir), device=torch.device("cpu"), dtype=torch.float32)
+    if not oracle:
+        MsdDraftModel.new(target).save_pretrained(directory)
+        return Path(directory)
+    text_config = target.text_config
+    head = MsdDraftModel.new(target, text_config.num_hidden_layers, layer_types=getattr(text_config, "layer_types", None))
+    language_model = target.model.model.language_model
+    with torch.no_grad():
+        hidden = text_config.hidden_size
+        head.fc.weight.copy_(torch.cat([torch.eye(hidden), torch.zeros(hidden, hidden)], dim=1))
+        head.fc.bias.zero_()
+        head.decoder.layers.load_state_dict(language_model.layers.state_dict())
+        head.decoder.norm.load_state_dict(language_model.norm.state_dict())
+    head.save_pretrained(directory)
+    return Path(directory)
+
+
 def _random_causal_lm(target_dir, vocab_size: int, seed: int, hidden: int, layers: int, init_range: float):
     """A seeded random causal LM of the target's family."""
     torch.manual_seed(seed)
@@ -315,7 +341,8 @@ def build_world(family: str, directory: str | Path, target_layers: int = 4,
 
     "text-only" and "massv" are small random drafters (rarely accepted);
     "massv-oracle" is the target's own language model (every draft accepted);
-    "massv-noisy" is that oracle with a noisy LM head (often accepted, sometimes not).
+    "massv-noisy" is that oracle with a noisy LM head (often accepted, sometimes not);
+    "msd" is a random MSD head, "msd-oracle" one built from the target's own layers (often accepted).
     With active_layers, "massv-shallow-oracle" is the target's first active_layers
     layers: every draft accepted at a fraction of the target's cost.
     """
@@ -327,6 +354,8 @@ def build_world(family: str, directory: str | Path, target_layers: int = 4,
         "massv": build_massv_drafter(target, directory / "massv"),
         "massv-oracle": build_massv_drafter(target, directory / "massv-oracle", perfect=True),
         "massv-noisy": build_massv_drafter(target, directory / "massv-noisy", perfect=True, head_noise=NOISY_HEAD),
+        "msd": build_msd_drafter(target, directory / "msd"),
+        "msd-oracle": build_msd_drafter(target, directory / "msd-oracle", oracle=True),
     }
     if active_layers is not None:
         world["massv-shallow-oracle"] = build_massv_drafter(

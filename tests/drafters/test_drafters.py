@@ -111,3 +111,46 @@ def test_training_numbers_tokens_as_the_target_does(world, targets):
         same["sequential"] += int((sequential[i, span] == expected[0, span]).sum())
         same["answer tokens"] += len(answer)
     assert same["target positions"] >= 0.9 * same["answer tokens"] > same["sequential"], same
+
+
+def test_msd_head_round_trip_stores_only_the_head(world, targets):
+    """An MSD checkpoint is the head alone (fc + decoder layer, safetensors): embeddings and LM head are the
+    target's, shared at load."""
+    from safetensors import safe_open
+
+    from drafters.msd import HEAD_WEIGHTS
+
+    path = world["llava"]["msd"]
+    config = json.loads((path / DRAFTER_CONFIG).read_text())
+    target = targets["llava"]
+    assert config["kind"] == "msd" and config["decoupled"] is True
+    assert config["target"]["hidden_size"] == target.text_config.hidden_size
+    assert not list(path.rglob("*.bin")) and not list(path.rglob("*.pt"))  # no pickles
+    with safe_open(path / HEAD_WEIGHTS, "pt") as weights:
+        names = list(weights.keys())
+    assert "fc.weight" in names and any(".layers.0." in n for n in names)
+    assert not any("embed" in n or "lm_head" in n for n in names), names
+    drafter = load_drafter(path, target)
+    assert drafter.kind == "msd" and drafter.reads_target_hidden_states
+    assert drafter.model.shared[1] is target.model.get_output_embeddings()
+
+
+def test_msd_head_for_another_target_is_refused(world, targets):
+    """Loading checks shapes and a fingerprint of the shared weights: one sentence, before any decoding."""
+    from drafters import check_drafter
+
+    gemma3 = targets["gemma3"]  # the same width and vocabulary as the llava target, other weights
+    with pytest.raises(ValueError, match=r"MSD head .* was trained for a target whose embeddings and LM head differ "
+                                         r"from this target's \(fingerprint \w+, this target \w+\): train a head"):
+        load_drafter(world["llava"]["msd"], gemma3)
+    target = targets["llava"]
+    text_config = target.text_config
+    text_config.hidden_size += 1
+    try:
+        for refuse in (lambda: load_drafter(world["llava"]["msd"], target),
+                       lambda: check_drafter(world["llava"]["msd"], target.tokenizer, text_config, "head")):
+            with pytest.raises(ValueError, match="was trained for a target with hidden_size 64, but this target's is "
+                                                 "65: train a head for this target"):
+                refuse()
+    finally:
+        text_config.hidden_size -= 1

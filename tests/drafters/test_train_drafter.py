@@ -1,4 +1,5 @@
-"""Drafter training on Ray Train, minutes-scale on tiny data: text -> adapt -> corpus -> distill, and a worker failure.
+"""Drafter training on Ray Train, minutes-scale on tiny data: text -> adapt -> corpus -> distill, and an MSD head
+trained by two workers, one of them killed.
 
 Each phase must lower its loss, write checkpoints, and produce a drafter the
 caption job loads and that stays lossless; the corpus the caption job writes
@@ -15,6 +16,7 @@ import pandas as pd
 import pytest
 import ray
 import torch
+from conftest import ragged_rows
 
 from drafters import load_drafter
 from drafters.training import (
@@ -28,6 +30,8 @@ from drafters.training import (
 from pipeline.lab import scenes
 from pipeline.job.caption import run_caption
 from pipeline.job.config import CaptionConfig
+from pipeline.engine.engine import EngineConfig, SpecDecodeEngine
+from pipeline.engine.prompts import prepare_prompt
 from pipeline.engine.target import Target
 
 pytestmark = pytest.mark.slow
@@ -36,6 +40,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def local_ray(s3_server):  # the S3 variables are set before Ray starts, so its workers see them too
     ray.init(num_cpus=4, include_dashboard=False)
+    assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}, "loopback only"
     yield
     ray.shutdown()
 
@@ -92,20 +97,20 @@ def test_text_adapt_corpus_distill(local_ray, world, data, tmp_path):
     loaded = Target.load(str(target))
     assert load_drafter(text_only, loaded).kind == "text-only"
     assert load_drafter(adapted, loaded).kind == load_drafter(distilled, loaded).kind == "massv"
-    # the distilled drafter in the caption job: answers identical to the target's own
-    outputs = {}
-    for name, drafter in (("plain", "none"), ("distilled", str(distilled))):
-        run_caption(CaptionConfig(input=str(data["instruct"].parent), output=str(tmp_path / name), target=str(target),
-                                  drafter=drafter, gamma=3, max_new_tokens=12, num_actors=1, gpus_per_actor=0))
-        outputs[name] = pd.read_parquet(tmp_path / name / "parts").set_index("id")["text"].sort_index()
-    assert outputs["plain"].equals(outputs["distilled"])
+    # the distilled drafter in the caption job: answers identical to the target's own (the corpus's, greedy)
+    run_caption(CaptionConfig(input=str(data["instruct"].parent), output=str(tmp_path / "distilled"),
+                              target=str(target), drafter=str(distilled), gamma=3, max_new_tokens=12, num_actors=1,
+                              gpus_per_actor=0))
+    answers = pd.read_parquet(tmp_path / "distilled" / "parts").set_index("id")["text"].sort_index()
+    assert answers.equals(frame.set_index("id")["text"].sort_index())
 
 
 def test_two_workers_on_uneven_s3_data_resume_after_a_worker_is_killed(local_ray, world, tmp_path):
-    """Two DDP workers (gloo) with --data and --storage-path on s3:// (moto), 61 rows for batches of 8: Ray Train
-    splits rows equally (a remainder left out each epoch) and the loop counts steps, not epochs, so both ranks take
-    every step together across epochs (a rank with a batch more would wait on a collective forever). One worker is
-    killed after a checkpoint: Ray Train restarts the group, which resumes from it; each step is done once."""
+    """An MSD head trained by two DDP workers (gloo) with --data and --storage-path on s3:// (moto), 61 text rows for
+    batches of 8: Ray Train splits rows equally (a remainder left out each epoch) and the loop counts steps, not
+    epochs, so both ranks take every step together across epochs (a rank with a batch more would wait on a collective
+    forever). One worker is killed after a checkpoint: Ray Train restarts the group, which resumes from it; each step
+    is done once. The head learns, and in the engine it is accepted and lossless."""
     import psutil
     import s3fs
 
@@ -120,7 +125,7 @@ def test_two_workers_on_uneven_s3_data_resume_after_a_worker_is_killed(local_ray
         # two checkpoint directories: the first of them is surely registered by then
         while time.monotonic() < deadline:
             fs.invalidate_cache()
-            stored = fs.find("training/runs/text", withdirs=True) if fs.exists("training/runs/text") else []
+            stored = fs.find("training/runs/msd", withdirs=True) if fs.exists("training/runs/msd") else []
             if len({path.split("checkpoint_")[1].split("/")[0] for path in stored if "checkpoint_" in path}) >= 2:
                 break
             time.sleep(0.2)
@@ -132,13 +137,23 @@ def test_two_workers_on_uneven_s3_data_resume_after_a_worker_is_killed(local_ray
 
     killer = threading.Thread(target=kill_the_worker_after_a_checkpoint)
     killer.start()
-    history = train("text", "s3://training/data/", {"target": world["llava"]["target"],
-                                                    "from": world["llava"]["text-only"]},
-                    tmp_path / "text-only", tmp_path, steps=40, num_workers=2, storage_path="s3://training/runs")
+    head = tmp_path / "msd"
+    history = train("msd", "s3://training/data/", {"target": world["llava"]["target"], "from": ""}, head, tmp_path,
+                    steps=40, num_workers=2, storage_path="s3://training/runs")
     killer.join()
     assert killed, "a training worker was killed"
     assert len(history["resumed_at"]) == 1 and history["resumed_at"][0] % 8 == 0 and history["resumed_at"][0] > 0
     assert len(history["losses"]) == 40  # the steps after the checkpoint were redone, none twice
+    assert_learned(history)
+
+    target = Target.load(str(world["llava"]["target"]))
+    prompts = [prepare_prompt(target.processor, prompt, image, target.context_length)
+               for prompt, image in ragged_rows(8)]
+    config = EngineConfig(gamma=3, max_new_tokens=12)
+    plain = SpecDecodeEngine(target, None, config).generate(prompts)
+    drafted = SpecDecodeEngine(target, load_drafter(head, target), config).generate(prompts)
+    assert [r.tokens for r in drafted] == [r.tokens for r in plain]
+    assert sum(r.counts.num_accepted for r in drafted) > 0, "the trained head's drafts are accepted"
 
 
 def test_training_state_restores_weights_and_optimizer_exactly_and_strictly(world, targets, tmp_path):
@@ -179,6 +194,64 @@ def test_training_state_restores_weights_and_optimizer_exactly_and_strictly(worl
     adapt, adapt_optimizer = start("adapt")  # trains the projector only: the distill checkpoint does not fit
     with pytest.raises(ValueError, match="does not hold this phase's trainable weights"):
         load_training_state(tmp_path, adapt, adapt_optimizer)
+
+
+def test_msd_batch_pairs_each_hidden_state_with_the_next_token(world, targets, data):
+    """An MSD training batch from image rows: at column t the pair (h_t, x_{t+1}) at the target's position of
+    x_{t+1}, one image embedding per image token, and h_{t+1} to predict, with the answer's positions marked."""
+    from drafters.training import IGNORE, build_model, encode_batch
+
+    target = targets["llava"]
+    config = TrainConfig(phase="msd", data="unused", target=str(world["llava"]["target"]), output="unused",
+                         feature_noise=0.0)
+    rows = pd.read_parquet(data["caption"]).head(3).to_dict("records")
+    batch = encode_batch(rows, config, target, build_model(config, target), target.device)
+    ids = batch["next_ids"]
+    assert int((ids == target.image_token_id).sum()) == batch["image_embeds"].shape[0] > 0
+    assert torch.equal(batch["hidden_states"][:, 1:], batch["next_features"][:, :-1])  # h_{t+1} is the next input
+    answer = batch["labels"] != IGNORE
+    assert torch.equal(batch["labels"][answer], ids[answer])  # a label marks x_{t+1} when it is an answer token
+    first = batch["attention_mask"][0].bool()
+    assert batch["position_ids"][0][first].tolist() == list(range(1, int(first.sum()) + 1))  # LLaVA: x_{t+1} at t+1
+
+
+def test_msd_training_state_restores_exactly(world, targets, tmp_path):
+    """An MSD head's checkpoint holds fc and its decoder layer (not the target's shared embedding and LM head), and
+    a resumed head with its AdamW state takes the next step exactly as the uninterrupted one."""
+    from drafters.training import build_model, feature_loss
+
+    target = targets["llava"]
+    hidden = target.text_config.hidden_size
+    config = TrainConfig(phase="msd", data="unused", target=str(world["llava"]["target"]), output=str(tmp_path / "x"))
+
+    def start():
+        torch.manual_seed(0)
+        model = build_model(config, target)
+        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+    def step(model, optimizer, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, 300, (2, 8), generator=generator)
+        ids[:, 1:3] = target.image_token_id  # image positions enter as the target's image embeddings
+        features = torch.randn(2, 8, hidden, generator=generator)
+        predicted = model(features, ids, torch.ones_like(ids), torch.arange(8).expand(2, 8),
+                          torch.randn(4, hidden, generator=generator))
+        loss = feature_loss(predicted, torch.randn(2, 8, hidden, generator=generator), ids, model.logits)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    trained, optimizer = start()
+    assert not any("embed" in name or "lm_head" in name for name, _ in trained.named_parameters())
+    for seed in range(3):
+        step(trained, optimizer, seed)
+    save_training_state(tmp_path, trained, optimizer, (3, [0.5, 0.4, 0.3], []))
+    resumed, resumed_optimizer = start()
+    assert load_training_state(tmp_path, resumed, resumed_optimizer) == (3, [0.5, 0.4, 0.3], [])
+    step(trained, optimizer, 3)
+    step(resumed, resumed_optimizer, 3)
+    for (name, a), b in zip(trained.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), f"{name}: the optimizer state did not come back"
 
 
 def test_rows_without_an_answer_leave_before_the_split():

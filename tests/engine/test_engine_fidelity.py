@@ -1,7 +1,8 @@
 """Engine fidelity on tiny models: greedy is token-identical (every family), sampling keeps the target's distribution.
 
-Fidelity is proven with a drafter the target actually accepts about half the time
-("massv-noisy": the target's own language model with a noisy head), so rollback
+Fidelity is proven with drafters the target actually accepts about half the time
+("massv-noisy": the target's own language model with a noisy head; "msd-oracle": an MSD
+head made of the target's own layers, blind to the first prompt token), so rollback
 of partly accepted drafts is exercised on every step, next to random drafters
 (rarely accepted) and a perfect one. Also: rollback keeps KV memory bounded under
 constant rejection, and a perfect drafter reaches tau = gamma + 1.
@@ -25,6 +26,7 @@ from pipeline.engine.target import Target
 
 MAX_NEW = 24
 NEAR_TIE = 1e-4
+ACCEPTED = ("massv-noisy", "msd-oracle")  # drafters the target accepts often, but not always
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +88,7 @@ def assert_exact_counts(result, gamma: int) -> None:
 
 
 @pytest.mark.parametrize("family", tiny_models.FAMILIES)
-@pytest.mark.parametrize("drafter_kind", ["text-only", "massv", "massv-noisy"])
+@pytest.mark.parametrize("drafter_kind", ["text-only", "massv", "massv-noisy", "msd-oracle"])
 @pytest.mark.parametrize("gamma", [1, 3, 5, "auto"])
 def test_greedy_is_token_identical(world, targets, references, family, drafter_kind, gamma):
     target = targets[family]
@@ -103,12 +105,12 @@ def test_greedy_is_token_identical(world, targets, references, family, drafter_k
         if gamma != "auto":
             for r in speculative:
                 assert_exact_counts(r, gamma)
-        if drafter_kind == "massv-noisy" and gamma in (3, 5) and batch > 1:  # auto drafts little on CPU
+        if drafter_kind in ACCEPTED and gamma in (3, 5) and batch > 1:  # auto drafts little on CPU
             assert_accepted_and_rejected(speculative)
 
 
 @pytest.mark.parametrize("family", ["llava", "gemma3"])
-@pytest.mark.parametrize("drafter_kind", [None, "text-only", "massv", "massv-noisy"])
+@pytest.mark.parametrize("drafter_kind", [None, "text-only", "massv", "massv-noisy", "msd-oracle"])
 def test_continuous_batching_is_token_identical(world, targets, references, family, drafter_kind):
     """Rows admitted into a running batch as others finish (budgets staggered) decode exactly as alone."""
     target = targets[family]
@@ -123,7 +125,7 @@ def test_continuous_batching_is_token_identical(world, targets, references, fami
     assert [r.tokens for r in results] == [r.tokens for r in static.generate(prompts, max_new_tokens=budgets)]
     assert 3 <= engine.times.mean_rows_per_step <= 4  # full but for the last rows: more than a static batch of 4
     assert all(r.counts.latency_s > 0 for r in results)
-    if drafter_kind == "massv-noisy":
+    if drafter_kind in ACCEPTED:
         assert_accepted_and_rejected(results)
 
 
@@ -152,6 +154,7 @@ class AlwaysWrongDrafter:
 
     name = "always-wrong"
     kind = "test"
+    reads_target_hidden_states = False
 
     def __init__(self, token: int):
         self.token = token
@@ -163,7 +166,7 @@ class AlwaysWrongDrafter:
     def propose(self, k, sampling, generator):
         return torch.full((self.rows, k), self.token, dtype=torch.long), None
 
-    def commit(self, k, num_accepted, output_tokens):
+    def commit(self, k, num_accepted, output_tokens, target_hidden_states):
         assert int(num_accepted.sum()) == 0 and output_tokens.shape[1] == k + 1
 
     def select_rows(self, rows):
@@ -189,6 +192,20 @@ def test_rejections_do_not_grow_kv_memory(targets, family):
     assert int(target.lengths.max()) <= longest
 
 
+def test_msd_head_cache_stays_bounded_under_rejection(world, targets):
+    """The MSD head rolls back every fed draft each step: its cache stays near the longest row too."""
+    target = targets["llava"]
+    prompts = prepare_rows(target, ragged_rows(4))
+    gamma, max_new = 5, 200
+    drafter = load_drafter(world["llava"]["msd"], target)  # a random head: drafts are almost never accepted
+    config = EngineConfig(gamma=gamma, max_new_tokens=max_new, ignore_eos=True)
+    counts = total(SpecDecodeEngine(target, drafter, config).generate(prompts))
+    assert counts.num_steps >= 4 * (max_new - 1) * 0.9 and counts.num_accepted < counts.num_drafted / 10
+    longest = max(len(p.input_ids) for p in prompts) + max_new
+    # every step fed gamma - 1 drafts per row (200 * 4 = 800 slots); the cache stays near the longest row
+    assert drafter.decoder.cache.capacity <= longest + gamma + 1 + GROWTH_SLOTS
+
+
 def first_tokens_histogram(target, drafter, prompt, rows, seed, gamma=3):
     """Histograms of generated tokens 1 and 2 over `rows` samples of one prompt, and the acceptance rate.
 
@@ -206,22 +223,34 @@ def first_tokens_histogram(target, drafter, prompt, rows, seed, gamma=3):
     return histograms, sum(c.num_accepted for c in stats) / max(sum(c.num_drafted for c in stats), 1)
 
 
-def test_sampling_with_a_drafter_keeps_the_targets_distribution(world, targets):
+@pytest.mark.parametrize("drafter_kind", ["massv-oracle", "msd-oracle"])
+def test_sampling_with_a_drafter_keeps_the_targets_distribution(world, targets, drafter_kind):
     """First generated tokens: with a drafter vs without, against two independent runs without."""
     target = targets["llava"]
     prompt = prepare_rows(target, ragged_rows(1))[0]
-    drafter = load_drafter(world["llava"]["massv-oracle"], target)
-    head = drafter.model.language_model.lm_head.weight
-    with torch.no_grad():  # a good but imperfect drafter: both acceptance and rejection happen
-        head.add_(0.1 * torch.randn(head.shape, generator=torch.Generator().manual_seed(0)))
+    drafter = load_drafter(world["llava"][drafter_kind], target)
+    if drafter_kind == "massv-oracle":
+        head = drafter.model.language_model.lm_head.weight
+        with torch.no_grad():  # a good but imperfect drafter: both acceptance and rejection happen
+            head.add_(0.1 * torch.randn(head.shape, generator=torch.Generator().manual_seed(0)))
     assert_first_tokens_follow_the_target(target, drafter, prompt, rows=4000)
+
+
+_PLAIN_HISTOGRAMS: dict = {}
+
+
+def plain_histograms(target, prompt, rows: int, seed: int):
+    """first_tokens_histogram without a drafter, computed once per target, prompt, rows and seed."""
+    key = (id(target), tuple(prompt.input_ids), rows, seed)
+    if key not in _PLAIN_HISTOGRAMS:
+        _PLAIN_HISTOGRAMS[key] = first_tokens_histogram(target, None, prompt, rows, seed)[0]
+    return _PLAIN_HISTOGRAMS[key]
 
 
 def assert_first_tokens_follow_the_target(target, drafter, prompt, rows: int) -> None:
     """Histograms of the first sampled tokens with the drafter lie within the noise between two runs without it,
     and the drafter was both accepted and rejected."""
-    plain_a, _ = first_tokens_histogram(target, None, prompt, rows, seed=1)
-    plain_b, _ = first_tokens_histogram(target, None, prompt, rows, seed=2)
+    plain_a, plain_b = (plain_histograms(target, prompt, rows, seed) for seed in (1, 2))
     speculative, acceptance = first_tokens_histogram(target, drafter, prompt, rows, seed=3)
     assert 0.1 < acceptance < 0.95, acceptance
     for position in range(2):

@@ -129,31 +129,6 @@ def test_killed_job_resumed_writes_every_row_exactly_once(world, tmp_path, priva
     assert summary["this_run"]["rows"] == len(expected) - len(set(first["id"]))
 
 
-def test_a_recorded_cluster_that_is_gone_does_not_hang_the_job(world, tmp_path, private_ray):
-    """A killed `ray start --head` leaves its address recorded; the job says so in one sentence and runs locally."""
-    import socket
-
-    data = tmp_path / "data"
-    expected = write_caption_dataset(data, num_good=6, parts=1)
-    ray_tmpdir = Path(private_ray) / "stale"
-    (ray_tmpdir / "ray").mkdir(parents=True)
-    with socket.socket() as gone:  # bound, never listening: connections to it are refused, as to a dead head
-        gone.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{gone.getsockname()[1]}"
-        (ray_tmpdir / "ray" / "ray_current_cluster").write_text(address)
-        env = _env(RAY_TMPDIR=str(ray_tmpdir))
-        env.pop("RAY_ADDRESS", None)
-        started = time.monotonic()
-        done = subprocess.run([sys.executable, "jobs/caption.py", *caption_flags(world, data, tmp_path / "out"),
-                               "--max-new-tokens", "4"], cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    warning = next(line for line in done.stdout.splitlines() if line.startswith("warning:"))
-    assert address in warning and "does not answer" in warning and "RAY_ADDRESS" in warning
-    assert time.monotonic() - started < 180
-    assert sorted(pd.read_parquet(tmp_path / "out" / "parts")["id"]) == sorted(expected)
-
-
 def lay_out_hub_cache(cache: Path, repo_id: str, checkpoint: Path) -> None:
     """A Hugging Face cache holding `repo_id` at revision main, as `huggingface_hub` writes it."""
     import shutil
@@ -165,20 +140,37 @@ def lay_out_hub_cache(cache: Path, repo_id: str, checkpoint: Path) -> None:
     (repo / "refs" / "main").write_text(revision)
 
 
-def test_hub_repo_ids_resolve_through_the_hf_cache_offline(world, tmp_path, private_ray):
-    """--target/--drafter org/name are found in the local HF cache as from_pretrained finds them; nothing downloads
-    (HF_HUB_OFFLINE), and a repo that is in neither place is a one-sentence error before any cluster work."""
+def test_first_run_with_hub_ids_offline_and_a_stale_cluster_record(world, tmp_path, private_ray):
+    """A new user's first run, in one job:
+    - --target/--drafter org/name are found in the local HF cache as from_pretrained finds them; nothing downloads
+      (HF_HUB_OFFLINE), and a repo that is in neither place is a one-sentence error before any cluster work;
+    - a killed `ray start --head` left its address recorded: the job says so in one sentence, does not hang, and
+      runs on a local Ray, with the object store it was asked for."""
+    import socket
+
     cache = tmp_path / "hf"
     lay_out_hub_cache(cache, "tiny/llava", world["llava"]["target"])
     lay_out_hub_cache(cache, "tiny/llava-massv", world["llava"]["massv"])
     data = tmp_path / "data"
     expected = write_caption_dataset(data, num_good=6, parts=1)
-    env = _env(RAY_TMPDIR=str(Path(private_ray) / "hub"), HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    ray_tmpdir = Path(private_ray) / "stale"
+    (ray_tmpdir / "ray").mkdir(parents=True)
     flags = ["--input", str(data), "--output", str(tmp_path / "out"), "--target", "tiny/llava",
              "--drafter", "tiny/llava-massv", "--gamma", "2", "--num-actors", "1", "--max-new-tokens", "4"]
-    done = subprocess.run([sys.executable, "jobs/caption.py", *flags], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+    with socket.socket() as gone:  # bound, never listening: connections to it are refused, as to a dead head
+        gone.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{gone.getsockname()[1]}"
+        (ray_tmpdir / "ray" / "ray_current_cluster").write_text(address)
+        env = _env(RAY_TMPDIR=str(ray_tmpdir), HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
+        env.pop("RAY_ADDRESS", None)
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "jobs/caption.py", *flags, "--object-store-mb", "100"], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    warning = next(line for line in done.stdout.splitlines() if line.startswith("warning:"))
+    assert address in warning and "does not answer" in warning and "RAY_ADDRESS" in warning
+    assert "started a local Ray: " in done.stdout and "a 100 MB object store" in done.stdout
+    assert time.monotonic() - started < 180
     frame = pd.read_parquet(tmp_path / "out" / "parts")
     assert sorted(frame["id"]) == sorted(expected) and set(frame["target"]) == {"tiny/llava"}
     assert frame["num_drafted"].sum() > 0

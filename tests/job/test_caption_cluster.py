@@ -21,6 +21,7 @@ def two_nodes():
     cluster.add_node(num_cpus=2, num_gpus=1)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
+    assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}, "loopback only"
     yield cluster
     ray.shutdown()
     cluster.shutdown()

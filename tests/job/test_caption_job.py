@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def local_ray(s3_server):
     ray.init(num_cpus=4, include_dashboard=False)  # 2 actors x 1 CPU, plus CPUs for reading and preparing
+    assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}, "loopback only"
     yield
     ray.shutdown()
 

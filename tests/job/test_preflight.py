@@ -71,6 +71,8 @@ CASES = [
      "does not share the target's vocabulary: token .* use a drafter with the target's tokenizer"),
     ("output not writable", lambda w, d, t: {"output": str(d / "part-0.parquet" / "out")},
      "output .* is not writable"),
+    ("object store too small", lambda w, d, t: {"object_store_mb": 10},
+     "--object-store-mb must be at least 75 \\(Ray's smallest store\\), got 10"),
 ]
 
 

@@ -48,7 +48,7 @@ def test_quick_run_reports_every_configuration(tmp_path):
     expected = {(HF_ASSISTED, "text-only", "HF default", 1), (CAPTION_JOB, "massv", AUTO, max(QUICK["batch_sizes"]))}
     for batch_size in QUICK["batch_sizes"]:
         expected |= {(HF_GENERATE, NO_DRAFTER, NO_DRAFTER, batch_size), (ENGINE, NO_DRAFTER, NO_DRAFTER, batch_size)}
-        expected |= {(ENGINE, d, str(g), batch_size) for d in ("text-only", "massv") for g in QUICK["gammas"]}
+        expected |= {(ENGINE, d, str(g), batch_size) for d in ("text-only", "massv", "msd") for g in QUICK["gammas"]}
     assert set(measured) == expected
     assert len(report["measurements"]) == len(expected)
 
@@ -98,7 +98,7 @@ def test_bad_settings_fail_at_once_with_one_sentence(flags, message, capsys):
 def test_flags_build_one_config():
     config = bench.parse_args(["--quick", "--no-caption-job", "--gammas", "1,auto"])
     assert config.rows == QUICK["rows"] and config.gammas == [1, AUTO] and not config.caption_job
-    assert set(config.drafters) == {"text-only", "massv"} and config.assistant == "text-only"
+    assert set(config.drafters) == {"text-only", "msd", "massv"} and config.assistant == "text-only"
     target = str(REPO / "demo_world" / "target")
     assert bench.parse_args(["--target", target]).drafters == {}  # the demo's drafters fit only the demo's target
     with pytest.raises(JobConfigError):

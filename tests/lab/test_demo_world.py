@@ -48,7 +48,7 @@ def test_target_answers_from_the_image(demo):
     assert correct >= ROWS // 2, [(r.text, row["answer"]) for r, row in zip(results, rows)]
 
 
-@pytest.mark.parametrize("drafter", ["text-only", "massv-adapt", "massv"])
+@pytest.mark.parametrize("drafter", ["text-only", "massv-adapt", "massv", "msd"])
 def test_trained_drafters_are_lossless(demo, drafter):
     target, _, prompts = demo
     config = EngineConfig(gamma=5, max_new_tokens=48)

@@ -1,0 +1,290 @@
+"""MSD drafter (Lin et al. 2025): an EAGLE-style head over the target's last hidden states, with visual and
+text tokens decoupled.
+
+The head reads, at each position t, the pair (h_t, x_{t+1}): the target's last hidden state at t and the
+token after it. A text token enters as fc([embed(x_{t+1}); h_t]) (one Linear 2H -> H); an image token as
+the target's own image embedding of x_{t+1} (the vector the target consumed there), untouched: the
+decoupling. The head's decoder layer (the target's decoder-layer architecture, one layer by default) turns
+that into a prediction of h_{t+1}, and the target's LM head turns the prediction into the distribution of
+x_{t+2}. Drafting goes on from the head's own predicted features; after verification the rows continue
+from the target's true hidden states of the accepted tokens (EAGLE's rule), so rejected and fed drafts are
+rolled back alike. Embeddings and LM head are the target's, shared and frozen: a checkpoint stores only
+the head, and loading checks that the target is the one it was trained for.
+
+A checkpoint is a directory:
+    drafter_config.json   {"kind": "msd", "decoupled": true, "target": {hidden_size, vocab_size, fingerprint}}
+    head/config.json      the head's decoder: the target's text config with the head's layer count
+    head.safetensors      fc and the decoder
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModel
+
+from drafters.causal_lm import choose_draft
+from pipeline.engine.acceptance import SamplingConfig
+from pipeline.engine.decoder import RaggedDecoder
+from pipeline.engine.padding import left_pad
+from pipeline.engine.prompts import PreparedPrompt
+from pipeline.engine.target import Target, TargetPrefill
+
+DRAFTER_CONFIG = "drafter_config.json"
+HEAD_DIR = "head"
+HEAD_WEIGHTS = "head.safetensors"
+FINGERPRINT_ROWS = 64  # rows of the embedding and LM-head matrices hashed into the target's fingerprint
+
+
+class MsdDraftModel(nn.Module):
+    """fc + the head's decoder; the target's embedding and LM head are used, not owned (not in state_dict)."""
+
+    kind = "msd"
+
+    def __init__(self, decoder: nn.Module, embedding: nn.Module, lm_head: nn.Module, image_token_id: int | None,
+                 target_info: dict, decoupled: bool = True):
+        super().__init__()
+        hidden = decoder.config.hidden_size
+        self.fc = nn.Linear(2 * hidden, hidden)
+        self.decoder = decoder  # an HF base text model: inputs_embeds in, last_hidden_state out
+        self.decoder.embed_tokens = None  # inputs come from fuse(); the target's embedding is shared
+        self.shared = (embedding, lm_head)  # a tuple, so they stay the target's (frozen, never saved)
+        self.image_token_id = image_token_id
+        self.target_info = target_info
+        self.decoupled = decoupled
+
+    def prompt_tokens(self, input_ids: list[int], positions: list[int]) -> tuple[list[int], list[int]]:
+        """The head reads the target's own tokens, at the target's text-axis positions (training's numbering)."""
+        return input_ids, positions
+
+    def fuse(
+        self,
+        hidden_states: torch.Tensor,  # [B, L, H] the target's h_t (or the head's own prediction of it)
+        next_ids: torch.Tensor,  # [B, L] x_{t+1}
+        image_embeds: torch.Tensor | None,  # [image tokens in next_ids, H] what the target consumed there
+    ) -> torch.Tensor:  # [B, L, H] the head's input
+        embedding = self.shared[0]
+        is_image = next_ids == self.image_token_id if image_embeds is not None else None
+        if is_image is None:
+            embeds = embedding(next_ids)
+        else:  # the placeholder id may lie outside the vocabulary; without decoupling it enters as image embeds
+            embeds = embedding(next_ids.masked_fill(is_image, 0))
+            embeds = embeds.masked_scatter(is_image[..., None], image_embeds.to(embeds.dtype))
+        fused = self.fc(torch.cat([embeds, hidden_states.to(embeds.dtype)], dim=-1))
+        if is_image is not None and self.decoupled:
+            fused = torch.where(is_image[..., None], embeds, fused)  # image tokens enter as they are
+        return fused
+
+    def forward(self, hidden_states, next_ids, attention_mask, position_ids, image_embeds=None) -> torch.Tensor:
+        """Predicted next features [B, L, H] of a right-padded batch (training), at the target's positions of
+        x_{t+1} [B, L]."""
+        inputs = self.fuse(hidden_states, next_ids, image_embeds)
+        return self.decoder(inputs_embeds=inputs, attention_mask=attention_mask,
+                            position_ids=position_ids).last_hidden_state
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., V] through the target's LM head
+        return self.shared[1](features)
+
+    @property
+    def config(self) -> dict:
+        return {"kind": self.kind, "decoupled": self.decoupled, "target": self.target_info}
+
+    # ---- building, saving, loading ----
+    @classmethod
+    def new(cls, target: Target, num_layers: int = 1, decoupled: bool = True,
+            layer_types: list[str] | None = None) -> MsdDraftModel:
+        """A freshly initialised head for this target (on the target's device)."""
+        decoder = AutoModel.from_config(head_config(target.text_config, num_layers, layer_types))
+        return cls(decoder, *shared_modules(target), target.image_token_id, target_fingerprint(target),
+                   decoupled).to(target.device)
+
+    @classmethod
+    def from_pretrained(cls, path: Path, config: dict, target: Target) -> MsdDraftModel:
+        check_config(config, target.text_config, str(path))
+        found = target_fingerprint(target)
+        if found["fingerprint"] != config["target"]["fingerprint"]:
+            raise ValueError(f"MSD head {path} was trained for a target whose embeddings and LM head differ from "
+                             f"this target's (fingerprint {config['target']['fingerprint'][:12]}, this target "
+                             f"{found['fingerprint'][:12]}): train a head for this target.")
+        decoder = AutoModel.from_config(AutoConfig.from_pretrained(path / HEAD_DIR))
+        model = cls(decoder, *shared_modules(target), target.image_token_id, config["target"],
+                    config.get("decoupled", True))
+        model.load_state_dict(load_file(path / HEAD_WEIGHTS))
+        return model.to(target.device, target.model.dtype)
+
+    def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.decoder.config.save_pretrained(directory / HEAD_DIR)
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, directory / HEAD_WEIGHTS)
+        (directory / DRAFTER_CONFIG).write_text(json.dumps(self.config, indent=2))
+
+    # ---- the registry's interface ----
+    @classmethod
+    def load(cls, path: Path, config: dict, target: Target, trust_remote_code: bool = False) -> MsdDrafter:
+        return MsdDrafter(cls.from_pretrained(path, config, target), target.vocab_size, name=str(path))
+
+    @classmethod
+    def check(cls, path: Path, config: dict, target_tokenizer, target_text_config, name: str,
+              trust_remote_code: bool = False) -> None:
+        """The checks `load` makes from config files alone (the fingerprint needs the weights: at load)."""
+        check_config(config, target_text_config, name)
+
+
+def head_config(text_config, num_layers: int, layer_types: list[str] | None = None):
+    """The target's text config for a head of num_layers decoder layers (full attention unless layer_types
+    says otherwise), with no vocabulary of its own (inputs arrive as embeddings; the target's LM head reads
+    the output)."""
+    settings = {**text_config.to_dict(), "num_hidden_layers": num_layers, "vocab_size": 1, "pad_token_id": 0,
+                "bos_token_id": None, "eos_token_id": None}
+    if "layer_types" in settings:
+        settings["layer_types"] = layer_types or ["full_attention"] * num_layers
+    return type(text_config).from_dict(settings)
+
+
+def shared_modules(target: Target) -> tuple[nn.Module, nn.Module]:
+    """The target's input embedding (what it consumes for a token) and LM head."""
+    return target.model.get_input_embeddings(), target.model.get_output_embeddings()
+
+
+def target_fingerprint(target: Target) -> dict:
+    """Hidden size, vocabulary and a hash of sampled rows of the shared weights, in bfloat16 so that a target
+    loaded in float32 on CPU and in bfloat16 on a GPU have the same fingerprint."""
+    digest = hashlib.sha256()
+    for module in shared_modules(target):
+        weight = module.weight.detach()
+        rows = torch.linspace(0, weight.shape[0] - 1, FINGERPRINT_ROWS).long().to(weight.device)
+        digest.update(str(tuple(weight.shape)).encode())
+        digest.update(weight[rows].to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return {"hidden_size": target.text_config.hidden_size, "vocab_size": target.vocab_size,
+            "fingerprint": digest.hexdigest()}
+
+
+def check_config(config: dict, target_text_config, name: str) -> None:
+    """Raise ValueError (one sentence) when the head was trained for a target of another shape."""
+    trained = config["target"]
+    for what in ("hidden_size", "vocab_size"):
+        if trained[what] != getattr(target_text_config, what):
+            raise ValueError(f"MSD head {name} was trained for a target with {what} {trained[what]}, but this "
+                             f"target's is {getattr(target_text_config, what)}: train a head for this target.")
+
+
+class MsdDrafter:
+    """Drafts with an MsdDraftModel over its own RaggedKVCache.
+
+    The cache holds the head's states for pairs (h_t, x_{t+1}) whose h_t is the target's. `pending` holds
+    the pairs the target has produced since (prefill's last one; after a verify, one per emitted token:
+    (h_{n+j}, x_{n+j+1}) for j up to the accepted count), as [B, P, H] hidden states and [B, P] tokens
+    with a count per row. `propose` reads them in one ragged forward, then drafts k tokens, feeding the
+    head's own predicted features back for the first k-1.
+    """
+
+    reads_target_hidden_states = True
+
+    def __init__(self, model: MsdDraftModel, target_vocab_size: int, name: str = "msd"):
+        self.model = model.eval()
+        self.target_vocab_size = target_vocab_size
+        self.name = name
+        self.decoder = RaggedDecoder(model.decoder)
+        self.pending_hidden: torch.Tensor | None = None  # [B, P, H]
+        self.pending_tokens: torch.Tensor | None = None  # [B, P]
+        self.pending_counts = torch.zeros(0, dtype=torch.long)  # [B] on the host
+
+    @property
+    def kind(self) -> str:
+        return self.model.kind
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.device
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[PreparedPrompt], target: TargetPrefill, first_tokens: torch.Tensor,
+                append: bool = False) -> None:
+        # The target's prompts left-padded as its prefill padded them, so columns line up with its hidden states.
+        ids, mask = left_pad([p.input_ids for p in prompts], 0, self.device)
+        hidden = target.hidden_states  # [B, L, H]
+        inputs = self.model.fuse(hidden[:, :-1], ids[:, 1:], target.image_features)  # pairs (h_t, x_{t+1})
+        # each pair sits at the target's position of x_{t+1}; the row continues one past its last token
+        positions = left_pad([row[1:] for row in target.positions], 0, self.device)[0]
+        offsets = torch.tensor([row[-1] + 2 - len(row) for row in target.positions])
+        self.decoder.prefill(mask[:, :-1], positions, offsets, append=append, inputs_embeds=inputs)
+        new = (hidden[:, -1:], first_tokens[:, None], torch.ones(len(prompts), dtype=torch.long))
+        if append:
+            new = _stack_rows((self.pending_hidden, self.pending_tokens, self.pending_counts), new)
+        self.pending_hidden, self.pending_tokens, self.pending_counts = new
+
+    @torch.no_grad()
+    def propose(self, k: int, sampling: SamplingConfig, generator):
+        """k >= 1 drafts per row; steps with k = 0 skip the drafter and it catches up here."""
+        batch = len(self.pending_counts)
+        # Catch up: the target's pairs not yet in the cache (ragged, right-padded).
+        inputs = self.model.fuse(self.pending_hidden, self.pending_tokens, None)
+        features = self.decoder.forward(num_new=self.pending_counts, inputs_embeds=inputs).last_hidden_state
+        feature = features[torch.arange(batch, device=self.device), (self.pending_counts - 1).to(self.device)]
+        self.pending_hidden = self.pending_hidden[:, :0]
+        self.pending_tokens = self.pending_tokens[:, :0]
+        self.pending_counts = torch.zeros_like(self.pending_counts)
+        tokens, probs = [], []
+        for j in range(k):
+            token, prob = choose_draft(self.model.logits(feature), self.target_vocab_size, sampling, generator)
+            tokens.append(token)
+            probs.append(prob)
+            if j < k - 1:  # the head goes on from its own prediction
+                inputs = self.model.fuse(feature[:, None], token[:, None], None)
+                feature = self.decoder.forward(inputs_embeds=inputs).last_hidden_state[:, 0]
+        return torch.stack(tokens, dim=1), (torch.stack(probs, dim=1) if not sampling.greedy else None)
+
+    def commit(self, k: int, num_accepted: torch.Tensor, output_tokens: torch.Tensor,
+               target_hidden_states: torch.Tensor) -> None:
+        """num_accepted [B] and output_tokens [B, k+1] on the host; target_hidden_states [B, k+1, H]."""
+        # propose(k) fed k-1 drafts on predicted features: all go, the target's own states replace them.
+        batch = len(num_accepted)
+        self.decoder.rollback(torch.full((batch,), max(k - 1, 0), dtype=torch.long))
+        new = (target_hidden_states, output_tokens.to(self.device), num_accepted + 1)
+        self.pending_hidden, self.pending_tokens, self.pending_counts = _append_ragged(
+            (self.pending_hidden, self.pending_tokens, self.pending_counts), new)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        self.decoder.select_rows(rows)
+        on_device = rows.to(self.device)
+        self.pending_hidden = self.pending_hidden[on_device]
+        self.pending_tokens = self.pending_tokens[on_device]
+        self.pending_counts = self.pending_counts[rows]
+
+
+def _append_ragged(old: tuple, new: tuple) -> tuple:
+    """Per row, the first new_counts[i] entries of `new` after the first old_counts[i] of `old`.
+
+    old, new: (hidden [B, P, H], tokens [B, P], counts [B] on the host); returns the same, P = the largest sum.
+    """
+    (old_hidden, old_tokens, old_counts), (new_hidden, new_tokens, new_counts) = old, new
+    counts = old_counts + new_counts
+    width, old_width = int(counts.max()), old_tokens.shape[1]
+    j = torch.arange(width)[None]
+    # entry j of row i: old[i, j] while j < old_counts[i], then new[i, j - old_counts[i]]
+    source = torch.where(j < old_counts[:, None], j, old_width + j - old_counts[:, None])
+    source = source.clamp_max(old_width + new_tokens.shape[1] - 1).to(old_tokens.device)
+    tokens = torch.cat([old_tokens, new_tokens], dim=1).gather(1, source)
+    tokens = tokens.masked_fill((j >= counts[:, None]).to(tokens.device), 0)  # padding (rejected slots hold -1)
+    both = torch.cat([old_hidden, new_hidden.to(old_hidden.dtype)], dim=1)
+    hidden = both.gather(1, source[..., None].expand(-1, -1, both.shape[-1]))
+    return hidden, tokens, counts
+
+
+def _stack_rows(first: tuple, second: tuple) -> tuple:
+    """Rows of `second` after those of `first`, each (hidden [B, P, H], tokens [B, P], counts [B])."""
+    width = max(first[1].shape[1], second[1].shape[1])
+    (h1, t1, c1), (h2, t2, c2) = first, second
+    return (torch.cat([_widen(h1, width), _widen(h2.to(h1.dtype), width)]),
+            torch.cat([_widen(t1, width), _widen(t2, width)]), torch.cat([c1, c2]))
+
+
+def _widen(x: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, P, ...] zero-padded to [B, width, ...]."""
+    return torch.cat([x, x.new_zeros((x.shape[0], width - x.shape[1], *x.shape[2:]))], dim=1)
