@@ -3,7 +3,9 @@
 Any image-text-to-text checkpoint directory of a supported family works (LLaVA, Gemma3,
 Qwen2.5-VL and Qwen3-VL are tested; families.py says what differs between families). The image
 features the target computes for its own prefill are returned so a drafter that
-wants them (MASSV) reuses them instead of running the vision tower again.
+wants them (MASSV, MSD) reuses them instead of running the vision tower again; its
+last hidden states, from prefill and from each verify, are returned to a drafter that
+reads them (MSD), from the same forwards, and not kept otherwise.
 """
 
 from __future__ import annotations
