@@ -72,12 +72,12 @@ class MsdDraftModel(nn.Module):
         is_image = next_ids == self.image_token_id if image_embeds is not None else None
         if is_image is None:
             embeds = embedding(next_ids)
-        else:  # the placeholder id may lie outside the vocabulary; without decoupling it enters as image embeds
+        else:  # at image placeholders (whose id may lie outside the vocabulary), the target's image embeddings
             embeds = embedding(next_ids.masked_fill(is_image, 0))
             embeds = embeds.masked_scatter(is_image[..., None], image_embeds.to(embeds.dtype))
         fused = self.fc(torch.cat([embeds, hidden_states.to(embeds.dtype)], dim=-1))
-        if is_image is not None and self.decoupled:
-            fused = torch.where(is_image[..., None], embeds, fused)  # image tokens enter as they are
+        if is_image is not None and self.decoupled:  # MSD: image tokens enter as they are, not fused with h_t
+            fused = torch.where(is_image[..., None], embeds, fused)
         return fused
 
     def forward(self, hidden_states, next_ids, attention_mask, position_ids, image_embeds=None) -> torch.Tensor:
@@ -184,6 +184,7 @@ class MsdDrafter:
     head's own predicted features back for the first k-1.
     """
 
+    kind = MsdDraftModel.kind
     reads_target_hidden_states = True
 
     def __init__(self, model: MsdDraftModel, target_vocab_size: int, name: str = "msd"):
@@ -194,10 +195,6 @@ class MsdDrafter:
         self.pending_hidden: torch.Tensor | None = None  # [B, P, H]
         self.pending_tokens: torch.Tensor | None = None  # [B, P]
         self.pending_counts = torch.zeros(0, dtype=torch.long)  # [B] on the host
-
-    @property
-    def kind(self) -> str:
-        return self.model.kind
 
     @property
     def device(self) -> torch.device:

@@ -48,6 +48,7 @@ NO_DRAFTER = "-"
 
 
 DEMO_TARGET = str(DEMO_WORLD / "target")
+DTYPES = ("auto", "float32", "bfloat16")
 FULL = dict(rows=64, batch_sizes=[1, 8, 32], gammas=[*range(1, 9), AUTO], max_new_tokens=48, repeats=3)
 QUICK = dict(rows=4, batch_sizes=[1, 4], gammas=[2, AUTO], max_new_tokens=8, repeats=1)  # CI: seconds
 
@@ -99,6 +100,9 @@ class BenchConfig:
     continuous_batching: bool = field(default=False, metadata=flag(
         "run the engine with continuous batching (rows join as others finish) instead of\n"
         "batch by batch as HF generate does"))
+    dtype: str = field(default="auto", metadata=flag(
+        "model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16 (the caption\n"
+        "job row keeps the job's own, auto)", choices=DTYPES))
     output: str = field(default="out/bench", metadata=flag("where the report and plots go"))
 
     def __post_init__(self):
@@ -274,7 +278,8 @@ class Benchmark:
     def __init__(self, config: BenchConfig, log=_print):
         self.config = config
         self.log = log
-        self.target = Target.load(config.target)
+        dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
+        self.target = Target.load(config.target, dtype=dtype)
         self.drafters = {name: load_drafter(path, self.target) for name, path in config.drafters.items()}
         self.workload = Workload(self.target, config.prompts, config.rows)
         self.measurements: list[Measurement] = []
@@ -537,8 +542,8 @@ def charts(measurements: list[Measurement], config: BenchConfig) -> dict[str, by
     }
 
 
-def machine() -> dict:
-    """What the figures were measured on."""
+def machine(dtype: torch.dtype) -> dict:
+    """What the figures were measured on (dtype: the target's)."""
     import transformers
 
     if torch.cuda.is_available():
@@ -546,7 +551,7 @@ def machine() -> dict:
     else:
         device = f"CPU ({platform.processor() or platform.machine()}), {os.cpu_count()} cores, " \
                  f"{torch.get_num_threads()} torch threads"
-    return {"device": device, "dtype": "bfloat16" if torch.cuda.is_available() else "float32",
+    return {"device": device, "dtype": str(dtype).removeprefix("torch."),
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
 
 
@@ -557,7 +562,8 @@ def run_benchmark(config: BenchConfig, log=_print) -> dict:
     benchmark = Benchmark(config, log)
     massv = next((n for n, d in reversed(benchmark.drafters.items()) if d.kind == "massv"), None)
     measurements = benchmark.run()
-    report = {"machine": machine(), "config": dataclasses.asdict(config), "rows": len(benchmark.workload),
+    report = {"machine": machine(benchmark.target.model.dtype), "config": dataclasses.asdict(config),
+              "rows": len(benchmark.workload),
               "seconds": time.perf_counter() - started,
               "measurements": [dataclasses.asdict(m) | {"tokens_per_s": m.tokens_per_s} for m in measurements],
               "goals": goals(measurements, massv)}
