@@ -73,7 +73,7 @@ class Target:
 
     @property
     def device(self) -> torch.device:
-        return self.model.device
+        return self.decoder.device
 
     @property
     def lengths(self) -> torch.Tensor:
