@@ -204,12 +204,14 @@ def head_batch(batch: dict, positions: torch.Tensor, target: Target, noise: floa
     """An MSD head's training batch from the target's: pairs (h_t + noise, x_{t+1}) at the target's positions of
     x_{t+1}, the image embeddings the target consumed, and what the head predicts, h_{t+1} (answer positions)."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    hidden = target.model(input_ids=ids, attention_mask=mask, **batch["vision_inputs"], **batch["token_inputs"],
-                          output_hidden_states=True).hidden_states[-1].float()  # [B, L, H]
+    layers = target.model(input_ids=ids, attention_mask=mask, **batch["vision_inputs"], **batch["token_inputs"],
+                          output_hidden_states=True).hidden_states
+    hidden = layers[-1].float()  # [B, L, H]
+    # what the target consumed at its image placeholders: its input embeddings there (no second vision pass)
+    image_embeds = layers[0][ids == target.image_token_id].float() if batch["vision_inputs"] else None
     inputs = hidden[:, :-1]
     return {"hidden_states": inputs + noise * (torch.rand_like(inputs) - 0.5), "next_ids": ids[:, 1:],
-            "attention_mask": mask[:, 1:], "position_ids": positions[:, 1:],
-            "image_embeds": target.image_features(batch["vision_inputs"]).float() if batch["vision_inputs"] else None,
+            "attention_mask": mask[:, 1:], "position_ids": positions[:, 1:], "image_embeds": image_embeds,
             "next_features": hidden[:, 1:], "labels": batch["labels"][:, 1:]}
 
 

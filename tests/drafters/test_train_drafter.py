@@ -8,6 +8,7 @@ with --keep-images feeds --phase distill as it is.
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 import time
@@ -17,6 +18,7 @@ import pytest
 import ray
 import torch
 from conftest import ragged_rows
+from PIL import Image
 
 from drafters import load_drafter
 from drafters.training import (
@@ -208,6 +210,11 @@ def test_msd_batch_pairs_each_hidden_state_with_the_next_token(world, targets, d
     batch = encode_batch(rows, config, target, build_model(config, target), target.device)
     ids = batch["next_ids"]
     assert int((ids == target.image_token_id).sum()) == batch["image_embeds"].shape[0] > 0
+    prompts = [prepare_prompt(target.processor, row["prompt"], Image.open(io.BytesIO(row["image"])),
+                              target.context_length) for row in rows]
+    features = target.image_features({name: torch.cat([p.vision_inputs[name] for p in prompts])
+                                      for name in prompts[0].vision_inputs})
+    assert torch.allclose(batch["image_embeds"], features.float(), atol=1e-5)  # the vectors the target consumed
     assert torch.equal(batch["hidden_states"][:, 1:], batch["next_features"][:, :-1])  # h_{t+1} is the next input
     answer = batch["labels"] != IGNORE
     assert torch.equal(batch["labels"][answer], ids[answer])  # a label marks x_{t+1} when it is an answer token
