@@ -67,13 +67,19 @@ class RunningBatch:
     def admit(self, rows: list[Row], prompts: list[PreparedPrompt],
               choose: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Prefill these rows (after the running ones, if any) and emit their first tokens, chosen from the
-        target's logits [B, V] by `choose`."""
+        target's logits [B, V] by `choose`. All or nothing: when it raises, the running rows are as they were
+        (the target's prefill appends only once its forward succeeded; the drafter's is undone)."""
         started = time.perf_counter()
         append = bool(self.rows)
         prefill = self.target.prefill(prompts, append=append, hidden_states=self.hidden_states_wanted)
-        first_tokens = choose(prefill.first_logits)
-        if self.drafter is not None:
-            self.drafter.prefill(prompts, prefill, first_tokens, append=append)
+        try:
+            first_tokens = choose(prefill.first_logits)
+            if self.drafter is not None:
+                self.drafter.prefill(prompts, prefill, first_tokens, append=append)
+        except Exception:  # all or nothing: the running rows go on as they were
+            if append:
+                self._select(torch.arange(len(self.rows)))
+            raise
         for row, token in zip(rows, first_tokens.tolist()):
             row.started = started
             row.emit([token])
@@ -120,20 +126,28 @@ class RunningBatch:
         self.remove_finished()
 
     def remove_finished(self) -> None:
-        """Finished rows leave the batch: target, drafter and last tokens alike."""
-        keep = [j for j, row in enumerate(self.rows) if not row.finished]
-        if len(keep) == len(self.rows):
+        """Finished rows leave the batch: target, drafter and last tokens alike. Each leaver's place goes to a
+        running row from the end of the batch, so the caches copy only the rows that move, not the batch."""
+        finished = [j for j, row in enumerate(self.rows) if row.finished]
+        if not finished:
             return
         now = time.perf_counter()
-        for row in self.rows:
-            if row.finished:
-                row.counts.latency_s = now - row.started
+        for j in finished:
+            self.rows[j].counts.latency_s = now - self.rows[j].started
+        remaining = len(self.rows) - len(finished)
+        keep = list(range(remaining))
+        movers = [j for j in range(remaining, len(self.rows)) if not self.rows[j].finished]
+        for place, mover in zip([j for j in finished if j < remaining], movers):
+            keep[place] = mover
         self.rows = [self.rows[j] for j in keep]
         if not keep:  # the next admission starts a new batch
             self.last_tokens = None
             return
         keep = torch.tensor(keep, dtype=torch.long)
-        self.target.select_rows(keep)
-        if self.drafter is not None:
-            self.drafter.select_rows(keep)
+        self._select(keep)
         self.last_tokens = self.last_tokens[keep.to(self.last_tokens.device)]
+
+    def _select(self, rows: torch.Tensor) -> None:
+        self.target.select_rows(rows)
+        if self.drafter is not None:
+            self.drafter.select_rows(rows)

@@ -15,8 +15,10 @@ however many drafts are rejected (see kv_cache.py).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +32,8 @@ from pipeline.engine.stats import EngineTimes, SpecDecodeCounts, StepClock, Step
 from pipeline.engine.target import Target
 
 __all__ = ["FINISH_LENGTH", "FINISH_STOP", "EngineConfig", "GenerationResult", "SpecDecodeEngine"]
+
+log = logging.getLogger(__name__)
 
 ADMIT_WHEN_FREE = 4  # continuous batching: waiting rows join once a quarter of the batch is free (one prefill each)
 
@@ -66,6 +70,7 @@ class SpecDecodeEngine:
         self.sampling = self.config.sampling
         self.gamma_policy = GammaPolicy(gamma=self.config.gamma if drafter else 0, max_gamma=self.config.max_gamma)
         self.times = EngineTimes()  # summed over generate calls; read (or replace) between them
+        self._waiting: deque[_Request] = deque()  # submitted rows, in order, until `run` admits them
         self.generator = torch.Generator(device=target.device)
         if self.sampling.seed is not None:
             self.generator.manual_seed(self.sampling.seed)
@@ -79,31 +84,93 @@ class SpecDecodeEngine:
 
         With max_batch_size, at most that many rows decode at once and waiting rows join the running
         batch as others finish (continuous batching), so the batch stays full instead of draining to
-        its slowest row.
+        its slowest row. A row the engine fails on raises its exception here (see `run` for isolation).
         """
-        start = time.perf_counter()
-        eos = frozenset() if self.config.ignore_eos else self.target.eos_token_ids
-        rows = [Row(self._budget(p, n), eos) for p, n in zip(prompts, max_new_tokens or [None] * len(prompts))]
-        waiting = deque(i for i, row in enumerate(rows) if row.budget > 0)
-        limit = max_batch_size or len(waiting)
-        batch = RunningBatch(self.target, self.drafter)
-        while waiting or batch:
-            free = limit - len(batch)
-            if waiting and free >= max(1, limit // ADMIT_WHEN_FREE):
-                self._admit(batch, [waiting.popleft() for _ in range(min(free, len(waiting)))], prompts, rows)
-                continue
-            k = self.gamma_policy.choose(len(batch))
-            batch_size = len(batch)
-            step, num_accepted = self._step(batch, k)
-            self.times.observe_step(k, batch_size, step)
-            self.gamma_policy.observe(k, num_accepted, step)
-        self.times.observe_generate(synchronized_time(self.target.device) - start)
-        return [self._result(row) for row in rows]
+        budgets = max_new_tokens or [None] * len(prompts)
+        futures = [self.submit(prompt, budget) for prompt, budget in zip(prompts, budgets)]
+        self.run(max_batch_size or len(prompts))
+        return [future.result() for future in futures]
 
-    def _admit(self, batch: RunningBatch, indices: list[int], prompts: list[PreparedPrompt], rows: list[Row]) -> None:
+    def submit(self, prompt: PreparedPrompt, max_new_tokens: int | None = None) -> Future:
+        """Queue one row (from any thread); the next `run` admits it. The future holds its GenerationResult, or
+        the exception that row alone failed with."""
+        future: Future = Future()
+        future.set_running_or_notify_cancel()
+        eos = frozenset() if self.config.ignore_eos else self.target.eos_token_ids
+        request = _Request(prompt, self._budget(prompt, max_new_tokens), eos, future)
+        if request.budget > 0:
+            self._waiting.append(request)  # deque appends and pops are atomic: no lock
+        else:
+            request.resolve(self.target.tokenizer)
+        return future
+
+    def run(self, max_batch_size: int) -> None:
+        """Decode until no row waits or runs; rows submitted meanwhile join as others finish (continuous
+        batching: at most max_batch_size rows at once, admitted once a quarter of them is free).
+
+        Rows fail alone: a group whose prefill fails is admitted row by row, and when a step fails, each row
+        of the batch is decoded again by itself; a row that fails alone gets its exception, the rest their
+        results, the same as without the failure."""
         start = time.perf_counter()
-        batch.admit([rows[i] for i in indices], [prompts[i] for i in indices], self._choose)
+        batch, running = RunningBatch(self.target, self.drafter), []
+        try:
+            while self._waiting or batch:
+                free = max_batch_size - len(batch)
+                if self._waiting and free >= max(1, max_batch_size // ADMIT_WHEN_FREE):
+                    group = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+                    running += self._admit(batch, group)
+                else:
+                    try:
+                        self._observed_step(batch)
+                    except Exception as error:
+                        log.warning("a step of %d rows failed (%s); decoding each of them alone", len(batch), error)
+                        for request in running:
+                            self._run_alone(request.restarted())
+                        batch = RunningBatch(self.target, self.drafter)  # the old one's state is undefined now
+                running = [request for request in running if not request.resolve(self.target.tokenizer)]
+        except BaseException as error:  # a fault of the engine's own, not of a row: no caller may wait forever
+            for request in [*running, *self._waiting]:
+                request.fail(error)
+            self._waiting.clear()
+            raise
+        self.times.observe_generate(synchronized_time(self.target.device) - start)
+
+    def _admit(self, batch: RunningBatch, group: list[_Request]) -> list[_Request]:
+        """Prefill the group into the batch; returns the requests that joined. A group that fails is
+        admitted row by row; a row that fails alone finishes with its exception."""
+        start = time.perf_counter()
+        try:
+            batch.admit([r.row for r in group], [r.prompt for r in group], self._choose)
+            joined = group
+        except Exception as error:
+            if len(group) == 1:
+                log.warning("a row failed to start: %s: %s", type(error).__name__, error)
+                group[0].fail(error)
+                return []
+            log.warning("a prefill of %d rows failed (%s); admitting them one at a time", len(group), error)
+            return [request for one in group for request in self._admit(batch, [one])]
         self.times.observe_prefill(synchronized_time(self.target.device) - start)
+        return joined
+
+    def _run_alone(self, request: _Request) -> None:
+        """Decode one row in a batch of its own, to completion or to its own failure."""
+        batch = RunningBatch(self.target, self.drafter)
+        try:
+            if self._admit(batch, [request]):
+                while batch:
+                    self._step(batch, self.gamma_policy.choose(1))
+        except Exception as error:
+            log.warning("a row failed alone: %s: %s", type(error).__name__, error)
+            request.fail(error)
+            return
+        request.resolve(self.target.tokenizer)
+
+    def _observed_step(self, batch: RunningBatch) -> None:
+        """A step with the policy's gamma; its times go to the engine's totals and to the policy."""
+        k, batch_size = self.gamma_policy.choose(len(batch)), len(batch)
+        step, num_accepted = self._step(batch, k)
+        self.times.observe_step(k, batch_size, step)
+        self.gamma_policy.observe(k, num_accepted, step)
 
     def _step(self, batch: RunningBatch, k: int) -> tuple[StepTimes, list[int]]:
         """One speculative step with k drafts per row; returns its times and the accepted count per row."""
@@ -152,7 +219,35 @@ class SpecDecodeEngine:
             budget = min(budget, self.target.context_length - len(prompt.input_ids))
         return max(budget, 0)
 
-    def _result(self, row: Row) -> GenerationResult:
-        row.counts.observe_tokens(len(row.tokens))
-        text = self.target.tokenizer.decode(row.tokens, skip_special_tokens=True)
-        return GenerationResult(tokens=row.tokens, text=text, finish_reason=row.finish_reason, counts=row.counts)
+
+
+@dataclass
+class _Request:
+    """A submitted row: its prompt, its Row while it decodes, and the future its caller waits on."""
+
+    prompt: PreparedPrompt
+    budget: int
+    eos: frozenset[int]
+    future: Future
+    row: Row = field(init=False)
+
+    def __post_init__(self):
+        self.row = Row(self.budget, self.eos)
+
+    def restarted(self) -> _Request:
+        """The same request with its progress discarded, to decode again from its prompt."""
+        self.row = Row(self.budget, self.eos)
+        return self
+
+    def resolve(self, tokenizer) -> bool:
+        """Give the future the row's result once the row has finished; True once the future is done."""
+        if not self.future.done() and self.row.finished:
+            row = self.row
+            row.counts.observe_tokens(len(row.tokens))
+            text = tokenizer.decode(row.tokens, skip_special_tokens=True)
+            self.future.set_result(GenerationResult(row.tokens, text, row.finish_reason, row.counts))
+        return self.future.done()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)

@@ -63,17 +63,18 @@ class RaggedKVCache(Cache):
         slots = self._write_slots
         if slots is None or slots.shape[1] != key_states.shape[2]:
             raise RuntimeError("RaggedKVCache.begin_forward(q) must be called before a forward of q tokens")
-        kv_len = self.kv_len
+        kv_len, rows = self.kv_len, len(self.lengths)
         if self.keys[layer_idx] is None:
             self.keys[layer_idx] = _empty_like_rows(key_states, kv_len + GROWTH_SLOTS)
             self.values[layer_idx] = _empty_like_rows(value_states, kv_len + GROWTH_SLOTS)
         elif self.keys[layer_idx].shape[2] < kv_len:
-            self.keys[layer_idx] = _grow(self.keys[layer_idx], kv_len + GROWTH_SLOTS)
-            self.values[layer_idx] = _grow(self.values[layer_idx], kv_len + GROWTH_SLOTS)
+            self.keys[layer_idx] = _grow(self.keys[layer_idx], rows, kv_len + GROWTH_SLOTS)
+            self.values[layer_idx] = _grow(self.values[layer_idx], rows, kv_len + GROWTH_SLOTS)
+        keys, values = self.keys[layer_idx][:rows], self.values[layer_idx][:rows]  # views: the live rows
         index = slots[:, None, :, None].expand(-1, key_states.shape[1], -1, key_states.shape[3])
-        self.keys[layer_idx].scatter_(2, index, key_states)
-        self.values[layer_idx].scatter_(2, index, value_states)
-        return self.keys[layer_idx][:, :, :kv_len], self.values[layer_idx][:, :, :kv_len]
+        keys.scatter_(2, index, key_states)
+        values.scatter_(2, index, value_states)
+        return keys[:, :, :kv_len], values[:, :, :kv_len]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.lengths.max()) if self.lengths.numel() else 0
@@ -96,20 +97,41 @@ class RaggedKVCache(Cache):
         self.lengths -= num_dropped.to("cpu", torch.long)
 
     def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep only these rows (finished rows leave the batch)."""
-        self.lengths = self.lengths[rows.cpu()]
-        self.position_offsets = self.position_offsets[rows.cpu()]
-        rows = rows.to(self.device)
-        self.keys = [None if k is None else k[rows] for k in self.keys]
-        self.values = [None if v is None else v[rows] for v in self.values]
+        """Keep only these rows, in this order (finished rows leave the batch). Rows already in place are not
+        copied: keeping the first n rows copies nothing, and filling each leaver's place with a row from past the
+        new end copies only those (the running batch removes rows that way)."""
+        rows = rows.cpu()
+        self.lengths = self.lengths[rows]
+        self.position_offsets = self.position_offsets[rows]
+        moved = (rows != torch.arange(len(rows))).nonzero().squeeze(1)
+        if not len(moved):
+            return
+        sources = rows[moved]
+        if bool((sources >= len(rows)).all()):  # in place: no source row is overwritten before it is read
+            moved, sources = moved.to(self.device), sources.to(self.device)
+            for buffer in [*self.keys, *self.values]:
+                if buffer is not None:
+                    buffer[moved] = buffer[sources]
+        else:
+            rows = rows.to(self.device)
+            self.keys = [None if k is None else k[rows] for k in self.keys]
+            self.values = [None if v is None else v[rows] for v in self.values]
 
     def append_rows(self, other: RaggedKVCache) -> None:
-        """Add another cache's rows after these: rows admitted into a running batch."""
-        capacity = max(self.capacity, other.capacity)
+        """Add another cache's rows after these: rows admitted into a running batch. They are written into the
+        buffers' spare rows (rows that left the batch), so the running rows are not copied unless the buffers
+        must grow."""
+        rows, new = len(self.lengths), len(other.lengths)
         self.lengths = torch.cat([self.lengths, other.lengths])
         self.position_offsets = torch.cat([self.position_offsets, other.position_offsets])
-        self.keys = [_concat_rows(a, b, capacity) for a, b in zip(self.keys, other.keys)]
-        self.values = [_concat_rows(a, b, capacity) for a, b in zip(self.values, other.values)]
+        for buffers, incoming in ((self.keys, other.keys), (self.values, other.values)):
+            for i, (buffer, states) in enumerate(zip(buffers, incoming)):
+                if buffer is None:
+                    continue
+                if buffer.shape[0] < rows + new or buffer.shape[2] < states.shape[2]:
+                    buffer = buffers[i] = _grow(buffer, rows, max(buffer.shape[2], states.shape[2]), rows + new)
+                buffer[rows : rows + new, :, : states.shape[2]] = states
+                buffer[rows : rows + new, :, states.shape[2] :] = 0
 
     @property
     def capacity(self) -> int:
@@ -143,18 +165,11 @@ def _empty_like_rows(states: torch.Tensor, capacity: int) -> torch.Tensor:
     return states.new_zeros(b, h, capacity, d)
 
 
-def _grow(buffer: torch.Tensor, capacity: int) -> torch.Tensor:
-    grown = buffer.new_zeros(*buffer.shape[:2], capacity, buffer.shape[3])
-    grown[:, :, : buffer.shape[2]] = buffer
+def _grow(buffer: torch.Tensor, rows: int, capacity: int, row_capacity: int | None = None) -> torch.Tensor:
+    """A larger buffer holding the first `rows` rows of this one (the live ones)."""
+    grown = buffer.new_zeros(max(row_capacity or 0, buffer.shape[0]), buffer.shape[1], capacity, buffer.shape[3])
+    grown[:rows, :, : buffer.shape[2]] = buffer[:rows]
     return grown
-
-
-def _concat_rows(a: torch.Tensor, b: torch.Tensor, capacity: int) -> torch.Tensor:
-    """[B1, H, _, D] and [B2, H, _, D] -> [B1 + B2, H, capacity, D], each copied once."""
-    rows = a.new_zeros(a.shape[0] + b.shape[0], a.shape[1], capacity, a.shape[3])
-    rows[: a.shape[0], :, : a.shape[2]] = a
-    rows[a.shape[0] :, :, : b.shape[2]] = b
-    return rows
 
 
 def _gather_slots(

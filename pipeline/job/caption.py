@@ -38,6 +38,11 @@ from pipeline.job.storage import url_to_fs
 # none of 30,336 finished rows written after 130 s).
 WRITE_CPUS = 0
 
+# Continuous batching: blocks of batch_size rows in flight per actor. The running batch admits waiting rows once a
+# quarter of it is free, so one block waiting behind the running one keeps it full; a third covers the time Ray Data
+# takes to hand over the next block when one completes.
+BLOCKS_IN_FLIGHT = 3
+
 
 def run_caption(config: CaptionConfig) -> dict:
     """Run the job to completion on the current Ray cluster (a local one when none is running); returns the summary."""
@@ -96,6 +101,7 @@ def _engine_stages(rows: ray.data.Dataset, config: CaptionConfig, processor, con
     """SOURCE_SCHEMA rows -> prepared on CPU tasks -> the engine actors -> OUTPUT_SCHEMA rows."""
     gpus = plan_resources(config, ray.cluster_resources())
     low, high = config.num_actors
+    blocks = BLOCKS_IN_FLIGHT if config.continuous_batching else 1
     # Streaming repartitions make blocks of one engine batch each, so work spreads over every actor even
     # from a single input file, and keep Ray Data from fusing the CPU stage into the engine actors.
     return (
@@ -113,7 +119,8 @@ def _engine_stages(rows: ray.data.Dataset, config: CaptionConfig, processor, con
             fn_constructor_kwargs={"config": config},
             batch_size=config.batch_size,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+            compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high, max_tasks_in_flight_per_actor=blocks),
+            max_concurrency=blocks,  # blocks an actor takes at once; its one engine thread decodes their rows
             num_gpus=gpus,
             num_cpus=config.cpus_per_actor,
         )

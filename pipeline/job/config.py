@@ -50,6 +50,10 @@ class CaptionConfig:
     top_p: float = field(default=1.0, metadata=flag("nucleus sampling threshold"))
     max_new_tokens: int = field(default=128, metadata=flag("tokens per answer at most"))
     batch_size: int = field(default=32, metadata=flag("rows per engine batch on one actor"))
+    continuous_batching: bool = field(default=True, metadata=flag(
+        "keep each actor's batch full across the blocks Ray Data hands it (rows of the next\n"
+        "block join as others finish); off: one static batch per block, drained to its\n"
+        "slowest row"))
     num_actors: tuple[int, int] = field(default=(1, 1), metadata=flag(
         "engine actors: N, or MIN,MAX for an autoscaling pool", metavar="N|MIN,MAX"))
     gpus_per_actor: float | None = field(default=None, metadata=flag(

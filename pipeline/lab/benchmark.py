@@ -44,13 +44,15 @@ from pipeline.engine.stats import EngineTimes, SpecDecodeCounts
 from pipeline.engine.target import Target
 
 HF_GENERATE, HF_ASSISTED, ENGINE, CAPTION_JOB = "HF generate", "HF assisted", "engine", "caption job"
+DIRECT = "engine direct"  # the engine called in-process on the caption job's rows, to compare the job with
 NO_DRAFTER = "-"
+STATIC, CONTINUOUS = "static", "continuous"
 
 
 DEMO_TARGET = str(DEMO_WORLD / "target")
 DTYPES = ("auto", "float32", "bfloat16")
-FULL = dict(rows=64, batch_sizes=[1, 8, 32], gammas=[*range(1, 9), AUTO], max_new_tokens=48, repeats=3)
-QUICK = dict(rows=4, batch_sizes=[1, 4], gammas=[2, AUTO], max_new_tokens=8, repeats=1)  # CI: seconds
+FULL = dict(rows=64, batch_sizes=[1, 8, 32], gammas=[*range(1, 9), AUTO], max_new_tokens=48, repeats=3, job_rows=2048)
+QUICK = dict(rows=4, batch_sizes=[1, 4], gammas=[2, AUTO], max_new_tokens=8, repeats=1, job_rows=8)  # CI: seconds
 
 
 def demo_drafters() -> dict[str, str]:
@@ -96,7 +98,11 @@ class BenchConfig:
     max_new_tokens: int | None = field(default=None, metadata=flag(f"({_presets('max_new_tokens')})"))
     repeats: int | None = field(default=None, metadata=flag(
         f"timed runs after the warm-up; the median counts ({_presets('repeats')})"))
-    caption_job: bool = field(default=True, metadata=flag("skip the Ray caption job"))
+    caption_job: bool = field(default=True, metadata=flag(
+        "skip the caption job comparison (the Ray job against the engine called directly, static\n"
+        "and continuous batching)"))
+    job_rows: int | None = field(default=None, metadata=flag(
+        f"rows of that comparison, the prompts repeated ({_presets('job_rows')})"))
     continuous_batching: bool = field(default=False, metadata=flag(
         "run the engine with continuous batching (rows join as others finish) instead of\n"
         "batch by batch as HF generate does"))
@@ -124,7 +130,7 @@ class BenchConfig:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise JobConfigError(f"--batch-sizes must be positive integers, got {self.batch_sizes}.")
         for flag_name, value in (("--rows", self.rows), ("--repeats", self.repeats),
-                                 ("--max-new-tokens", self.max_new_tokens)):
+                                 ("--max-new-tokens", self.max_new_tokens), ("--job-rows", self.job_rows)):
             if value < 1:
                 raise JobConfigError(f"{flag_name} must be at least 1, got {value}.")
         for name, path in {"target": self.target, "prompts": self.prompts, **self.drafters}.items():
@@ -158,6 +164,7 @@ class Measurement:
     predicted_speedup: float | None = None  # tau / (1 + mean gamma * c), over the engine without a drafter
     measured_speedup: float | None = None  # decode phase (prefill excluded), over the engine without a drafter
     against_engine: float | None = None  # caption job: its rows/s over the engine's called directly, same settings
+    batching: str | None = None  # engine direct and caption job: static batches or continuous batching
 
     @property
     def tokens_per_s(self) -> float:
@@ -288,7 +295,7 @@ class Benchmark:
         for batch_size in self.config.batch_sizes:
             self._batch_size(batch_size)
         if self.config.caption_job:
-            self._caption_job()
+            self._caption_job_against_the_engine()
         return self.measurements
 
     def _batch_size(self, batch_size: int) -> None:
@@ -354,42 +361,65 @@ class Benchmark:
             m.identical = sum(a == b for a, b in zip(tokens, reference))
         self.measurements.append(m)
         hf = self._hf_generate(m.batch_size)  # measured first at each batch size
-        if hf is not None:
+        if hf is not None and hf.rows == m.rows:  # the same rows (the caption job comparison runs more)
             m.speedup = hf.seconds / m.seconds
         self.log(progress_line(m))
 
     def _hf_generate(self, batch_size: int) -> Measurement | None:
         return next((m for m in self.measurements if m.method == HF_GENERATE and m.batch_size == batch_size), None)
 
-    def _caption_job(self) -> None:
-        """The Ray caption job on the same rows, with the last drafter (MASSV by default) and gamma auto."""
+    def _caption_job_against_the_engine(self) -> None:
+        """On job_rows rows (the prompts repeated), with the last drafter (MASSV by default) at gamma auto and the
+        largest batch size: the engine called directly, then the Ray caption job end to end, each with static
+        batches and with continuous batching. The job's time is its wall time (actor start and model load
+        included, Ray's start not); its actor decodes on cpus_per_actor (1) thread, the engine here on torch's."""
         import shutil
 
         from pipeline.job.caption import run_caption
         from pipeline.job.config import CaptionConfig
 
         config = self.config
+        drafter_name = list(config.drafters)[-1] if config.drafters else None
+        gamma = AUTO if drafter_name else NO_DRAFTER
+        batch_size = max(config.batch_sizes)
+        workload = Workload(self.target, config.prompts, config.job_rows)
+        direct = {}
+        for batching in (STATIC, CONTINUOUS):
+            engine = SpecDecodeEngine(self.target, self.drafters.get(drafter_name),
+                                      EngineConfig(gamma=gamma if drafter_name else 0,
+                                                   max_new_tokens=config.max_new_tokens))
+            engine.generate(workload.prompts[:batch_size])  # warm-up: auto gamma learns, as an actor's would
+            engine.times = EngineTimes()
+            start = synchronized_time(self.target.device)
+            if batching == CONTINUOUS:
+                results = engine.generate(workload.prompts, max_batch_size=batch_size)
+            else:
+                results = [r for i in range(0, len(workload), batch_size)
+                           for r in engine.generate(workload.prompts[i : i + batch_size])]
+            m = Measurement(DIRECT, drafter_name or NO_DRAFTER, gamma, batch_size, len(results),
+                            synchronized_time(self.target.device) - start, sum(len(r.tokens) for r in results),
+                            None, rows_per_step=engine.times.mean_rows_per_step, batching=batching)
+            direct[batching] = m
+            self._add(m)
+
         root = Path(config.output) / "caption-job"
         inputs = root / "prompts"
         inputs.mkdir(parents=True, exist_ok=True)
-        table = pa.table({"id": [f"row-{i:06d}" for i in range(len(self.workload))],
-                          "prompt": self.workload.texts, "image": [r["image"] for r in self.workload.records]})
+        table = pa.table({"id": [f"row-{i:06d}" for i in range(len(workload))], "prompt": workload.texts,
+                          "image": [r["image"] for r in workload.records]})
         pq.write_table(table, inputs / "rows.parquet")
-        drafter_name = list(config.drafters)[-1] if config.drafters else None
-        job = CaptionConfig(input=str(inputs), output=str(root / "captions"), target=config.target,
-                            drafter=config.drafters[drafter_name] if drafter_name else "none", gamma=AUTO,
-                            max_new_tokens=config.max_new_tokens, batch_size=max(config.batch_sizes))
-        shutil.rmtree(job.output, ignore_errors=True)
         connect_ray()  # before the clock: run_caption's wall time leaves out starting Ray
-        summary = run_caption(job)
-        wall = summary["this_run"]["wall_time_s"]
-        m = Measurement(CAPTION_JOB, drafter_name or NO_DRAFTER, AUTO if drafter_name else NO_DRAFTER,
-                        job.batch_size, summary["rows_out"], wall, summary["generated_tokens"], None)
-        engine = next((e for e in self.measurements if e.method == ENGINE and e.drafter == m.drafter
-                       and e.gamma == m.gamma and e.batch_size == m.batch_size), None)
-        if engine is not None:
-            m.against_engine = m.rows_per_s / engine.rows_per_s
-        self._add(m)
+        for batching in (STATIC, CONTINUOUS):
+            job = CaptionConfig(input=str(inputs), output=str(root / f"captions-{batching}"), target=config.target,
+                                drafter=config.drafters[drafter_name] if drafter_name else "none", gamma=gamma,
+                                max_new_tokens=config.max_new_tokens, batch_size=batch_size,
+                                continuous_batching=batching == CONTINUOUS)
+            shutil.rmtree(job.output, ignore_errors=True)
+            summary = run_caption(job)
+            m = Measurement(CAPTION_JOB, drafter_name or NO_DRAFTER, gamma, batch_size, summary["rows_out"],
+                            summary["this_run"]["wall_time_s"], summary["generated_tokens"], None, batching=batching)
+            m.against_engine = m.rows_per_s / direct[batching].rows_per_s
+            self._add(m)
 
 
 @dataclass
@@ -403,19 +433,23 @@ def _fmt(value, spec: str = ".2f", missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
 
+def method_label(m: Measurement) -> str:
+    return f"{m.method}, {m.batching}" if m.batching else m.method
+
+
 def progress_line(m: Measurement) -> str:
-    line = (f"batch {m.batch_size:>3} | {m.method:<12} {m.drafter:<10} gamma {m.gamma:<10} "
+    line = (f"batch {m.batch_size:>3} | {method_label(m):<12} {m.drafter:<10} gamma {m.gamma:<10} "
             f"{m.tokens_per_s:8.1f} tok/s {m.rows_per_s:7.2f} rows/s  x{_fmt(m.speedup)}")
     if m.counts:
         line += f"  tau {m.counts['tau']:.2f}"
     if m.predicted_speedup and m.measured_speedup:
         line += f"  decode speedup {m.measured_speedup:.2f} (predicted {m.predicted_speedup:.2f})"
     if m.against_engine is not None:
-        line += f"  ({m.against_engine:.2f}x the engine's rows/s called directly)"
+        line += f"  ({m.against_engine:.2f}x the engine's rows/s called directly, {m.rows} rows)"
     return line
 
 
-COLUMNS = ["method", "drafter", "gamma", "batch", "tokens/s", "rows/s", "vs HF generate", "tau", "acceptance",
+COLUMNS = ["method", "drafter", "gamma", "batch", "rows", "tokens/s", "rows/s", "vs HF generate", "tau", "acceptance",
            "per-position acceptance", "c", "verify cost", "predicted", "measured (decode)", "measured / predicted",
            "time: prefill / draft / verify / other", "rows per step", "peak MB", "identical"]
 
@@ -425,7 +459,7 @@ def table_row(m: Measurement) -> list[str]:
     shares = m.time_shares
     ratio = m.measured_speedup / m.predicted_speedup if m.predicted_speedup and m.measured_speedup else None
     return [
-        m.method, m.drafter, m.gamma, str(m.batch_size), _fmt(m.tokens_per_s, ".1f"), _fmt(m.rows_per_s, ".2f"),
+        method_label(m), m.drafter, m.gamma, str(m.batch_size), str(m.rows), _fmt(m.tokens_per_s, ".1f"), _fmt(m.rows_per_s, ".2f"),
         _fmt(m.speedup) + ("x" if m.speedup else ""),
         _fmt(counts.get("tau")) if m.drafter != NO_DRAFTER and counts else "-",
         _fmt(counts.get("acceptance_rate")) if counts.get("drafted") else "-",
@@ -496,6 +530,18 @@ def goals(measurements: list[Measurement], massv: str | None) -> list[dict]:
         goal("measured speedup >= 90% of the analytic tau / (1 + gamma c)", statistics.median(ratios), 0.9,
              f"median over {len(ratios)} fixed-gamma runs; {sum(r >= 0.9 for r in ratios)} of them meet it, "
              f"range {min(ratios):.2f}-{max(ratios):.2f}")
+    jobs = {m.batching: m for m in measurements if m.method == CAPTION_JOB}
+    direct = {m.batching: m for m in measurements if m.method == DIRECT}
+    if CONTINUOUS in jobs:
+        job = jobs[CONTINUOUS]
+        goal(f"caption job >= 0.6x the engine's rows/s called directly ({job.rows} rows, continuous batching)",
+             job.against_engine, 0.6, f"{job.rows_per_s:.1f} against {direct[CONTINUOUS].rows_per_s:.1f} rows/s; "
+             f"with static batches {_fmt(jobs[STATIC].against_engine if STATIC in jobs else None)}x")
+    if len(jobs) == len(direct) == 2:
+        gains = {where: runs[CONTINUOUS].rows_per_s / runs[STATIC].rows_per_s
+                 for where, runs in (("engine", direct), ("caption job", jobs))}
+        goal(f"continuous batching never slower than static batches ({job.rows} rows)", min(gains.values()), 1.0,
+             ", ".join(f"{where} {gain:.2f}x" for where, gain in gains.items()))
     return results
 
 

@@ -129,6 +129,28 @@ def test_continuous_batching_is_token_identical(world, targets, references, fami
         assert_accepted_and_rejected(results)
 
 
+def test_a_failed_step_costs_the_batch_its_progress_not_its_rows(world, targets, references, caplog):
+    """A step that raises mid-batch (here the drafter's third proposal, as an out-of-memory error would) leaves the
+    batch's state undefined: each of its rows is decoded again alone and comes out as without the failure."""
+    target = targets["llava"]
+    prompts, expected = references["llava"]
+    drafter = load_drafter(world["llava"]["massv-noisy"], target)
+    propose, calls = drafter.propose, []
+
+    def fails_the_third_time(*args):
+        calls.append(len(calls))
+        if len(calls) == 3:
+            raise RuntimeError("CUDA out of memory (injected)")
+        return propose(*args)
+
+    drafter.propose = fails_the_third_time
+    engine = SpecDecodeEngine(target, drafter, EngineConfig(gamma=3, max_new_tokens=MAX_NEW))
+    with caplog.at_level("WARNING", logger="pipeline.engine.engine"):
+        results = engine.generate(prompts[:6])
+    assert "rows failed (CUDA out of memory (injected)); decoding each of them alone" in caplog.text
+    assert_same_tokens(target, prompts[:6], [r.tokens for r in results], expected[:6])
+
+
 @pytest.mark.parametrize("gamma", [1, 3, 5])
 def test_perfect_drafter_accepts_every_draft(world, targets, gamma):
     """The target's own language model as MASSV drafter: tau = gamma + 1 on every step but a truncated last one."""

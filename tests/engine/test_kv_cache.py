@@ -56,4 +56,29 @@ def test_rejected_slots_are_overwritten_not_kept():
     cache.rollback(torch.tensor([2, 0]))
     assert cache.lengths.tolist() == [50, 104]
     cache.select_rows(torch.tensor([1]))
-    assert cache.lengths.tolist() == [104] and cache.keys[0].shape[0] == 1
+    assert cache.lengths.tolist() == [104]
+    assert cache.keys[0][0, 0, :104, 0].tolist()[4:] == [float(t) for t in range(4, 104)]
+
+
+def test_rows_leave_and_join_without_copying_the_running_rows():
+    """Continuous batching: a leaver's place goes to a row from the end (only that row is copied), and admitted
+    rows are written into the spare rows of the same buffers, so the running rows stay where they are."""
+    def filled(lengths: list[int], first: float) -> RaggedKVCache:
+        cache = RaggedKVCache(num_layers=1, lengths=torch.tensor(lengths), device="cpu")
+        cache.begin_forward(3)
+        states = (first + torch.arange(len(lengths)))[:, None, None, None].expand(-1, 1, 3, 1).float()
+        cache.update(states, states.clone(), 0)
+        cache.end_forward(3)
+        return cache
+
+    cache = filled([0, 0, 0], first=10.0)  # rows hold 10, 11, 12 at their 3 slots
+    buffer = cache.keys[0]
+    cache.select_rows(torch.tensor([2, 1]))  # row 0 leaves; row 2 takes its place
+    assert cache.keys[0] is buffer and buffer[0, 0, :3, 0].tolist() == [12.0] * 3
+    assert buffer[1, 0, :3, 0].tolist() == [11.0] * 3
+    cache.append_rows(filled([0], first=20.0))  # a row joins in the spare row
+    assert cache.keys[0] is buffer and cache.lengths.tolist() == [3, 3, 3]
+    assert [buffer[i, 0, :3, 0].tolist() for i in range(3)] == [[12.0] * 3, [11.0] * 3, [20.0] * 3]
+    cache.begin_forward(1)
+    keys, _ = cache.update(torch.zeros(3, 1, 1, 1), torch.zeros(3, 1, 1, 1), 0)
+    assert keys.shape[0] == 3 and keys.data_ptr() == buffer.data_ptr()  # the next forward reads them in place

@@ -169,6 +169,8 @@ def test_sampling_with_a_drafter_through_the_job(local_ray, world, tmp_path):
 def test_a_batch_the_engine_fails_is_retried_row_by_row(local_ray, world, targets, tmp_path, caplog):
     """A row that breaks its batch (here: it lacks the per-token input its neighbours carry, so the batch cannot
     be padded together) but runs alone, and a row that fails even alone: each gets its own outcome."""
+    import asyncio
+
     import pyarrow as pa
     from conftest import hf_greedy, prepare_rows, ragged_rows
 
@@ -186,9 +188,9 @@ def test_a_batch_the_engine_fails_is_retried_row_by_row(local_ray, world, target
           "error": None} for i, p in enumerate(rows)], schema=PREPARED_SCHEMA)
     config = job(world, tmp_path, tmp_path / "out", tmp_path, target=str(world["gemma3"]["target"]),
                  drafter=str(world["gemma3"]["massv-noisy"]), gamma=3, max_new_tokens=8)
-    with caplog.at_level("WARNING", logger="pipeline.job.actor"):
-        out = CaptionActor(config)(batch).to_pylist()
-    assert "batch of 6 failed" in caplog.text and "retrying its rows one at a time" in caplog.text
+    with caplog.at_level("WARNING", logger="pipeline.engine.engine"):
+        out = asyncio.run(CaptionActor(config)(batch)).to_pylist()
+    assert "a prefill of 5 rows failed" in caplog.text and "admitting them one at a time" in caplog.text
     assert [row["id"] for row in out] == [f"row-{i}" for i in range(6)]
     assert out[3]["error"].startswith("generation failed: ") and out[3]["text"] is None
     assert out[5]["error"].startswith("generation failed: SafetensorError") and out[5]["text"] is None

@@ -15,11 +15,14 @@ from PIL import Image
 from pipeline.lab.benchmark import (
     AUTO,
     CAPTION_JOB,
+    CONTINUOUS,
+    DIRECT,
     ENGINE,
     HF_ASSISTED,
     HF_GENERATE,
     NO_DRAFTER,
     QUICK,
+    STATIC,
     BenchConfig,
     Measurement,
     analytic_speedup,
@@ -44,16 +47,25 @@ def test_quick_run_reports_every_configuration(tmp_path):
     rows = QUICK["rows"]
     assert report["rows"] == rows and set(report["machine"]) >= {"device", "dtype", "torch", "transformers"}
 
-    measured = {(m["method"], m["drafter"], m["gamma"], m["batch_size"]): m for m in report["measurements"]}
-    expected = {(HF_ASSISTED, "text-only", "HF default", 1), (CAPTION_JOB, "massv", AUTO, max(QUICK["batch_sizes"]))}
+    measured = {(m["method"], m["drafter"], m["gamma"], m["batch_size"], m["batching"]): m
+                for m in report["measurements"]}
+    expected = {(HF_ASSISTED, "text-only", "HF default", 1, None)}
+    expected |= {(method, "massv", AUTO, max(QUICK["batch_sizes"]), batching)
+                 for method in (DIRECT, CAPTION_JOB) for batching in (STATIC, CONTINUOUS)}
     for batch_size in QUICK["batch_sizes"]:
-        expected |= {(HF_GENERATE, NO_DRAFTER, NO_DRAFTER, batch_size), (ENGINE, NO_DRAFTER, NO_DRAFTER, batch_size)}
-        expected |= {(ENGINE, d, str(g), batch_size) for d in ("text-only", "massv", "msd") for g in QUICK["gammas"]}
+        expected |= {(HF_GENERATE, NO_DRAFTER, NO_DRAFTER, batch_size, None),
+                     (ENGINE, NO_DRAFTER, NO_DRAFTER, batch_size, None)}
+        expected |= {(ENGINE, d, str(g), batch_size, None) for d in ("text-only", "massv", "msd") for g in QUICK["gammas"]}
     assert set(measured) == expected
     assert len(report["measurements"]) == len(expected)
 
     for key, m in measured.items():
-        assert m["rows"] == rows and m["tokens"] > 0 and m["seconds"] > 0 and m["speedup"] > 0, key
+        assert m["tokens"] > 0 and m["seconds"] > 0, key
+        if key[0] in (DIRECT, CAPTION_JOB):  # the caption job comparison: its own rows, no HF generate to compare
+            assert m["rows"] == QUICK["job_rows"] and m["speedup"] is None, key
+            assert (m["against_engine"] > 0) == (key[0] == CAPTION_JOB), key
+            continue
+        assert m["rows"] == rows and m["speedup"] > 0, key
         if key[0] != ENGINE:
             continue
         assert m["identical"] == rows, f"{key}: greedy output must equal the engine's without a drafter"
@@ -73,18 +85,20 @@ def test_quick_run_reports_every_configuration(tmp_path):
                                                         for g in report["goals"])
 
     table = (output / "table.md").read_text()
-    assert sum(line.startswith(f"| {m} |") for line in table.splitlines()
-               for m in (HF_GENERATE, HF_ASSISTED, ENGINE, CAPTION_JOB)) == len(expected)
+    labels = {HF_GENERATE, HF_ASSISTED, ENGINE} | {f"{m}, {b}" for m in (DIRECT, CAPTION_JOB) for b in (STATIC, CONTINUOUS)}
+    assert sum(line.split("|")[1].strip() in labels for line in table.splitlines() if line.startswith("|")) \
+        == len(expected)
     for name in ("speedup_vs_batch", "tau_vs_gamma", "speedup_vs_gamma", "acceptance_per_position"):
         chart = Image.open(output / f"{name}.png")
         assert chart.format == "PNG" and chart.size == (WIDTH, HEIGHT)
-    assert "measured speedup >= 90%" in done.stdout
+    assert "measured speedup >= 90%" in done.stdout and "continuous batching never slower" in done.stdout
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--batch-sizes", "0"], "--batch-sizes must be positive"),
     (["--gammas", "2,x"], "--gammas"),
     (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--job-rows", "0"], "--job-rows must be at least 1"),
     (["--drafter", "mine=/nonexistent/drafter"], "drafter"),
     (["--assistant", "massv"], "must be a text-only drafter"),
     (["--assistant", "nope"], "is not one of the drafters"),
