@@ -63,7 +63,7 @@ def test_quick_run_reports_every_configuration(tmp_path):
         assert m["tokens"] > 0 and m["seconds"] > 0, key
         if key[0] in (DIRECT, CAPTION_JOB):  # the caption job comparison: its own rows, no HF generate to compare
             assert m["rows"] == QUICK["job_rows"] and m["speedup"] is None, key
-            assert (m["against_engine"] > 0) == (key[0] == CAPTION_JOB), key
+            assert (m["against_engine"] is not None) == (key[0] == CAPTION_JOB), key
             continue
         assert m["rows"] == rows and m["speedup"] > 0, key
         if key[0] != ENGINE:
@@ -80,7 +80,7 @@ def test_quick_run_reports_every_configuration(tmp_path):
             assert m["cost_ratio"] > 0 and m["measured_speedup"] > 0
             assert m["predicted_speedup"] == pytest.approx(
                 analytic_speedup(m["counts"]["tau"], m["counts"]["drafted"] / m["counts"]["steps"], m["cost_ratio"]))
-    assert measured[(HF_ASSISTED, "text-only", "HF default", 1)]["identical"] is not None
+    assert measured[(HF_ASSISTED, "text-only", "HF default", 1, None)]["identical"] is not None
     assert {g["goal"] for g in report["goals"]} and all(set(g) == {"goal", "figure", "met", "detail"}
                                                         for g in report["goals"])
 
