@@ -1,16 +1,19 @@
-"""Choosing gamma (the draft length): fixed, or `auto` from measured acceptance and step costs.
+"""Choosing gamma (the draft length): fixed, or `auto` from measured acceptance and measured step times.
 
 With a_i the chance that draft i is accepted given drafts 1..i-1 were, k drafts yield
 E(k) = 1 + sum_{j<=k} a_1 * ... * a_j tokens per step (acceptance usually falls along
-the draft, so one average rate would overrate long drafts). A step costs T(k+1) (the
-target verifying k+1 tokens per row, flat while memory-bound and growing with k at large
-batch, plus the step's bookkeeping) plus k drafter forwards of cost c. `auto` picks the k in [0, max_gamma] that
-maximises E(k) / (T(k+1) + k c). Costs depend on the batch size, which shrinks as rows
-finish, so they are measured per batch-size bucket (powers of two); acceptance does
-not, so it is shared. When speculation does not pay (large batch, poor drafter) it
-falls to k = 0: plain decoding. The regime not in use is re-measured by an occasional
-probe step, at intervals that double while the choice stays the same, so a settled
-choice costs almost nothing to confirm.
+the draft, so one average rate would overrate long drafts). `auto` picks the k in
+[0, max_gamma] that maximises E(k) / S(k), with S(k) the measured time of a whole step with
+k drafts (drafting, verification and bookkeeping: what a step really costs, not a model
+of it). S is measured per batch-size bucket (powers of two), since it depends on the batch
+size, which shrinks as rows finish; acceptance does not, so it is shared. A k not measured
+yet is predicted from the nearest measured one plus, per extra draft, one drafter forward
+and the verification's measured growth per token; only the measured k and their
+neighbours are candidates, so the choice climbs one step at a time and each step is
+measured before the next. Plain decoding (k = 0) is measured first and is chosen unless
+speculation promises a margin more, so a drafter that does not pay is not used. A
+settled choice is re-checked by an occasional probe of a neighbour, at intervals that
+double while the choice stays the same.
 """
 
 from __future__ import annotations
@@ -43,26 +46,29 @@ def batch_bucket(batch_size: int) -> int:
 
 @dataclass
 class _BucketCosts:
-    """Measured costs at one batch-size bucket, and when to probe the regime not in use there."""
+    """Measured costs at one batch-size bucket, and when to probe a neighbour of the choice there."""
 
+    step_s: dict[int, float] = field(default_factory=dict)  # drafts k -> a whole step's seconds
+    verify_s: dict[int, float] = field(default_factory=dict)  # tokens verified per row -> besides_drafting_s
     draft_s: float | None = None  # one drafter forward
-    step_s: dict[int, float] = field(default_factory=dict)  # tokens verified per row -> StepTimes.besides_drafting_s
     steps: int = 0
     probe_interval: int = 0
     next_probe: int = 0
     last_best: int = -1
+    probes: int = 0  # probes so far: they alternate between the choice's lower and upper neighbour
 
 
 @dataclass
 class GammaPolicy:
     gamma: int | str = 3
     max_gamma: int = 8
-    probe_every: int = 16  # first interval between re-measurements of the regime not in use
+    first_gamma: int = 3  # the first speculative k measured, once plain decoding has been
+    probe_every: int = 16  # first interval between probes of a neighbour of the choice
     max_probe_every: int = 256
-    smoothing: float = 0.3  # weight of the newest cost measurement in running averages
+    smoothing: float = 0.3  # weight of the newest time measurement in running averages
     memory: float = 0.98  # per speculative step, how much of the past acceptance counts stays
     prior_acceptance: float = 0.6  # per position, until measured
-    margin: float = 0.1  # speculate only when it promises this much more than plain decoding (see best_gamma)
+    margin: float = 0.03  # speculate only when it promises this much more than plain decoding (timing noise)
 
     # Acceptance per draft position, as decayed counts: drafts that reached position i (all before it
     # accepted) and how many of those were accepted.
@@ -84,23 +90,32 @@ class GammaPolicy:
         if not self.auto:
             return self.gamma
         costs = self._costs(batch_size)
-        if 1 not in costs.step_s:
+        if 0 not in costs.step_s:
             return 0  # measure plain decoding first
-        if costs.draft_s is None:
-            return min(4, self.max_gamma)  # then a speculative step
+        if len(costs.step_s) == 1:
+            return min(self.first_gamma, self.max_gamma)  # then a speculative step
         best = self.best_gamma(batch_size)
+        if best not in costs.step_s:
+            return best  # a neighbour that promises more: measure it
         if best != costs.last_best:  # the choice moved: watch more closely again
             costs.last_best, costs.probe_interval = best, self.probe_every
-        if costs.steps >= costs.next_probe:  # keep the estimate of the other regime fresh
+        if costs.steps >= costs.next_probe:  # keep the neighbours' times fresh
             costs.next_probe = costs.steps + costs.probe_interval
             costs.probe_interval = min(2 * costs.probe_interval, self.max_probe_every)
-            return 1 if best == 0 else 0
+            costs.probes += 1
+            neighbours = [k for k in (best - 1, best + 1) if 0 <= k <= self.max_gamma]
+            return neighbours[costs.probes % len(neighbours)]
         return best
 
     def best_gamma(self, batch_size: int) -> int:
-        """The k with the best predicted rate; 0 unless speculating beats plain decoding by the margin, since the
-        model misses costs that grow with speculation (a batch drains to its slowest row; drafter catch-ups)."""
-        best = max(range(1, self.max_gamma + 1), key=lambda k: self.expected_rate(k, batch_size))
+        """The candidate k with the best predicted rate; 0 unless speculating beats plain decoding by the margin.
+        Candidates: the measured k and their neighbours."""
+        costs = self._costs(batch_size)
+        measured = set(costs.step_s) or {0}
+        candidates = {c for k in measured for c in (k - 1, k, k + 1) if 1 <= c <= self.max_gamma}
+        if not candidates:
+            return 0
+        best = max(sorted(candidates), key=lambda k: self.expected_rate(k, batch_size))
         plain = self.expected_rate(0, batch_size)
         return best if self.expected_rate(best, batch_size) > (1 + self.margin) * plain else 0
 
@@ -122,17 +137,34 @@ class GammaPolicy:
 
     def expected_rate(self, k: int, batch_size: int) -> float:
         """Predicted tokens per second per row with k drafts at this batch size."""
-        costs = self._costs(batch_size)
-        return self.expected_tokens(k) / (self._step_cost(costs, k + 1) + k * (costs.draft_s or 0.0))
+        return self.expected_tokens(k) / max(self.step_seconds(k, batch_size), 1e-9)
+
+    def step_seconds(self, k: int, batch_size: int) -> float:
+        """S(k): measured, or predicted from the nearest measured k (the lower one on a tie) plus, per draft more
+        (or less), one drafter forward and the verification's growth per token (never negative); never below a
+        measured shorter draft's (a step that drafts more does more work: timing noise must not say otherwise)."""
+        step_s = self._costs(batch_size).step_s
+        if not step_s:
+            return 0.0
+        if k in step_s:
+            seconds = step_s[k]
+        else:
+            nearest = min(step_s, key=lambda m: (abs(m - k), m))
+            costs = self._costs(batch_size)
+            seconds = step_s[nearest] + (k - nearest) * ((costs.draft_s or 0.0) + self._verify_growth(costs))
+        return max([seconds, 1e-9, *(step_s[m] for m in step_s if m < k)])
 
     def observe(self, k: int, num_accepted: list[int], step: StepTimes) -> None:
         """One step at batch size len(num_accepted): k drafts per row, of which row i kept num_accepted[i]."""
         costs = self._costs(len(num_accepted))
         costs.steps += 1
-        costs.step_s[k + 1] = self._average(costs.step_s.get(k + 1), step.besides_drafting_s)
-        if k > 0:
-            if self._last_k > 0:  # after plain steps, the drafter's catch-up reads many tokens: not a typical cost
+        costs.verify_s[k + 1] = self._average(costs.verify_s.get(k + 1), step.besides_drafting_s)
+        # after plain steps, the drafter's catch-up reads many tokens: not what a step with k drafts costs
+        if k == 0 or self._last_k > 0:
+            costs.step_s[k] = self._average(costs.step_s.get(k), step.draft_s + step.besides_drafting_s)
+            if k > 0:
                 costs.draft_s = self._average(costs.draft_s, step.draft_s / k)
+        if k > 0:
             self.reached = [r * self.memory for r in self.reached]
             self.accepted = [a * self.memory for a in self.accepted]
             for n, rows in Counter(num_accepted).items():
@@ -152,17 +184,10 @@ class GammaPolicy:
         return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
 
     @staticmethod
-    def _step_cost(costs: _BucketCosts, q: int) -> float:
-        """T(q): interpolated linearly from the widths measured so far, and never below a narrower
-        width's measurement (timing noise must not make verifying more tokens look cheaper)."""
-        step_s = costs.step_s
-        widths = sorted(step_s)
-        floor = max((step_s[w] for w in widths if w <= q), default=0.0)
-        if q in step_s or len(widths) == 1:
-            return max(step_s.get(q, step_s[widths[0]]), floor)
-        lo = max([w for w in widths if w < q], default=widths[0])
-        hi = min([w for w in widths if w > q], default=widths[-1])
-        if lo == hi:  # extrapolate from the two nearest widths
-            lo, hi = (widths[-2], widths[-1]) if q > widths[-1] else (widths[0], widths[1])
-        slope = (step_s[hi] - step_s[lo]) / (hi - lo)
-        return max(step_s[lo] + slope * (q - lo), floor, 1e-9)
+    def _verify_growth(costs: _BucketCosts) -> float:
+        """Seconds the verification grows per verified token, from the widest two widths measured (0 before)."""
+        widths = sorted(costs.verify_s)
+        if len(widths) < 2:
+            return 0.0
+        lo, hi = widths[-2], widths[-1]
+        return max((costs.verify_s[hi] - costs.verify_s[lo]) / (hi - lo), 0.0)

@@ -15,6 +15,11 @@ an image-grid aware rope index, text after an image below its slot) continue eac
 row from its own offset, and so does a MASSV drafter that reads their positions.
 Masks work on slots; positions only feed the rotary embedding (see families.py).
 
+Rows under continuous batching: the buffers keep the rows of the largest batch so far;
+the live rows are the first B. A row that joins is written into a spare row, and one
+that leaves hands its place to a live row from the end, so neither copies the rows
+that stay (select_rows copies only the rows that move).
+
 Memory bound: the buffer holds at most max_i(length_i) + q + GROWTH_SLOTS slots per
 row, where q <= gamma + 1 is the widest forward so far. Rejections do not grow it:
 slots are reclaimed by lowering length_i. Sliding-window layers keep all history
