@@ -56,7 +56,7 @@ def check_exactly_once(frame: pd.DataFrame, expected: dict[str, str | None]) -> 
 def test_local_job_every_row_once_and_drafter_lossless(local_ray, world, tmp_path):
     """Plain with static batches and MASSV with continuous batching (the default): the same answers, every row once."""
     data = tmp_path / "data"
-    expected = write_caption_dataset(data, num_good=200)
+    expected = write_caption_dataset(data, num_good=100)
     plain = run_caption(job(world, data, tmp_path / "plain", tmp_path, drafter="none", continuous_batching=False))
     drafted = run_caption(job(world, data, tmp_path / "drafted", tmp_path, drafter=str(world["llava"]["massv"]),
                               gamma=3))
