@@ -90,4 +90,7 @@ class CaptionActor:
         while True:
             self.work.wait()
             self.work.clear()  # a row queued from here on sets it again, so none is left waiting
-            self.engine.run(self.batch_size)
+            try:
+                self.engine.run(self.batch_size)
+            except Exception:  # a fault of the engine's own: its rows got the error; later rows start afresh
+                log.exception("the engine failed; the rows it held carry the error")
