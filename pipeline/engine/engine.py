@@ -220,7 +220,6 @@ class SpecDecodeEngine:
         return max(budget, 0)
 
 
-
 @dataclass
 class _Request:
     """A submitted row: its prompt, its Row while it decodes, and the future its caller waits on."""

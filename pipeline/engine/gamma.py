@@ -143,14 +143,14 @@ class GammaPolicy:
         """S(k): measured, or predicted from the nearest measured k (the lower one on a tie) plus, per draft more
         (or less), one drafter forward and the verification's growth per token (never negative); never below a
         measured shorter draft's (a step that drafts more does more work: timing noise must not say otherwise)."""
-        step_s = self._costs(batch_size).step_s
+        costs = self._costs(batch_size)
+        step_s = costs.step_s
         if not step_s:
             return 0.0
         if k in step_s:
             seconds = step_s[k]
         else:
             nearest = min(step_s, key=lambda m: (abs(m - k), m))
-            costs = self._costs(batch_size)
             seconds = step_s[nearest] + (k - nearest) * ((costs.draft_s or 0.0) + self._verify_growth(costs))
         return max([seconds, 1e-9, *(step_s[m] for m in step_s if m < k)])
 

@@ -277,6 +277,14 @@ def hf_generate_tokens(target: Target, batches: list[dict], max_new_tokens: int,
     return rows
 
 
+def decode_all(engine: SpecDecodeEngine, prompts: list, batch_size: int, continuous: bool) -> list:
+    """Every prompt through the engine: batch_size rows at once, the next joining as rows finish (continuous), or
+    batch by batch, each drained to its slowest row (as HF generate runs)."""
+    if continuous:
+        return engine.generate(prompts, max_batch_size=batch_size)
+    return [r for i in range(0, len(prompts), batch_size) for r in engine.generate(prompts[i : i + batch_size])]
+
+
 def _print(line: str) -> None:
     print(line, flush=True)  # progress shows even when stdout is a file
 
@@ -335,9 +343,7 @@ class Benchmark:
         prompts = self.workload.prompts
 
         def run():
-            if self.config.continuous_batching:  # batch_size rows decode at once; the next join as rows finish
-                return engine.generate(prompts, max_batch_size=batch_size)
-            return [r for i in range(0, len(prompts), batch_size) for r in engine.generate(prompts[i : i + batch_size])]
+            return decode_all(engine, prompts, batch_size, self.config.continuous_batching)
 
         def reset_times():  # the warm-up teaches auto gamma, as a long-running actor would learn; it is not timed
             engine.times = EngineTimes()
@@ -391,11 +397,7 @@ class Benchmark:
             engine.generate(workload.prompts[:batch_size])  # warm-up: auto gamma learns, as an actor's would
             engine.times = EngineTimes()
             start = synchronized_time(self.target.device)
-            if batching == CONTINUOUS:
-                results = engine.generate(workload.prompts, max_batch_size=batch_size)
-            else:
-                results = [r for i in range(0, len(workload), batch_size)
-                           for r in engine.generate(workload.prompts[i : i + batch_size])]
+            results = decode_all(engine, workload.prompts, batch_size, batching == CONTINUOUS)
             m = Measurement(DIRECT, drafter_name or NO_DRAFTER, gamma, batch_size, len(results),
                             synchronized_time(self.target.device) - start, sum(len(r.tokens) for r in results),
                             None, rows_per_step=engine.times.mean_rows_per_step, batching=batching)

@@ -163,6 +163,7 @@ def test_a_failed_step_costs_the_batch_its_progress_not_its_rows(world, targets,
         results = engine.generate(prompts[:6])
     assert "rows failed (CUDA out of memory (injected)); decoding each of them alone" in caplog.text
     assert_same_tokens(target, prompts[:6], [r.tokens for r in results], expected[:6])
+    assert_accepted_and_rejected(results)  # the rows decoded again alone were drafted for, and rolled back
 
 
 @pytest.mark.parametrize("gamma", [1, 3, 5])
