@@ -102,6 +102,15 @@ def assert_exact_counts(result, gamma: int) -> None:
 
 
 @pytest.mark.parametrize("family", tiny_models.FAMILIES)
+def test_decode_steps_skip_the_model_wrappers(world, targets, family):
+    """Target and drafter LMs decode through their decoder stack and output head (DIRECT_DECODE_MODEL_TYPES), so
+    the identity tests below check that shortcut against HF generate's whole forward."""
+    assert targets[family].decoder.stack_and_head is not None
+    drafter = load_drafter(world[family]["massv"], targets[family])
+    assert drafter.decoder.stack_and_head is not None
+
+
+@pytest.mark.parametrize("family", tiny_models.FAMILIES)
 @pytest.mark.parametrize("drafter_kind", ["text-only", "massv", "massv-noisy", "msd-oracle"])
 @pytest.mark.parametrize("gamma", [1, 3, 5, "auto"])
 def test_greedy_is_token_identical(world, targets, references, plain_runs, family, drafter_kind, gamma):
