@@ -5,8 +5,9 @@ On the same prompts, batched the same way (all `rows` prompts in batches of each
   HF assisted    `generate(assistant_model=...)` with the text-only drafter (batch 1: all HF supports)
   engine         this engine without a drafter, and with each drafter at each gamma
   caption job    the Ray Data job end to end on the same rows (rows/s), to show the pipeline's overhead
-Each configuration runs once to warm up (and measure peak memory), then `repeats` timed runs; tokens/s is
-the median. Engine rows also carry tau, acceptance, per-position acceptance, where the time went, the
+Each configuration runs once to warm up (and measure peak memory); then `repeats` rounds time every
+configuration of a batch size once each, round-robin, so a drift of the machine's speed touches them alike;
+tokens/s is the median. Engine rows also carry tau, acceptance, per-position acceptance, where the time went, the
 drafter/target cost ratio c and the analytic speedup tau / (1 + gamma * c) over the engine without a drafter.
 """
 
@@ -23,6 +24,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
@@ -212,18 +214,25 @@ def _resident_mb() -> float:
         return peak / 2**20 if platform.system() == "Darwin" else peak / 2**10
 
 
-def timed(run, repeats: int, device: torch.device, after_warm_up=None) -> tuple[float, list, float]:
-    """(median seconds of the timed runs, the outputs of each timed run, peak MB of the warm-up run)."""
-    with PeakMemory(device) as memory:
-        run()
-    if after_warm_up is not None:
-        after_warm_up()
-    seconds, outputs = [], []
+def timed_round_robin(runs: dict, repeats: int, device: torch.device, after_warm_up: dict | None = None
+                      ) -> dict[object, tuple[float, list, float]]:
+    """Per run: (median seconds of its timed runs, the outputs of each, peak MB of its warm-up run). Each run is
+    warmed up first; then `repeats` rounds each time every run once, so a drift of the machine's speed over the
+    minutes this takes (measured: +-20% on a shared VM) touches every run alike and their ratios stay honest."""
+    peaks = {}
+    for key, run in runs.items():
+        with PeakMemory(device) as memory:
+            run()
+        peaks[key] = memory.peak_mb
+        if after_warm_up and key in after_warm_up:
+            after_warm_up[key]()
+    seconds, outputs = {key: [] for key in runs}, {key: [] for key in runs}
     for _ in range(repeats):
-        start = synchronized_time(device)
-        outputs.append(run())
-        seconds.append(synchronized_time(device) - start)
-    return statistics.median(seconds), outputs, memory.peak_mb
+        for key, run in runs.items():
+            start = synchronized_time(device)
+            outputs[key].append(run())
+            seconds[key].append(synchronized_time(device) - start)
+    return {key: (statistics.median(seconds[key]), outputs[key], peaks[key]) for key in runs}
 
 
 def analytic_speedup(tau: float, mean_gamma: float, cost_ratio: float) -> float:
@@ -307,54 +316,60 @@ class Benchmark:
         return self.measurements
 
     def _batch_size(self, batch_size: int) -> None:
+        """Every method at this batch size, timed round-robin (timed_round_robin): HF generate (and assisted
+        generation at batch 1), the engine without a drafter, and each drafter at each gamma."""
         config, device = self.config, self.target.device
-        plain = self._engine(None, 0, batch_size)
-        plain_step_s = plain.times.seconds_per_verify
-        reference = plain.tokens
         hf_batches = self.workload.hf_batches(batch_size)
-        seconds, outputs, peak = timed(
-            lambda: hf_generate_tokens(self.target, hf_batches, config.max_new_tokens), config.repeats, device)
-        self._add(Measurement(HF_GENERATE, NO_DRAFTER, NO_DRAFTER, batch_size, len(self.workload), seconds,
-                                   sum(map(len, outputs[-1])), peak), outputs[-1], reference)
+        runs = {HF_GENERATE: lambda: hf_generate_tokens(self.target, hf_batches, config.max_new_tokens)}
         if batch_size == 1 and config.assistant is not None:
             assistant = self.drafters[config.assistant].model.language_model
-            seconds, outputs, peak = timed(
-                lambda: hf_generate_tokens(self.target, hf_batches, config.max_new_tokens, assistant_model=assistant),
-                config.repeats, device)
-            self._add(Measurement(HF_ASSISTED, config.assistant, "HF default", batch_size, len(self.workload),
-                                  seconds, sum(map(len, outputs[-1])), peak), outputs[-1], reference)
+            runs[HF_ASSISTED] = lambda: hf_generate_tokens(self.target, hf_batches, config.max_new_tokens,
+                                                           assistant_model=assistant)
+        engines = {(None, 0): self._new_engine(None, 0)}
+        engines.update({(name, gamma): self._new_engine(name, gamma) for name in self.drafters for gamma in config.gammas})
+        for key, engine in engines.items():
+            runs[key] = partial(decode_all, engine, self.workload.prompts, batch_size, config.continuous_batching)
+        # the warm-up teaches auto gamma, as a long-running actor would learn; it is not timed
+        reset_times = {key: partial(setattr, engine, "times", EngineTimes()) for key, engine in engines.items()}
+        timings = timed_round_robin(runs, config.repeats, device, reset_times)
+
+        plain = self._engine_run(None, 0, batch_size, engines[(None, 0)], timings[(None, 0)])
+        reference = plain.tokens
+        for method in (HF_GENERATE, HF_ASSISTED):
+            if method in timings:
+                seconds, outputs, peak = timings[method]
+                self._add(Measurement(method, config.assistant if method == HF_ASSISTED else NO_DRAFTER,
+                                      "HF default" if method == HF_ASSISTED else NO_DRAFTER, batch_size,
+                                      len(self.workload), seconds, sum(map(len, outputs[-1])), peak),
+                          outputs[-1], reference)
         self._add(plain.measurement, reference, reference)
-        for name in self.drafters:
-            for gamma in config.gammas:
-                run = self._engine(name, gamma, batch_size)
-                m = run.measurement
-                if plain_step_s and run.times.num_draft_forwards:
-                    m.cost_ratio = run.times.seconds_per_draft_forward / plain_step_s
-                    m.verify_cost = run.times.seconds_per_verify / plain_step_s
-                    mean_gamma = m.counts["drafted"] / m.counts["steps"] if m.counts["steps"] else 0.0
-                    m.predicted_speedup = analytic_speedup(m.counts["tau"], mean_gamma, m.cost_ratio)
-                m.measured_speedup = plain.times.decode_s / run.times.decode_s if run.times.decode_s else None
-                self._add(m, run.tokens, reference)
+        plain_step_s = plain.times.seconds_per_verify
+        for (name, gamma), engine in engines.items():
+            if name is None:
+                continue
+            run = self._engine_run(name, gamma, batch_size, engine, timings[(name, gamma)])
+            m = run.measurement
+            if plain_step_s and run.times.num_draft_forwards:
+                m.cost_ratio = run.times.seconds_per_draft_forward / plain_step_s
+                m.verify_cost = run.times.seconds_per_verify / plain_step_s
+                mean_gamma = m.counts["drafted"] / m.counts["steps"] if m.counts["steps"] else 0.0
+                m.predicted_speedup = analytic_speedup(m.counts["tau"], mean_gamma, m.cost_ratio)
+            m.measured_speedup = plain.times.decode_s / run.times.decode_s if run.times.decode_s else None
+            self._add(m, run.tokens, reference)
 
-    def _engine(self, drafter_name: str | None, gamma: int | str, batch_size: int) -> _EngineRun:
+    def _new_engine(self, drafter_name: str | None, gamma: int | str) -> SpecDecodeEngine:
         drafter = self.drafters[drafter_name] if drafter_name else None
-        engine = SpecDecodeEngine(self.target, drafter,
-                                  EngineConfig(gamma=gamma, max_new_tokens=self.config.max_new_tokens))
-        prompts = self.workload.prompts
+        return SpecDecodeEngine(self.target, drafter, EngineConfig(gamma=gamma, max_new_tokens=self.config.max_new_tokens))
 
-        def run():
-            return decode_all(engine, prompts, batch_size, self.config.continuous_batching)
-
-        def reset_times():  # the warm-up teaches auto gamma, as a long-running actor would learn; it is not timed
-            engine.times = EngineTimes()
-
-        seconds, results_per_run, peak = timed(run, self.config.repeats, self.target.device, reset_times)
+    def _engine_run(self, drafter_name: str | None, gamma: int | str, batch_size: int, engine: SpecDecodeEngine,
+                    timing: tuple[float, list, float]) -> _EngineRun:
+        seconds, results_per_run, peak = timing
         counts = SpecDecodeCounts()
         for result in (r for results in results_per_run for r in results):
             counts.observe(result.counts)
         last = results_per_run[-1]
         measurement = Measurement(
-            ENGINE, drafter_name or NO_DRAFTER, str(gamma) if drafter else NO_DRAFTER, batch_size, len(last),
+            ENGINE, drafter_name or NO_DRAFTER, str(gamma) if drafter_name else NO_DRAFTER, batch_size, len(last),
             seconds, sum(len(r.tokens) for r in last), peak,
             counts=counts.report(), time_shares=engine.times.shares(), rows_per_step=engine.times.mean_rows_per_step)
         return _EngineRun(measurement, engine.times, [r.tokens for r in last])
