@@ -114,7 +114,7 @@ def test_auto_starts_by_measuring_both_regimes_climbs_then_probes():
     # plain first, then 3 twice (the first one catches up after plain steps), then one draft more at a time
     assert choices[:6] == [0, 3, 3, 4, 5, 6]
     probes = [i for i, k in enumerate(choices) if i > 5 and k != 6]
-    assert all(choices[i] == 5 for i in probes)  # the one neighbour of the settled choice
+    assert [choices[i] for i in probes] == [0, 5, 0, 5, 0, 5]  # plain decoding and the one neighbour, in turn
     gaps = [b - a for a, b in zip(probes, probes[1:])]
     assert gaps == [4, 8, 16, 32, 64]  # intervals double while the choice holds
 
