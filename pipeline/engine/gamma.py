@@ -5,8 +5,9 @@ E(k) = 1 + sum_{j<=k} a_1 * ... * a_j tokens per step (acceptance usually falls 
 the draft, so one average rate would overrate long drafts). `auto` picks the k in
 [0, max_gamma] that maximises E(k) / S(k), with S(k) the measured time of a whole step with
 k drafts (drafting, verification and bookkeeping: what a step really costs, not a model
-of it; the least of its last few steps, so one slow step does not decide). S is measured per batch-size bucket (powers of two), since it depends on the batch
-size, which shrinks as rows finish; acceptance does not, so it is shared. A k not measured
+of it; the least of its last few steps, so one slow step does not decide). S is measured
+per batch-size bucket (powers of two), since it depends on the batch size, which shrinks
+as rows finish; acceptance does not, so it is shared. A k not measured
 yet is predicted from the nearest measured one plus, per extra draft, one drafter forward
 and the verification's measured growth per token; only the measured k and their
 neighbours are candidates, so the choice climbs one step at a time and each step is
@@ -54,7 +55,7 @@ def batch_bucket(batch_size: int) -> int:
 
 @dataclass
 class _BucketCosts:
-    """Measured costs at one batch-size bucket, and when to probe a neighbour of the choice there."""
+    """Measured costs at one batch-size bucket, and when to probe around the choice there."""
 
     step_samples: dict[int, deque] = field(default_factory=dict)  # drafts k -> the last whole steps' seconds
     verify_s: dict[int, float] = field(default_factory=dict)  # tokens verified per row -> besides_drafting_s
@@ -76,7 +77,7 @@ class GammaPolicy:
     gamma: int | str = 3
     max_gamma: int = 8
     first_gamma: int = 3  # the first speculative k measured, once plain decoding has been
-    probe_every: int = 16  # first interval between probes of a neighbour of the choice
+    probe_every: int = 16  # first interval between probes (plain decoding or a neighbour of the choice)
     max_probe_every: int = 256
     smoothing: float = 0.3  # weight of the newest measurement in the running averages of verify and draft times
     memory: float = 0.98  # per speculative step, how much of the past acceptance counts stays
@@ -116,8 +117,7 @@ class GammaPolicy:
             costs.next_probe = costs.steps + costs.probe_interval
             costs.probe_interval = min(2 * costs.probe_interval, self.max_probe_every)
             costs.probes += 1
-            # plain decoding too: the rate every choice must beat, else a plain step measured once, in a slow
-            # moment, stands for good (measured: 3.1 ms against 2.5 ms, and speculation that lost 14% chosen)
+            # plain decoding too: the rate every choice must beat, kept fresh like the neighbours' (STEP_SAMPLES)
             targets = sorted({0, best - 1, best + 1} & set(range(self.max_gamma + 1)) - {best})
             return targets[(costs.probes - 1) % len(targets)]  # plain decoding first
         return best

@@ -328,7 +328,8 @@ class Benchmark:
             runs[HF_ASSISTED] = lambda: hf_generate_tokens(self.target, hf_batches, config.max_new_tokens,
                                                            assistant_model=assistant)
         engines = {(None, 0): self._new_engine(None, 0)}
-        engines.update({(name, gamma): self._new_engine(name, gamma) for name in self.drafters for gamma in config.gammas})
+        engines.update({(name, gamma): self._new_engine(name, gamma)
+                        for name in self.drafters for gamma in config.gammas})
         for key, engine in engines.items():
             runs[key] = partial(decode_all, engine, self.workload.prompts, batch_size, config.continuous_batching)
         # the warm-up teaches auto gamma, as a long-running actor would learn; it is not timed
@@ -362,7 +363,8 @@ class Benchmark:
 
     def _new_engine(self, drafter_name: str | None, gamma: int | str) -> SpecDecodeEngine:
         drafter = self.drafters[drafter_name] if drafter_name else None
-        return SpecDecodeEngine(self.target, drafter, EngineConfig(gamma=gamma, max_new_tokens=self.config.max_new_tokens))
+        config = EngineConfig(gamma=gamma, max_new_tokens=self.config.max_new_tokens)
+        return SpecDecodeEngine(self.target, drafter, config)
 
     def _engine_run(self, drafter_name: str | None, gamma: int | str, batch_size: int, engine: SpecDecodeEngine,
                     timing: tuple[float, list, float]) -> _EngineRun:
@@ -562,8 +564,8 @@ def goals(measurements: list[Measurement], massv: str | None) -> list[dict]:
     fixed = [m for m in _engine_rows(measurements) if m.predicted_with_verify and m.measured_speedup
              and m.gamma != AUTO]
     if fixed:
-        ratio = {id(m): m.measured_speedup / m.predicted_with_verify for m in fixed}
-        medians = {b: statistics.median(ratio[id(m)] for m in fixed if m.batch_size == b)
+        ratios = [m.measured_speedup / m.predicted_with_verify for m in fixed]
+        medians = {b: statistics.median(r for m, r in zip(fixed, ratios) if m.batch_size == b)
                    for b in sorted({m.batch_size for m in fixed})}
         worst = min(medians, key=medians.get)
         plain = next((m for m in measurements if m.method == ENGINE and m.drafter == NO_DRAFTER
@@ -574,9 +576,10 @@ def goals(measurements: list[Measurement], massv: str | None) -> list[dict]:
              medians[worst], 0.9,
              f"median per batch size over {len(fixed)} fixed-gamma runs: "
              + ", ".join(f"batch {b} {r:.2f}" for b, r in medians.items())
-             + f"; {sum(r >= 0.9 for r in ratio.values())} runs meet it; at batch {worst} the drafters' runs kept "
+             + f"; {sum(r >= 0.9 for r in ratios)} runs meet it; at batch {worst} the drafters' runs kept "
              f"{_fmt(fuller)} of plain decoding's rows per step (the batch drains unevenly); against "
-             f"tau / (1 + gamma c) the median is {statistics.median(m.measured_speedup / m.predicted_speedup for m in fixed):.2f}")
+             f"tau / (1 + gamma c) the median is "
+             f"{statistics.median(m.measured_speedup / m.predicted_speedup for m in fixed):.2f}")
     jobs = {m.batching: m for m in measurements if m.method == CAPTION_JOB}
     direct = {m.batching: m for m in measurements if m.method == DIRECT}
     if CONTINUOUS in jobs:

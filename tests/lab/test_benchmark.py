@@ -79,7 +79,8 @@ def test_quick_run_reports_every_configuration(tmp_path):
             assert len(m["counts"]["acceptance_per_position"]) == gamma
             assert m["cost_ratio"] > 0 and m["measured_speedup"] > 0
             mean_gamma = m["counts"]["drafted"] / m["counts"]["steps"]
-            assert m["predicted_speedup"] == pytest.approx(analytic_speedup(m["counts"]["tau"], mean_gamma, m["cost_ratio"]))
+            assert m["predicted_speedup"] == pytest.approx(
+                analytic_speedup(m["counts"]["tau"], mean_gamma, m["cost_ratio"]))
             assert m["predicted_with_verify"] == pytest.approx(
                 analytic_speedup(m["counts"]["tau"], mean_gamma, m["cost_ratio"], m["verify_cost"]))
     assert measured[(HF_ASSISTED, "text-only", "HF default", 1, None)]["identical"] is not None
