@@ -63,7 +63,7 @@ class RaggedKVCache(Cache):
         self.kv_len = 0  # slots the forward in flight attends over: max_i(length_i) + q
 
     # ---- what the HF attention layers call ----
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):  # extras: rotary kwargs, unused
         """Write [B, heads, q, dim] states at each row's next q slots; return the cache up to the longest row."""
         slots = self._write_slots
         if slots is None or slots.shape[1] != key_states.shape[2]:
