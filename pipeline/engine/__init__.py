@@ -7,14 +7,19 @@ Knows nothing about Ray, files or datasets. The public API:
     results = engine.generate([prepare_prompt(target.processor, prompt, image, target.context_length), ...])
 """
 
-from pipeline.engine.acceptance import SamplingConfig
-from pipeline.engine.drafter import Drafter
-from pipeline.engine.engine import EngineConfig, GenerationResult, SpecDecodeEngine
-from pipeline.engine.prompts import PreparedPrompt, PromptError, prepare_prompt
-from pipeline.engine.stats import EngineTimes, SpecDecodeCounts
-from pipeline.engine.target import Target
+from importlib import import_module
 
-__all__ = [
-    "Drafter", "EngineConfig", "EngineTimes", "GenerationResult", "PreparedPrompt", "PromptError", "SamplingConfig",
-    "SpecDecodeCounts", "SpecDecodeEngine", "Target", "prepare_prompt",
-]
+# name -> module; imported on first use, so a process that needs one module (a CPU task preparing prompts) does
+# not pay for the models' code (transformers' model classes: about a second of import)
+_EXPORTS = {
+    "SamplingConfig": "acceptance", "Drafter": "drafter", "EngineConfig": "engine", "GenerationResult": "engine",
+    "SpecDecodeEngine": "engine", "PreparedPrompt": "prompts", "PromptError": "prompts", "prepare_prompt": "prompts",
+    "EngineTimes": "stats", "SpecDecodeCounts": "stats", "Target": "target",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -14,34 +14,39 @@ any cluster work. `caption(dataset, config)` runs the same stages on a Dataset o
 from __future__ import annotations
 
 import time
-from functools import partial
 
-import pyarrow as pa
 import ray
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
+from pipeline.engine.families import context_length
 from pipeline.job.actor import CaptionActor
 from pipeline.job.config import CaptionConfig
-from pipeline.engine.families import context_length
+from pipeline.job.output import forget_unreadable, part_files, parts_dir
 from pipeline.job.preflight import JobPlan, check_models, plan_resources, preflight
 from pipeline.job.preprocess import prepare_batch
 from pipeline.job.ray_cluster import connect as connect_ray
-from pipeline.job.output import forget_unreadable, part_files, parts_dir, record_unreadable
-from pipeline.job.summary import format_summary, summarize, write_summary
-from pipeline.job.sources import SOURCE_SCHEMA, SourcePlan, read_rows, source_row
+from pipeline.job.sources import SourcePlan, read_task, source_rows
 from pipeline.job.storage import url_to_fs
-
+from pipeline.job.summary import format_summary, summarize, write_summary
 
 # Writing a part is brief I/O; its tasks ask for no CPU. Ray Data reserves each stage at least one task's
 # resources, upstream stages first, so with the read and prepare stages holding the CPUs a write asking for any
 # CPU got no budget: finished rows queued in the object store until the end of the job (measured on 2 CPUs:
-# none of 30,336 finished rows written after 130 s).
+# none of 30,336 finished rows written after 130 s). Asking for none, their number is capped instead (one per
+# engine actor): uncapped, Ray started a new worker process for each write running beside another, and their
+# start-up took the CPU from the engine (2048 demo rows on 2 CPUs: 20.3 s, 16.3 s with one write at a time).
 WRITE_CPUS = 0
 
-# Continuous batching: blocks of batch_size rows in flight per actor. The running batch admits waiting rows once a
-# quarter of it is free, so one block waiting behind the running one keeps it full; a third covers the time Ray Data
-# takes to hand over the next block when one completes.
-BLOCKS_IN_FLIGHT = 3
+# Continuous batching: rows in flight per actor, in blocks of batch_size. The running batch admits waiting rows
+# once a quarter of it is free; the rows waiting behind it must last until Ray Data hands the actor its next block
+# after one completes (a block completes with its slowest row). Three blocks of 32 did not: on 2048 demo rows the
+# engine ran dry 15 times (about 0.15 s of work per block on CPU); eight never did.
+MIN_BLOCKS_IN_FLIGHT = 3
+MIN_ROWS_IN_FLIGHT = 256
+
+
+def blocks_in_flight(batch_size: int) -> int:
+    return max(MIN_BLOCKS_IN_FLIGHT, -(-MIN_ROWS_IN_FLIGHT // batch_size))
 
 
 def run_caption(config: CaptionConfig) -> dict:
@@ -56,7 +61,8 @@ def run_caption(config: CaptionConfig) -> dict:
     parts_before = set(part_files(config.output))
     fs, parts_path = url_to_fs(parts_dir(config.output))  # written through fsspec, as everything else is
     build_dataset(config, plan).write_parquet(parts_path, filesystem=PyFileSystem(FSSpecHandler(fs)),
-                                              ray_remote_args={"num_cpus": WRITE_CPUS})
+                                              ray_remote_args={"num_cpus": WRITE_CPUS},
+                                              concurrency=config.num_actors[1])
     run_parts = set(part_files(config.output)) - parts_before
     summary = summarize(config.output, config.to_dict(), time.perf_counter() - start, run_parts)
     summary["rows_skipped_by_resume"] = len(plan.skip_ids)
@@ -71,7 +77,7 @@ def build_dataset(config: CaptionConfig, plan: JobPlan) -> ray.data.Dataset:
     reads = plan.source.reads
     files = ray.data.from_items([{"relatives": r} for r in reads], override_num_blocks=min(len(reads), 1000))
     rows = files.map_batches(
-        _read_task, batch_size=1, batch_format="pyarrow",
+        read_task, batch_size=1, batch_format="pyarrow",
         # the finished ids go to the object store once; each read task maps them, zero-copy
         fn_kwargs={"plan": plan.source, "skip": ray.put(plan.skip_ids), "output": config.output},
     )
@@ -93,7 +99,7 @@ def caption(dataset: ray.data.Dataset, config: CaptionConfig) -> ray.data.Datase
     processor, text_config = check_models(config)
     plan = SourcePlan("rows", config.input, [], config.id_column or "id", config.prompt_column or "prompt",
                       config.image_column or "image", config.prompt)
-    rows = dataset.map_batches(_source_rows, batch_format="pyarrow", fn_kwargs={"plan": plan})
+    rows = dataset.map_batches(source_rows, batch_format="pyarrow", fn_kwargs={"plan": plan})
     return _engine_stages(rows, config, processor, context_length(text_config))
 
 
@@ -101,7 +107,7 @@ def _engine_stages(rows: ray.data.Dataset, config: CaptionConfig, processor, con
     """SOURCE_SCHEMA rows -> prepared on CPU tasks -> the engine actors -> OUTPUT_SCHEMA rows."""
     gpus = plan_resources(config, ray.cluster_resources())
     low, high = config.num_actors
-    blocks = BLOCKS_IN_FLIGHT if config.continuous_batching else 1
+    blocks = blocks_in_flight(config.batch_size) if config.continuous_batching else 1
     # Streaming repartitions make blocks of one engine batch each, so work spreads over every actor even
     # from a single input file, and keep Ray Data from fusing the CPU stage into the engine actors.
     return (
@@ -125,15 +131,3 @@ def _engine_stages(rows: ray.data.Dataset, config: CaptionConfig, processor, con
             num_cpus=config.cpus_per_actor,
         )
     )
-
-
-def _source_rows(batch: pa.Table, plan: SourcePlan) -> pa.Table:
-    """A caller's rows as SOURCE_SCHEMA rows; anything wrong with one becomes its error."""
-    return pa.Table.from_pylist([source_row(plan, record) for record in batch.to_pylist()], schema=SOURCE_SCHEMA)
-
-
-def _read_task(batch: pa.Table, plan: SourcePlan, skip: ray.ObjectRef, output: str):
-    """Rows of this task's files; a file that cannot be read is recorded for the summary, not fatal."""
-    finished = ray.get(skip)
-    for relatives in batch.column("relatives").to_pylist():
-        yield from read_rows(plan, relatives, finished, on_unreadable=partial(record_unreadable, output))

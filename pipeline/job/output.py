@@ -13,13 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.engine.engine import GenerationResult
 from pipeline.job.resume import FinishedIds
 from pipeline.job.storage import join, url_to_fs
+
+if TYPE_CHECKING:
+    from pipeline.engine.engine import GenerationResult
 
 log = logging.getLogger(__name__)
 

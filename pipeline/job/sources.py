@@ -17,13 +17,15 @@ import json
 import os
 import tarfile
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 
 from pipeline.job.config import CaptionConfig, JobConfigError
-from pipeline.job.output import row_error
+from pipeline.job.output import record_unreadable, row_error
 from pipeline.job.resume import FinishedIds
 from pipeline.job.storage import is_remote, join, resolve, url_to_fs
 
@@ -127,6 +129,21 @@ def read_rows(plan: SourcePlan, relatives: list[str], skip_ids: FinishedIds | No
                 raise
             on_unreadable(plan.url(relative), exc, read)
     yield from _unfinished(rows, skip_ids)
+
+
+def read_task(batch: pa.Table, plan: SourcePlan, skip: ray.ObjectRef, output: str):
+    """The job's read stage (a Ray Data task): rows of this task's files, leaving out the finished ids in `skip`
+    (mapped from the object store, zero-copy); a file that cannot be read is recorded for the summary, not fatal.
+    It lives here, not with the job's stages, so a read task's process imports no model code."""
+    finished = ray.get(skip)
+    for relatives in batch.column("relatives").to_pylist():
+        yield from read_rows(plan, relatives, finished, on_unreadable=partial(record_unreadable, output))
+
+
+def source_rows(batch: pa.Table, plan: SourcePlan) -> pa.Table:
+    """A caller's rows (`caption(dataset, config)`) as SOURCE_SCHEMA rows; anything wrong with one becomes its
+    error."""
+    return pa.Table.from_pylist([source_row(plan, record) for record in batch.to_pylist()], schema=SOURCE_SCHEMA)
 
 
 def _unfinished(rows: list[dict], skip_ids: FinishedIds):
