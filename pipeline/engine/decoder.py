@@ -19,7 +19,6 @@ from torch import nn
 from pipeline.engine.families import ROTARY, RotaryFamily
 from pipeline.engine.kv_cache import RaggedKVCache, attention_masks, layer_types_of
 
-
 # Model types whose forward, once the prompt is in the cache, is the decoder stack and then the output head, nothing
 # more (a VLM's wrappers only dispatch; Gemma3's text LM also soft-caps its logits when configured to, so a config
 # that does keeps the whole forward): decode steps call those two directly. Checked in transformers 5.23, and by the
@@ -48,6 +47,8 @@ class RaggedDecoder:
         direct = (model.config.model_type in DIRECT_DECODE_MODEL_TYPES and head is not None
                   and getattr(model.config, "final_logit_softcapping", None) is None)
         self.stack_and_head = (model.get_decoder(), head) if direct else None
+        self.prefill_cache_name = _cache_name(model.forward)
+        self.decode_cache_name = _cache_name((self.stack_and_head[0] if direct else model).forward)
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -73,7 +74,8 @@ class RaggedDecoder:
             **_hidden_states_request(hidden_states),
             **model_inputs,
         )
-        cache = RaggedKVCache.from_left_padded(out.past_key_values, lengths, attention_mask.shape[1], offsets)
+        hf_cache = getattr(out, self.prefill_cache_name)
+        cache = RaggedKVCache.from_left_padded(hf_cache, lengths, attention_mask.shape[1], offsets)
         if append and self.cache is not None:
             self.cache.append_rows(cache)
         else:
@@ -94,7 +96,7 @@ class RaggedDecoder:
         out = self._decode_forward(
             attention_mask=masks,
             position_ids=self.family.decode_positions(slots, self.cache.position_offsets),
-            past_key_values=self.cache,
+            **{self.decode_cache_name: self.cache},
             use_cache=True,
             **_hidden_states_request(hidden_states),
             **model_inputs,
@@ -117,6 +119,12 @@ class RaggedDecoder:
 
     def select_rows(self, rows: torch.Tensor) -> None:
         self.cache.select_rows(rows)
+
+
+def _cache_name(forward) -> str:
+    """What a forward calls its KV cache (argument and output): transformers 5.24 renamed `past_key_values` to
+    `cache` (the old name warns, and goes in 5.40); earlier releases know only the old one."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def _hidden_states_request(wanted: bool) -> dict:
