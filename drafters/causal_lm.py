@@ -118,7 +118,7 @@ class CausalLMDrafter:
         self.target_vocab_size = target_vocab_size
         self.pad_token_id = pad_token_id
         self.name = name
-        self.decoder = RaggedDecoder(model.language_model)
+        self.decoder = RaggedDecoder(model.language_model, fused=True)
         self.pending: list[list[int]] = []
 
     @property

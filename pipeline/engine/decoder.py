@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pipeline.engine.families import ROTARY, RotaryFamily
+from pipeline.engine.fused import FusedStack
 from pipeline.engine.kv_cache import RaggedKVCache, attention_masks, layer_types_of
 
 # Model types whose forward, once the prompt is in the cache, is the decoder stack and then the output head, nothing
@@ -31,7 +32,9 @@ DIRECT_DECODE_MODEL_TYPES = frozenset(
 class RaggedDecoder:
     """A model plus its RaggedKVCache; the caller decides what each row appends and rolls back."""
 
-    def __init__(self, model: nn.Module, family: RotaryFamily = ROTARY):
+    def __init__(self, model: nn.Module, family: RotaryFamily = ROTARY, fused: bool = False):
+        """fused: decode steps through FusedStack where the model type has one (drafters: their numbers only
+        choose proposals; a target keeps HF's own forward, so its outputs are HF's)."""
         self.model = model
         self.family = family
         text_config = model.config.get_text_config()
@@ -47,6 +50,7 @@ class RaggedDecoder:
         direct = (model.config.model_type in DIRECT_DECODE_MODEL_TYPES and head is not None
                   and getattr(model.config, "final_logit_softcapping", None) is None)
         self.stack_and_head = (model.get_decoder(), head) if direct else None
+        self.fused = FusedStack.of(model) if fused else None
         self.prefill_cache_name = _cache_name(model.forward)
         self.decode_cache_name = _cache_name((self.stack_and_head[0] if direct else model).forward)
 
@@ -93,14 +97,18 @@ class RaggedDecoder:
         q = next(iter(model_inputs.values())).shape[1]
         slots = self.cache.begin_forward(q)
         masks = attention_masks(slots, self.cache.kv_len, self.layer_types, self.sliding_window, self.dtype)
-        out = self._decode_forward(
-            attention_mask=masks,
-            position_ids=self.family.decode_positions(slots, self.cache.position_offsets),
-            **{self.decode_cache_name: self.cache},
-            use_cache=True,
-            **_hidden_states_request(hidden_states),
-            **model_inputs,
-        )
+        positions = self.family.decode_positions(slots, self.cache.position_offsets)
+        if self.fused is not None and not hidden_states:
+            out = SimpleNamespace(logits=self.fused(masks, positions, self.cache, **model_inputs))
+        else:
+            out = self._decode_forward(
+                attention_mask=masks,
+                position_ids=positions,
+                **{self.decode_cache_name: self.cache},
+                use_cache=True,
+                **_hidden_states_request(hidden_states),
+                **model_inputs,
+            )
         self.cache.end_forward(q if num_new is None else num_new)
         return out
 

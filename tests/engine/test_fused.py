@@ -1,0 +1,50 @@
+"""The fused drafter forward computes the model's own logits: same rows, ragged appends and rollbacks, per family."""
+
+import pytest
+import torch
+
+from pipeline.engine.decoder import RaggedDecoder
+from pipeline.engine.fused import FusedStack
+from pipeline.lab.tiny_models import CAUSAL_LMS
+
+LLAMA_ARCHITECTURE = ["llava", "qwen2_5_vl", "qwen3_vl"]  # the drafter LMs of these targets: Llama, Qwen2, Qwen3
+
+
+def _language_model(target_family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model_class, make_config = CAUSAL_LMS[target_family]
+    model = model_class(make_config(96, 32, 2, 0.2)).eval()
+    if target_family == "qwen2_5_vl":  # Qwen2 has q/k/v biases; make them matter
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.5)
+    return model
+
+
+def _decode(decoder: RaggedDecoder, prompts: list[list[int]]) -> list[torch.Tensor]:
+    """Logits of a ragged prefill, then of steps appending 1 and 3 tokens (rows keeping fewer) and a rollback."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    positions = (mask.cumsum(1) - 1).clamp_min(0)
+    decoder.prefill(mask, positions, torch.zeros(len(prompts), dtype=torch.long), input_ids=ids)
+    logits = [decoder.forward(input_ids=torch.tensor([[5], [7], [9]])).logits]
+    logits.append(decoder.forward(input_ids=torch.tensor([[11, 12, 13]] * 3), num_new=torch.tensor([3, 1, 2])).logits)
+    decoder.rollback(torch.tensor([1, 0, 2]))
+    logits.append(decoder.forward(input_ids=torch.tensor([[20, 21]] * 3)).logits)
+    return logits
+
+
+@pytest.mark.parametrize("family", LLAMA_ARCHITECTURE)
+def test_fused_logits_equal_the_models_own(family):
+    model = _language_model(family)
+    prompts = [[3, 4, 5, 6, 7, 8], [9, 10], [11, 12, 13, 14]]
+    fused = RaggedDecoder(model, fused=True)
+    assert fused.fused is not None
+    for ours, hf in zip(_decode(fused, prompts), _decode(RaggedDecoder(model), prompts)):
+        torch.testing.assert_close(ours, hf, rtol=1e-5, atol=1e-5)
+        assert torch.equal(ours.argmax(-1), hf.argmax(-1))
+
+
+def test_other_architectures_keep_the_models_forward():
+    assert FusedStack.of(_language_model("gemma3")) is None  # sandwich norms, scaled embeddings: HF's forward
