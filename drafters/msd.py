@@ -191,7 +191,7 @@ class MsdDrafter:
         self.model = model.eval()
         self.target_vocab_size = target_vocab_size
         self.name = name
-        self.decoder = RaggedDecoder(model.decoder)
+        self.decoder = RaggedDecoder(model.decoder, fused=True)
         self.pending_hidden: torch.Tensor | None = None  # [B, P, H]
         self.pending_tokens: torch.Tensor | None = None  # [B, P]
         self.pending_counts = torch.zeros(0, dtype=torch.long)  # [B] on the host

@@ -99,7 +99,7 @@ class RaggedDecoder:
         masks = attention_masks(slots, self.cache.kv_len, self.layer_types, self.sliding_window, self.dtype)
         positions = self.family.decode_positions(slots, self.cache.position_offsets)
         if self.fused is not None and not hidden_states:
-            out = SimpleNamespace(logits=self.fused(masks, positions, self.cache, **model_inputs))
+            out = self.fused(masks, positions, self.cache, **model_inputs)
         else:
             out = self._decode_forward(
                 attention_mask=masks,

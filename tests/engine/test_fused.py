@@ -41,9 +41,21 @@ def test_fused_logits_equal_the_models_own(family):
     prompts = [[3, 4, 5, 6, 7, 8], [9, 10], [11, 12, 13, 14]]
     fused = RaggedDecoder(model, fused=True)
     assert fused.fused is not None
-    for ours, hf in zip(_decode(fused, prompts), _decode(RaggedDecoder(model), prompts)):
+    for ours, hf in zip(_decode(fused, prompts), _decode(RaggedDecoder(model), prompts), strict=True):
         torch.testing.assert_close(ours, hf, rtol=1e-5, atol=1e-5)
         assert torch.equal(ours.argmax(-1), hf.argmax(-1))
+
+
+def test_a_base_model_gives_its_last_hidden_states():  # an MSD head: features, no output head
+    model = _language_model("llava").model
+    fused, hf = RaggedDecoder(model, fused=True), RaggedDecoder(model)
+    assert fused.fused is not None and fused.fused.head is None
+    for decoder in (fused, hf):
+        decoder.prefill(torch.ones(2, 5, dtype=torch.long), torch.arange(5).expand(2, 5),
+                        torch.zeros(2, dtype=torch.long), input_ids=torch.tensor([[3, 4, 5, 6, 7], [6, 7, 8, 9, 10]]))
+    ours = fused.forward(inputs_embeds=torch.randn(2, 2, 32, generator=torch.Generator().manual_seed(0)))
+    theirs = hf.forward(inputs_embeds=torch.randn(2, 2, 32, generator=torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(ours.last_hidden_state, theirs.last_hidden_state, rtol=1e-5, atol=1e-5)
 
 
 def test_other_architectures_keep_the_models_forward():
