@@ -72,7 +72,7 @@ class _Norm:
 
 
 class _FusedLayer:
-    """One decoder layer's weights, q/k/v and gate/up concatenated (copies made once, at load)."""
+    """One decoder layer's weights, q/k/v and gate/up concatenated (the layer's own parameters become views)."""
 
     def __init__(self, layer: nn.Module, attention_type: str):
         attention, mlp = layer.self_attn, layer.mlp
@@ -116,10 +116,19 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def _concat(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The linears' weights (and biases) stacked along the output dimension: one matmul computes them all."""
+    """The linears' weights (and biases) stacked along the output dimension, so one matmul computes them all.
+    The linears' own parameters become views of the stacked tensors: the model keeps one copy of its weights
+    (a 0.5B drafter's q/k/v and gate/up are about half a GB in bf16), and its own forward (prefill) reads the
+    same numbers."""
     if len(linears) == 1:
         return linears[0].weight.detach(), None if linears[0].bias is None else linears[0].bias.detach()
-    weight = torch.cat([linear.weight for linear in linears]).detach()
-    biases = [linear.bias for linear in linears]
-    bias = None if biases[0] is None else torch.cat(biases).detach()
+    weight = torch.cat([linear.weight.detach() for linear in linears])
+    bias = None if linears[0].bias is None else torch.cat([linear.bias.detach() for linear in linears])
+    start = 0
+    for linear in linears:
+        end = start + linear.out_features
+        linear.weight = nn.Parameter(weight[start:end], requires_grad=linear.weight.requires_grad)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias[start:end], requires_grad=linear.bias.requires_grad)
+        start = end
     return weight, bias

@@ -41,6 +41,8 @@ def test_fused_logits_equal_the_models_own(family):
     prompts = [[3, 4, 5, 6, 7, 8], [9, 10], [11, 12, 13, 14]]
     fused = RaggedDecoder(model, fused=True)
     assert fused.fused is not None
+    q_proj, stacked = model.model.layers[0].self_attn.q_proj, fused.fused.layers[0].qkv_weight
+    assert q_proj.weight.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr()  # one copy
     for ours, hf in zip(_decode(fused, prompts), _decode(RaggedDecoder(model), prompts), strict=True):
         torch.testing.assert_close(ours, hf, rtol=1e-5, atol=1e-5)
         assert torch.equal(ours.argmax(-1), hf.argmax(-1))
