@@ -22,9 +22,9 @@ from pipeline.engine.kv_cache import RaggedKVCache, attention_masks, layer_types
 
 # Model types whose forward, once the prompt is in the cache, is the decoder stack and then the output head, nothing
 # more (a VLM's wrappers only dispatch; Gemma3's text LM also soft-caps its logits when configured to, so a config
-# that does keeps the whole forward): decode steps call those two directly. Checked in transformers 5.23, and by the
-# greedy-identity tests per family. The wrappers' own work per call was 11% of plain decoding at batch 1 on the demo
-# world (3% at batch 8). Other types keep the model's whole forward.
+# that does keeps the whole forward): decode steps call those two directly. Checked in transformers 5.23 and 5.24,
+# and by the greedy-identity tests per family. The wrappers' own work per call was 11% of plain decoding at batch 1
+# on the demo world (3% at batch 8). Other types keep the model's whole forward.
 DIRECT_DECODE_MODEL_TYPES = frozenset(
     {"llava", "gemma3", "gemma3_text", "qwen2_5_vl", "qwen3_vl", "llama", "qwen2", "qwen3"})
 
