@@ -83,8 +83,8 @@ class _FusedLayer:
         self.query_heads = q.out_features // self.head_dim
         self.grouped = q.out_features != k.out_features
         self.qkv_weight, self.qkv_bias = _concat(q, k, v)
-        self.o_weight, self.o_bias = _concat(attention.o_proj)
-        self.down_weight, self.down_bias = _concat(mlp.down_proj)
+        self.o_weight, self.o_bias = attention.o_proj.weight, attention.o_proj.bias
+        self.down_weight, self.down_bias = mlp.down_proj.weight, mlp.down_proj.bias
         self.act_fn = mlp.act_fn
         self.gate_up_weight, self.gate_up_bias = _concat(mlp.gate_proj, mlp.up_proj)
         self.input_norm, self.post_attention_norm = _Norm(layer.input_layernorm), _Norm(layer.post_attention_layernorm)
@@ -120,8 +120,6 @@ def _concat(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
     The linears' own parameters become views of the stacked tensors: the model keeps one copy of its weights
     (a 0.5B drafter's q/k/v and gate/up are about half a GB in bf16), and its own forward (prefill) reads the
     same numbers."""
-    if len(linears) == 1:
-        return linears[0].weight.detach(), None if linears[0].bias is None else linears[0].bias.detach()
     weight = torch.cat([linear.weight.detach() for linear in linears])
     bias = None if linears[0].bias is None else torch.cat([linear.bias.detach() for linear in linears])
     start = 0
