@@ -9,6 +9,7 @@ Drafter protocol). The kinds: text_only.py and massv.py.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -173,6 +174,17 @@ class CausalLMDrafter:
     def select_rows(self, rows: torch.Tensor) -> None:
         self.decoder.select_rows(rows)
         self.pending = [self.pending[i] for i in rows.tolist()]
+
+    def fork(self) -> CausalLMDrafter:
+        forked = copy.copy(self)
+        forked.decoder, forked.pending = self.decoder.fork(), []
+        return forked
+
+    def adopt_rows(self, other: CausalLMDrafter, count: int, append: bool) -> None:
+        self.decoder.adopt_rows(other.decoder, count, append)
+        keep = len(other.pending) - count
+        self.pending = (self.pending if append else []) + other.pending[keep:]
+        other.pending = other.pending[:keep]
 
 
 def choose_draft(logits: torch.Tensor, vocab_size: int, sampling: SamplingConfig, generator

@@ -19,6 +19,7 @@ A checkpoint is a directory:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -253,6 +254,22 @@ class MsdDrafter:
         self.pending_hidden = self.pending_hidden[on_device]
         self.pending_tokens = self.pending_tokens[on_device]
         self.pending_counts = self.pending_counts[rows]
+
+    def fork(self) -> MsdDrafter:
+        forked = copy.copy(self)
+        forked.decoder = self.decoder.fork()
+        forked.pending_hidden = forked.pending_tokens = None
+        forked.pending_counts = torch.zeros(0, dtype=torch.long)
+        return forked
+
+    def adopt_rows(self, other: MsdDrafter, count: int, append: bool) -> None:
+        self.decoder.adopt_rows(other.decoder, count, append)
+        keep = len(other.pending_counts) - count
+        pending = (other.pending_hidden, other.pending_tokens, other.pending_counts)
+        moved = tuple(x[keep:] for x in pending)
+        self.pending_hidden, self.pending_tokens, self.pending_counts = (
+            _stack_rows((self.pending_hidden, self.pending_tokens, self.pending_counts), moved) if append else moved)
+        other.pending_hidden, other.pending_tokens, other.pending_counts = (x[:keep] for x in pending)
 
 
 def _append_ragged(old: tuple, new: tuple) -> tuple:

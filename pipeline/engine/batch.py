@@ -1,9 +1,10 @@
 """The running batch: the rows decoding now, their last tokens, and target and drafter kept in step.
 
 One object owns the batch. Rows join through `admit` (a prefill of the new rows,
-appended after the running ones under continuous batching) and leave through
-`remove_finished`; every change of rows is applied to the target, the drafter and
-the last tokens together, so they cannot drift apart.
+appended after the running ones) or, prefilled ahead in a staging batch of their own
+(`staging`), through `join`, and leave through `remove_finished`; every change of rows
+is applied to the target, the drafter and the last tokens together, so they cannot
+drift apart.
 """
 
 from __future__ import annotations
@@ -86,6 +87,22 @@ class RunningBatch:
         self.rows = self.rows + rows
         self.last_tokens = torch.cat([self.last_tokens, first_tokens]) if append else first_tokens
         self.remove_finished()
+
+    def staging(self) -> RunningBatch:
+        """A batch of its own for the same models, where rows are prefilled ahead of joining this one."""
+        return RunningBatch(self.target.fork(), self.drafter.fork() if self.drafter is not None else None)
+
+    def join(self, staged: RunningBatch, count: int) -> None:
+        """Move the last `count` rows of a staging batch (prefilled, first token emitted) after these rows, where
+        they go on decoding: a copy of their caches, no forward."""
+        append, keep = bool(self.rows), len(staged) - count
+        self.target.adopt_rows(staged.target, count, append)
+        if self.drafter is not None:
+            self.drafter.adopt_rows(staged.drafter, count, append)
+        joining = staged.last_tokens[keep:]
+        self.rows = self.rows + staged.rows[keep:]
+        self.last_tokens = torch.cat([self.last_tokens, joining]) if append else joining
+        staged.rows, staged.last_tokens = staged.rows[:keep], staged.last_tokens[:keep] if keep else None
 
     def draft(self, k: int, sampling: SamplingConfig, generator: torch.Generator | None):
         """k draft tokens per row [B, k] and, when sampling, their distributions (None for k = 0)."""

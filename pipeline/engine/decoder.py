@@ -10,6 +10,7 @@ has no family-specific branches.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from types import SimpleNamespace
 
@@ -127,6 +128,25 @@ class RaggedDecoder:
 
     def select_rows(self, rows: torch.Tensor) -> None:
         self.cache.select_rows(rows)
+
+    def fork(self) -> RaggedDecoder:
+        """The same model with a cache of its own, empty: rows prefilled ahead of their admission wait in one."""
+        forked = copy.copy(self)
+        forked.cache = None
+        return forked
+
+    def adopt_rows(self, other: RaggedDecoder, count: int, append: bool) -> None:
+        """Move the last `count` rows of another decoder of this model (a fork) after this one's rows, or (not
+        append) in place of them; `other` keeps its first rows, uncopied."""
+        source = other.cache
+        keep = len(source.lengths) - count
+        if not append and keep == 0:  # all of them, into an empty batch: the cache changes hands as it is
+            self.cache, other.cache = source, RaggedKVCache.empty_like(source)
+            return
+        if not append:
+            self.cache = RaggedKVCache.empty_like(source)
+        self.cache.append_rows(source, start=keep)
+        source.select_rows(torch.arange(keep))
 
 
 def _cache_name(forward) -> str:

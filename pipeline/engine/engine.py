@@ -35,7 +35,7 @@ __all__ = ["FINISH_LENGTH", "FINISH_STOP", "EngineConfig", "GenerationResult", "
 
 log = logging.getLogger(__name__)
 
-ADMIT_WHEN_FREE = 4  # continuous batching: waiting rows join once a quarter of the batch is free (one prefill each)
+ADMIT_WHEN_FREE = 4  # continuous batching: waiting rows are prefilled once a quarter of the batch is free (or a batch waits)
 
 
 @dataclass
@@ -106,34 +106,53 @@ class SpecDecodeEngine:
 
     def run(self, max_batch_size: int) -> None:
         """Decode until no row waits or runs; rows submitted meanwhile join as others finish (continuous
-        batching: at most max_batch_size rows at once, admitted once a quarter of them is free).
+        batching: at most max_batch_size rows decode at once).
+
+        Waiting rows are prefilled ahead, up to max_batch_size together, into a staging batch (once one is
+        needed: a quarter of the batch is free, or a whole batch's worth waits), and each moves into the
+        running batch as soon as a place frees up: a prefill call has a fixed cost, so prefilling the few rows
+        that fit at a time would cost more than the fuller batch gains. Staged rows hold only their prompts'
+        KV, at most max_batch_size rows of it.
 
         Rows fail alone: a group whose prefill fails is admitted row by row, and when a step fails, each row
         of the batch is decoded again by itself; a row that fails alone gets its exception, the rest their
         results, the same as without the failure."""
         start = time.perf_counter()
-        batch, running = RunningBatch(self.target, self.drafter), []
+        batch = RunningBatch(self.target, self.drafter)
+        staged = batch.staging()
+        admitted: list[_Request] = []  # staged or decoding, not finished yet
         try:
-            while self._waiting or batch:
+            while self._waiting or batch or staged:
                 free = max_batch_size - len(batch)
-                if self._waiting and free >= max(1, max_batch_size // ADMIT_WHEN_FREE):
-                    group = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
-                    running += self._admit(batch, group)
+                if staged and free:
+                    self._join(batch, staged, min(free, len(staged)))
+                elif self._waiting and not staged and (
+                        free >= max(1, max_batch_size // ADMIT_WHEN_FREE) or len(self._waiting) >= max_batch_size):
+                    group = [self._waiting.popleft() for _ in range(min(max_batch_size, len(self._waiting)))]
+                    admitted += self._admit(staged, group)
                 else:
                     try:
                         self._observed_step(batch)
                     except Exception as error:
                         log.warning("a step of %d rows failed (%s); decoding each of them alone", len(batch), error)
-                        for request in running:
-                            self._run_alone(request.restarted())
+                        decoding = {id(row) for row in batch.rows}
+                        for request in admitted:
+                            if id(request.row) in decoding:
+                                self._run_alone(request.restarted())
                         batch = RunningBatch(self.target, self.drafter)  # the old one's state is undefined now
-                running = [request for request in running if not request.resolve(self.target.tokenizer)]
+                admitted = [request for request in admitted if not request.resolve(self.target.tokenizer)]
         except BaseException as error:  # a fault of the engine's own, not of a row: no caller may wait forever
-            for request in [*running, *self._waiting]:
+            for request in [*admitted, *self._waiting]:
                 request.fail(error)
             self._waiting.clear()
             raise
         self.times.observe_generate(synchronized_time(self.target.device) - start)
+
+    def _join(self, batch: RunningBatch, staged: RunningBatch, count: int) -> None:
+        """Staged rows take free places in the batch (their admission's last part: timed as prefill)."""
+        start = time.perf_counter()
+        batch.join(staged, count)
+        self.times.observe_prefill(synchronized_time(self.target.device) - start)
 
     def _admit(self, batch: RunningBatch, group: list[_Request]) -> list[_Request]:
         """Prefill the group into the batch; returns the requests that joined. A group that fails is

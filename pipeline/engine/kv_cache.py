@@ -122,21 +122,29 @@ class RaggedKVCache(Cache):
             self.keys = [None if k is None else k[rows] for k in self.keys]
             self.values = [None if v is None else v[rows] for v in self.values]
 
-    def append_rows(self, other: RaggedKVCache) -> None:
-        """Add another cache's rows after these: rows admitted into a running batch. They are written into the
-        buffers' spare rows (rows that left the batch), so the running rows are not copied unless the buffers
-        must grow."""
-        rows, new = len(self.lengths), len(other.lengths)
-        self.lengths = torch.cat([self.lengths, other.lengths])
-        self.position_offsets = torch.cat([self.position_offsets, other.position_offsets])
+    def append_rows(self, other: RaggedKVCache, start: int = 0) -> None:
+        """Add another cache's rows from `start` on after these: rows admitted into a running batch. They are
+        written into the buffers' spare rows (rows that left the batch), so the running rows are not copied unless
+        the buffers must grow."""
+        rows, new = len(self.lengths), len(other.lengths) - start
+        self.lengths = torch.cat([self.lengths, other.lengths[start:]])
+        self.position_offsets = torch.cat([self.position_offsets, other.position_offsets[start:]])
         for buffers, incoming in ((self.keys, other.keys), (self.values, other.values)):
             for i, (buffer, states) in enumerate(zip(buffers, incoming)):
-                if buffer is None:
+                if states is None:
                     continue
+                states = states[start : start + new]
+                if buffer is None:  # a cache without rows yet
+                    buffer = buffers[i] = states.new_zeros(new, *states.shape[1:])
                 if buffer.shape[0] < rows + new or buffer.shape[2] < states.shape[2]:
                     buffer = buffers[i] = _grow(buffer, rows, max(buffer.shape[2], states.shape[2]), rows + new)
                 buffer[rows : rows + new, :, : states.shape[2]] = states
                 buffer[rows : rows + new, :, states.shape[2] :] = 0
+
+    @classmethod
+    def empty_like(cls, other: RaggedKVCache) -> RaggedKVCache:
+        """A cache without rows, for the same model as `other` (rows join it through append_rows)."""
+        return cls(other.num_layers, other.lengths[:0], other.device)
 
     @property
     def capacity(self) -> int:

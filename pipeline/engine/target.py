@@ -10,6 +10,7 @@ reads them (MSD), from the same forwards, and not kept otherwise.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -123,6 +124,16 @@ class Target:
 
     def select_rows(self, rows: torch.Tensor) -> None:
         self.decoder.select_rows(rows)
+
+    def fork(self) -> Target:
+        """The same model with rows of its own (none yet): rows prefilled ahead of their admission wait in one."""
+        forked = copy.copy(self)
+        forked.decoder = self.decoder.fork()
+        return forked
+
+    def adopt_rows(self, other: Target, count: int, append: bool) -> None:
+        """Move the last `count` rows of a fork after these rows (or, not append, in place of them)."""
+        self.decoder.adopt_rows(other.decoder, count, append)
 
 
 def _concat_vision_inputs(prompts: list[PreparedPrompt]) -> dict[str, torch.Tensor]:

@@ -152,9 +152,11 @@ def test_continuous_batching_is_token_identical(world, targets, references, fami
         assert_accepted_and_rejected(results)
 
 
-def test_a_failed_step_costs_the_batch_its_progress_not_its_rows(world, targets, references, caplog):
+@pytest.mark.parametrize("max_batch_size", [None, 4])
+def test_a_failed_step_costs_the_batch_its_progress_not_its_rows(world, targets, references, caplog, max_batch_size):
     """A step that raises mid-batch (here the drafter's third proposal, as an out-of-memory error would) leaves the
-    batch's state undefined: each of its rows is decoded again alone and comes out as without the failure."""
+    batch's state undefined: each of its rows is decoded again alone and comes out as without the failure. Rows
+    prefilled ahead (continuous batching) were not in the step: they join the next batch."""
     target = targets["llava"]
     prompts, expected = references["llava"]
     drafter = load_drafter(world["llava"]["massv-noisy"], target)
@@ -169,9 +171,9 @@ def test_a_failed_step_costs_the_batch_its_progress_not_its_rows(world, targets,
     drafter.propose = fails_the_third_time
     engine = SpecDecodeEngine(target, drafter, EngineConfig(gamma=3, max_new_tokens=MAX_NEW))
     with caplog.at_level("WARNING", logger="pipeline.engine.engine"):
-        results = engine.generate(prompts[:6])
+        results = engine.generate(prompts[:10], max_batch_size=max_batch_size)
     assert "rows failed (CUDA out of memory (injected)); decoding each of them alone" in caplog.text
-    assert_same_tokens(target, prompts[:6], [r.tokens for r in results], expected[:6])
+    assert_same_tokens(target, prompts[:10], [r.tokens for r in results], expected[:10])
     assert_accepted_and_rejected(results)  # the rows decoded again alone were drafted for, and rolled back
 
 
@@ -217,6 +219,13 @@ class AlwaysWrongDrafter:
 
     def select_rows(self, rows):
         self.rows = len(rows)
+
+    def fork(self):
+        return AlwaysWrongDrafter(self.token)
+
+    def adopt_rows(self, other, count, append):
+        self.rows = count + (self.rows if append else 0)
+        other.rows -= count
 
 
 @pytest.mark.parametrize("family", ["llava", "gemma3"])

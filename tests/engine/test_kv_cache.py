@@ -60,17 +60,19 @@ def test_rejected_slots_are_overwritten_not_kept():
     assert cache.keys[0][0, 0, :104, 0].tolist()[4:] == [float(t) for t in range(4, 104)]
 
 
+def filled(lengths: list[int], first: float) -> RaggedKVCache:
+    """A one-layer cache whose row i holds first + i at the 3 slots after its length."""
+    cache = RaggedKVCache(num_layers=1, lengths=torch.tensor(lengths), device="cpu")
+    cache.begin_forward(3)
+    states = (first + torch.arange(len(lengths)))[:, None, None, None].expand(-1, 1, 3, 1).float()
+    cache.update(states, states.clone(), 0)
+    cache.end_forward(3)
+    return cache
+
+
 def test_rows_leave_and_join_without_copying_the_running_rows():
     """Continuous batching: a leaver's place goes to a row from the end (only that row is copied), and admitted
     rows are written into the spare rows of the same buffers, so the running rows stay where they are."""
-    def filled(lengths: list[int], first: float) -> RaggedKVCache:
-        cache = RaggedKVCache(num_layers=1, lengths=torch.tensor(lengths), device="cpu")
-        cache.begin_forward(3)
-        states = (first + torch.arange(len(lengths)))[:, None, None, None].expand(-1, 1, 3, 1).float()
-        cache.update(states, states.clone(), 0)
-        cache.end_forward(3)
-        return cache
-
     cache = filled([0, 0, 0], first=10.0)  # rows hold 10, 11, 12 at their 3 slots
     buffer = cache.keys[0]
     cache.select_rows(torch.tensor([2, 1]))  # row 0 leaves; row 2 takes its place
@@ -82,3 +84,20 @@ def test_rows_leave_and_join_without_copying_the_running_rows():
     cache.begin_forward(1)
     keys, _ = cache.update(torch.zeros(3, 1, 1, 1), torch.zeros(3, 1, 1, 1), 0)
     assert keys.shape[0] == 3 and keys.data_ptr() == buffer.data_ptr()  # the next forward reads them in place
+
+
+def test_staged_rows_move_from_the_end_of_their_cache():
+    """Rows prefilled ahead join from the end of the staging cache: those that stay behind are not copied, and a
+    cache without rows yet takes them as well as one with rows."""
+    staged = filled([0, 0, 0, 0], first=30.0)
+    staged_buffer = staged.keys[0]
+    running = RaggedKVCache.empty_like(staged)
+    running.append_rows(staged, start=3)  # the last row joins an empty batch
+    staged.select_rows(torch.arange(3))
+    assert running.lengths.tolist() == [3] and running.keys[0][0, 0, :3, 0].tolist() == [33.0] * 3
+    running.append_rows(staged, start=1)  # then two more, after it
+    staged.select_rows(torch.arange(1))
+    assert running.lengths.tolist() == [3, 3, 3]
+    assert [running.keys[0][i, 0, :3, 0].tolist() for i in range(3)] == [[33.0] * 3, [31.0] * 3, [32.0] * 3]
+    assert staged.keys[0] is staged_buffer and staged.lengths.tolist() == [3]
+    assert staged_buffer[0, 0, :3, 0].tolist() == [30.0] * 3
