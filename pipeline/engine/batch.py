@@ -133,14 +133,17 @@ class RunningBatch:
         k: int,
         num_accepted: torch.Tensor,  # [B] on the host
         output_tokens: torch.Tensor,  # [B, k+1] on the host
-    ) -> None:
-        """Each row takes its accepted drafts and the recovered or bonus token; finished rows leave."""
+    ) -> list[int]:
+        """Each row takes its accepted drafts and the recovered or bonus token; finished rows leave. Returns the
+        accepted drafts each row kept: drafts past its EOS token or its budget were accepted to no use."""
+        kept = []
         for row, n, out in zip(self.rows, num_accepted.tolist(), output_tokens.tolist()):
-            taken = row.emit(out[: n + 1])
-            row.counts.observe_step(k, min(n, taken))  # drafts cut off by EOS or the budget do not count
+            kept.append(min(n, row.emit(out[: n + 1])))
+            row.counts.observe_step(k, kept[-1])
         last = output_tokens.gather(1, num_accepted[:, None]).squeeze(1)
         self.last_tokens = last.to(self.target.device, non_blocking=True)
         self.remove_finished()
+        return kept
 
     def remove_finished(self) -> None:
         """Finished rows leave the batch: target, drafter and last tokens alike. Each leaver's place goes to a

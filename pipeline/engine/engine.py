@@ -192,7 +192,7 @@ class SpecDecodeEngine:
         self.gamma_policy.observe(k, num_accepted, step)
 
     def _step(self, batch: RunningBatch, k: int) -> tuple[StepTimes, list[int]]:
-        """One speculative step with k drafts per row; returns its times and the accepted count per row."""
+        """One speculative step with k drafts per row; returns its times and the accepted drafts each row kept."""
         clock = StepClock(self.target.device)
         # Draft: k tokens per row (and their distributions when sampling).
         draft_tokens, draft_probs = batch.draft(k, self.sampling, self.generator)
@@ -210,9 +210,9 @@ class SpecDecodeEngine:
         batch.rollback(k, num_accepted, output_tokens)
 
         # Emit: each row takes its tokens; finished rows leave the batch.
-        batch.emit(k, num_accepted, output_tokens)
+        kept = batch.emit(k, num_accepted, output_tokens)
         clock.lap("bookkeeping")
-        return clock.times, num_accepted.tolist()
+        return clock.times, kept
 
     def _accept(
         self,

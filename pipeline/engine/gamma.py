@@ -180,8 +180,13 @@ class GammaPolicy:
             if k > 0:
                 costs.draft_s = self._average(costs.draft_s, step.draft_s / k)
         if k > 0:
-            self.reached = [r * self.memory for r in self.reached]
-            self.accepted = [a * self.memory for a in self.accepted]
+            # only the positions this step drafted forget: a position beyond k keeps what it last measured (the
+            # last measured position's rate stands in only for a position never measured, and acceptance falls
+            # along a draft: letting a measured position fade into its predecessor's rate overrated longer drafts,
+            # and auto kept trying them)
+            for i in range(k):
+                self.reached[i] *= self.memory
+                self.accepted[i] *= self.memory
             for n, rows in Counter(num_accepted).items():
                 for i in range(min(n + 1, k)):
                     self.reached[i] += rows
