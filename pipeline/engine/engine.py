@@ -35,7 +35,8 @@ __all__ = ["FINISH_LENGTH", "FINISH_STOP", "EngineConfig", "GenerationResult", "
 
 log = logging.getLogger(__name__)
 
-ADMIT_WHEN_FREE = 4  # continuous batching: waiting rows are prefilled once a quarter of the batch is free (or a batch waits)
+# continuous batching: waiting rows are prefilled once a quarter of the batch is free (or a whole batch waits)
+ADMIT_WHEN_FREE = 4
 
 
 @dataclass

@@ -43,8 +43,8 @@ WRITE_CPUS = 0
 # 158-166 rows/s, of 128 at 184-188, of 256 at 194, while a larger first block arrives later and memory holds more
 # rows (a real image's prepared row is MBs). The engine prefills waiting rows a batch's worth at a time, ahead of
 # the places they take as rows finish; the rows waiting behind the running batch must last until Ray Data hands the
-# actor its next block after one completes (a block completes with its slowest row). Three blocks of 32 did not: on 2048 demo rows the engine ran dry 15 times (about
-# 0.15 s of work per block on CPU); eight never did.
+# actor its next block after one completes (a block completes with its slowest row). Three blocks of 32 did not: on
+# 2048 demo rows the engine ran dry 15 times (about 0.15 s of work per block on CPU); eight never did.
 BLOCK_ROWS = 128
 BATCHES_PER_BLOCK = 4
 MIN_BLOCKS_IN_FLIGHT = 3
