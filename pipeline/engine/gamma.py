@@ -5,7 +5,7 @@ E(k) = 1 + sum_{j<=k} a_1 * ... * a_j tokens per step (acceptance usually falls 
 the draft, so one average rate would overrate long drafts). `auto` picks the k in
 [0, max_gamma] that maximises E(k) / S(k), with S(k) the measured time of a whole step with
 k drafts (drafting, verification and bookkeeping: what a step really costs, not a model
-of it; the least of its last few steps, so one slow step does not decide). S is measured
+of it, learnt from steps close in time, see PAIR_GAP). S is measured
 per batch-size bucket (powers of two), since it depends on the batch size, which shrinks
 as rows finish; acceptance does not, so it is shared. A k not measured
 yet is predicted from the nearest measured one plus, per extra draft, one drafter forward
@@ -19,20 +19,27 @@ at intervals that double while the choice stays the same.
 
 from __future__ import annotations
 
+import math
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from pipeline.engine.stats import StepTimes
 
 AUTO = "auto"
-# Step times kept per draft length and bucket; their minimum is S(k). A step costs its compute plus interference
-# that only adds (a VM stall, a cache growth), so the least of the last few is the cost, and one slow step cannot
-# raise it. A running average let one slow step stand for a draft length that is only measured again at the next
-# probe (plain decoding held at 7.6 ms where it took 2.5, and speculation that lost 14% chosen over it); a median
-# of 5 needed 3 good probes to forget a bad first measurement, which can take hundreds of steps. In a simulation
-# with 3% of steps stalled 2-5x (24 seeds, the demo's MASSV costs at batch 1), the worst run reached 0.90 of the
-# best fixed gamma's rate with this, 0.66 with a median of 5, 0.79 with the running average.
-STEP_SAMPLES = 3
+# S(k) relative to the machine's speed now. A VM's speed drifts by up to +-40% over seconds (the same row's plain
+# steps averaged 1.05 ms in one pass over the demo prompts and 1.88 ms in the next), so steps of different k timed
+# at different moments do not compare: the least of each k's last 3 steps (used before) set a probe's time, taken
+# hundreds of steps apart, against the choice's own recent steps, and auto picked 4-6 drafts at batch 1 where 2-3
+# were 1.1-1.2x faster (0.96x plain decoding against 1.10x). So the steady steps (the same k as the timed step
+# before) track the machine's speed, and each timed step is measured against the speed just before it: log S(k)
+# is the mean of its last STEP_SAMPLES relative log times, those more than STALL times the least left out (a
+# stall is interference, not the cost of k drafts; the least alone rated speculation too well, since a step that
+# drafts spreads wider than a plain one: text-only, batch 32, least 6.0 ms and mean 8.2 with 3 drafts, 2.7 and 3.3
+# plain). A probe needs no anchor in time: it is set against the choice's steps around it.
+STEP_SAMPLES = 6
+STALL = 2.0
+SPEED_SMOOTHING = 0.3  # weight of a steady step in the machine's speed
+PAIR_GAP = 2  # steps apart that are still "just before" (a catch-up step after plain decoding is not timed)
 
 
 def parse_gamma(value: int | str) -> int | str:
@@ -57,7 +64,11 @@ def batch_bucket(batch_size: int) -> int:
 class _BucketCosts:
     """Measured costs at one batch-size bucket, and when to probe around the choice there."""
 
-    step_samples: dict[int, deque] = field(default_factory=dict)  # drafts k -> the last whole steps' seconds
+    log_s: dict[int, float] = field(default_factory=dict)  # drafts k -> log S(k) at the machine's usual speed
+    relative: dict[int, deque] = field(default_factory=dict)  # drafts k -> its last steps' log times, relative
+    log_speed: float = 0.0  # log of how much slower than usual the machine runs now
+    last_timed: tuple[int, int] | None = None  # (step, k) of the last timed step
+    step_s: dict[int, float] = field(default_factory=dict)  # S(k) per measured k at the speed now (seconds)
     verify_s: dict[int, float] = field(default_factory=dict)  # tokens verified per row -> besides_drafting_s
     draft_s: float | None = None  # one drafter forward
     steps: int = 0
@@ -66,10 +77,23 @@ class _BucketCosts:
     last_best: int = -1
     probes: int = 0  # probes so far: they rotate over plain decoding and the choice's two neighbours
 
-    @property
-    def step_s(self) -> dict[int, float]:
-        """S(k) per measured k: the least of its last STEP_SAMPLES steps."""
-        return {k: min(samples) for k, samples in self.step_samples.items()}
+    def observe_step(self, k: int, seconds: float, step: int) -> None:
+        """A whole step with k drafts, the policy's step number `step` (over every bucket), took `seconds`."""
+        log_t = math.log(max(seconds, 1e-9))
+        recent = self.last_timed is not None and step - self.last_timed[0] <= PAIR_GAP
+        steady = recent and self.last_timed[1] == k
+        if steady:  # the machine's speed now
+            self.log_speed += SPEED_SMOOTHING * (log_t - self.log_s[k] - self.log_speed)
+        elif recent or k not in self.log_s:  # a change of k: its cost against the speed just before
+            samples = self.relative.setdefault(k, deque(maxlen=STEP_SAMPLES))
+            samples.append(log_t - self.log_speed)
+            least = min(samples)
+            usual = [r for r in samples if r <= least + math.log(STALL)]
+            self.log_s[k] = sum(usual) / len(usual)
+        if not recent:  # nothing just before to compare with: the speed is what this step says
+            self.log_speed = log_t - self.log_s[k]
+        self.last_timed = (step, k)
+        self.step_s = {m: math.exp(self.log_speed + log_s) for m, log_s in self.log_s.items()}
 
 
 @dataclass
@@ -90,6 +114,7 @@ class GammaPolicy:
     accepted: list[float] = field(init=False)
     buckets: dict[int, _BucketCosts] = field(default_factory=dict, init=False)
     _last_k: int = field(default=0, init=False, repr=False)
+    _steps: int = field(default=0, init=False, repr=False)  # over every bucket
 
     def __post_init__(self):
         self.gamma = parse_gamma(self.gamma)
@@ -104,12 +129,12 @@ class GammaPolicy:
         if not self.auto:
             return self.gamma
         costs = self._costs(batch_size)
-        if 0 not in costs.step_samples:
+        if 0 not in costs.step_s:
             return 0  # measure plain decoding first
-        if len(costs.step_samples) == 1:
+        if len(costs.step_s) == 1:
             return min(self.first_gamma, self.max_gamma)  # then a speculative step
         best = self.best_gamma(batch_size)
-        if best not in costs.step_samples:
+        if best not in costs.step_s:
             return best  # a neighbour that promises more: measure it
         if best != costs.last_best:  # the choice moved: watch more closely again
             costs.last_best, costs.probe_interval = best, self.probe_every
@@ -117,7 +142,7 @@ class GammaPolicy:
             costs.next_probe = costs.steps + costs.probe_interval
             costs.probe_interval = min(2 * costs.probe_interval, self.max_probe_every)
             costs.probes += 1
-            # plain decoding too: the rate every choice must beat, kept fresh like the neighbours' (STEP_SAMPLES)
+            # plain decoding too: the rate every choice must beat, kept fresh like the neighbours'
             targets = sorted({0, best - 1, best + 1} & set(range(self.max_gamma + 1)) - {best})
             return targets[(costs.probes - 1) % len(targets)]  # plain decoding first
         return best
@@ -125,14 +150,14 @@ class GammaPolicy:
     def best_gamma(self, batch_size: int) -> int:
         """The candidate k with the best predicted rate; 0 unless speculating beats plain decoding by the margin.
         Candidates: the measured k and their neighbours."""
-        costs = self._costs(batch_size)
-        measured = set(costs.step_samples) or {0}
+        measured = self._costs(batch_size).step_s.keys() or {0}
         candidates = {c for k in measured for c in (k - 1, k, k + 1) if 1 <= c <= self.max_gamma}
         if not candidates:
             return 0
-        best = max(sorted(candidates), key=lambda k: self.expected_rate(k, batch_size))
-        plain = self.expected_rate(0, batch_size)
-        return best if self.expected_rate(best, batch_size) > (1 + self.margin) * plain else 0
+        tokens = self._expected_tokens_upto(max(candidates))  # every step decides: one pass, not one per k
+        rates = {k: tokens[k] / max(self.step_seconds(k, batch_size), 1e-9) for k in sorted(candidates)}
+        best = max(rates, key=rates.get)
+        return best if rates[best] > (1 + self.margin) * self.expected_rate(0, batch_size) else 0
 
     def acceptance_per_position(self) -> list[float]:
         """a_i, measured where drafts reached position i, else the last measured position's (or the prior)."""
@@ -144,10 +169,14 @@ class GammaPolicy:
 
     def expected_tokens(self, k: int) -> float:
         """E(k): tokens per step with k drafts."""
-        tokens, survive = 1.0, 1.0
+        return self._expected_tokens_upto(k)[k]
+
+    def _expected_tokens_upto(self, k: int) -> list[float]:
+        """[E(0), ..., E(k)]."""
+        tokens, survive = [1.0], 1.0
         for rate in self.acceptance_per_position()[:k]:
             survive *= min(rate, 0.999)
-            tokens += survive
+            tokens.append(tokens[-1] + survive)
         return tokens
 
     def expected_rate(self, k: int, batch_size: int) -> float:
@@ -173,10 +202,11 @@ class GammaPolicy:
         """One step at batch size len(num_accepted): k drafts per row, of which row i kept num_accepted[i]."""
         costs = self._costs(len(num_accepted))
         costs.steps += 1
+        self._steps += 1
         costs.verify_s[k + 1] = self._average(costs.verify_s.get(k + 1), step.besides_drafting_s)
         # after plain steps, the drafter's catch-up reads many tokens: not what a step with k drafts costs
         if k == 0 or self._last_k > 0:
-            costs.step_samples.setdefault(k, deque(maxlen=STEP_SAMPLES)).append(step.draft_s + step.besides_drafting_s)
+            costs.observe_step(k, step.draft_s + step.besides_drafting_s, self._steps)
             if k > 0:
                 costs.draft_s = self._average(costs.draft_s, step.draft_s / k)
         if k > 0:

@@ -53,14 +53,33 @@ def test_auto_does_not_speculate_for_a_marginal_gain():
 
 
 def test_measured_step_times_decide_not_the_model():
-    """A step with 4 drafts measured at 3 plain steps' time (costs the drafter's per-forward time does not show):
-    the measurement counts, and the choice falls to plain decoding."""
+    """Steps with 4 drafts measured, beside plain steps, at 3 plain steps' time (costs the drafter's per-forward time
+    does not show): the measurement counts, and the choice falls to plain decoding."""
     policy = policy_after(0.5, draft_s=0.05, verify_s=lambda q: 1.0)
     assert policy.best_gamma(1) > 0
-    for _ in range(10):
-        policy.observe(4, [2], StepTimes(draft_s=0.2, verify_s=2.8))
+    for _ in range(10):  # the first step with drafts after plain ones catches up: not timed
+        for k, step in ((4, StepTimes(draft_s=0.2, verify_s=2.8)), (4, StepTimes(draft_s=0.2, verify_s=2.8)),
+                        (0, StepTimes(0.0, 1.0))):
+            policy.observe(k, [k // 2], step)
     policy.reached, policy.accepted = [100.0] * 8, [50.0] * 8  # the acceptance as before
-    assert policy.step_seconds(4, 1) == pytest.approx(3.0, rel=0.05) and policy.best_gamma(1) == 0
+    assert policy.step_seconds(4, 1) / policy.step_seconds(0, 1) == pytest.approx(3.0, rel=0.1)
+    assert policy.best_gamma(1) == 0
+
+
+def test_a_machine_that_slows_down_does_not_change_the_choice():
+    """Steps are compared with steps close in time: plain decoding measured while the machine was fast must not be
+    set against speculative steps measured since it slowed down (a VM's speed drifts by tens of percent)."""
+    policy = GammaPolicy(gamma="auto", max_gamma=4, probe_every=4)
+    choices = []
+    for i in range(400):
+        slowdown = 1.0 + i / 400  # slower and slower: at the end it runs at half the speed
+        policy.reached, policy.accepted = [100.0] * 4, [40.0] * 4
+        k = policy.choose(1)
+        choices.append(k)
+        policy.observe(k, [k // 2], StepTimes(0.1 * k * slowdown, 1.0 * slowdown))
+    # 2 drafts: 1.56 tokens for 1.2 plain steps' time, 1.30x plain decoding (1 draft 1.27x, 3 1.25x, 4 1.18x)
+    assert choices[20:].count(2) >= 0.9 * 380  # the least of each k's last steps, used before: 56%
+    assert policy.step_seconds(2, 1) / policy.step_seconds(0, 1) == pytest.approx(1.2, rel=0.05)
 
 
 def test_acceptance_is_counted_per_position_and_falling_acceptance_shortens_drafts():
