@@ -255,6 +255,9 @@ class MsdDrafter:
         self.pending_tokens = self.pending_tokens[on_device]
         self.pending_counts = self.pending_counts[rows]
 
+    def prefill_put_off(self) -> None:
+        """Nothing waits: the head reads the target's hidden states of the prompt, which are not kept."""
+
     def fork(self) -> MsdDrafter:
         forked = copy.copy(self)
         forked.decoder = self.decoder.fork()

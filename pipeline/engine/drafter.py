@@ -31,6 +31,11 @@ class Drafter(Protocol):
         append: bool = False,  # these rows join the rows already drafting (continuous batching)
     ) -> None: ...
 
+    def prefill_put_off(self) -> None:
+        """Prefill the rows whose prefill the drafter put off until a draft needs them; `propose` does it too, the
+        engine calls it first to time it as prefill. A drafter that puts nothing off does nothing."""
+        ...
+
     def propose(
         self, k: int, sampling: SamplingConfig, generator: torch.Generator | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:

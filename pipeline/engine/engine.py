@@ -126,7 +126,7 @@ class SpecDecodeEngine:
             while self._waiting or batch or staged:
                 free = max_batch_size - len(batch)
                 if staged and free:
-                    self._join(batch, staged, min(free, len(staged)))
+                    self._as_prefill(batch.join, staged, min(free, len(staged)))
                 elif self._waiting and not staged and (
                         free >= max(1, max_batch_size // ADMIT_WHEN_FREE) or len(self._waiting) >= max_batch_size):
                     group = [self._waiting.popleft() for _ in range(min(max_batch_size, len(self._waiting)))]
@@ -149,10 +149,10 @@ class SpecDecodeEngine:
             raise
         self.times.observe_generate(synchronized_time(self.target.device) - start)
 
-    def _join(self, batch: RunningBatch, staged: RunningBatch, count: int) -> None:
-        """Staged rows take free places in the batch (their admission's last part: timed as prefill)."""
+    def _as_prefill(self, work, *args) -> None:
+        """Admission work outside `_admit` (staged rows joining, the drafter's put-off prefill): timed as prefill."""
         start = time.perf_counter()
-        batch.join(staged, count)
+        work(*args)
         self.times.observe_prefill(synchronized_time(self.target.device) - start)
 
     def _admit(self, batch: RunningBatch, group: list[_Request]) -> list[_Request]:
@@ -188,6 +188,8 @@ class SpecDecodeEngine:
     def _observed_step(self, batch: RunningBatch) -> None:
         """A step with the policy's gamma; its times go to the engine's totals and to the policy."""
         k, batch_size = self.gamma_policy.choose(len(batch)), len(batch)
+        if k:  # a drafter may have put its prefill off until a step drafts (a step's time is the step's alone)
+            self._as_prefill(batch.prefill_put_off)
         step, num_accepted = self._step(batch, k)
         self.times.observe_step(k, batch_size, step)
         self.gamma_policy.observe(k, num_accepted, step)

@@ -15,6 +15,7 @@ import torch
 from conftest import hf_greedy, prepare_rows, ragged_rows
 
 from drafters import load_drafter
+from drafters.causal_lm import CausalLMDrafter
 from pipeline.lab import tiny_models
 from pipeline.engine.acceptance import SamplingConfig
 from pipeline.engine.engine import EngineConfig, SpecDecodeEngine
@@ -152,6 +153,56 @@ def test_continuous_batching_is_token_identical(world, targets, references, fami
         assert_accepted_and_rejected(results)
 
 
+class Schedule:
+    """Draft lengths in a fixed cycle, in place of gamma's policy: plain stretches between drafting ones."""
+
+    def __init__(self, pattern: list[int]):
+        self.pattern, self.steps = pattern, 0
+
+    def choose(self, batch_size: int) -> int:
+        self.steps += 1
+        return self.pattern[(self.steps - 1) % len(self.pattern)]
+
+    def observe(self, k, num_accepted, step) -> None:
+        pass
+
+
+class PrefillAtOnce(CausalLMDrafter):
+    def prefill(self, *args, **kwargs):
+        super().prefill(*args, **kwargs)
+        self.prefill_put_off()
+
+
+@pytest.mark.parametrize("drafter_kind", ["text-only", "massv-noisy"])
+def test_a_drafter_that_puts_its_prefill_off_drafts_as_one_that_does_not(world, targets, references, drafter_kind):
+    """A causal-LM drafter prefills only once a step drafts: through plain stretches, rows joining (staged) and
+    leaving, it proposes what it would with every prefill done at once; a drafter never drafted for never runs."""
+    target = targets["llava"]
+    prompts, expected = references["llava"]
+    budgets = [MAX_NEW - 3 * (i % 5) for i in range(len(prompts))]
+    runs = {}
+    for put_off in (True, False):
+        drafter = load_drafter(world["llava"][drafter_kind], target)
+        if not put_off:
+            drafter.__class__ = PrefillAtOnce  # its forks too
+        engine = SpecDecodeEngine(target, drafter, EngineConfig(max_new_tokens=MAX_NEW))
+        engine.gamma_policy = Schedule([0] * 14 + [3, 3, 0, 2, 0, 0, 0, 0, 3])  # rows finish and join, put off
+        runs[put_off] = engine.generate(prompts, max_new_tokens=budgets, max_batch_size=4)
+    assert_same_tokens(target, prompts, [r.tokens for r in runs[True]], [e[:b] for e, b in zip(expected, budgets)])
+    assert [r.tokens for r in runs[True]] == [r.tokens for r in runs[False]]
+    assert [r.counts.accepted_per_position for r in runs[True]] == [r.counts.accepted_per_position for r in runs[False]]
+    if drafter_kind in ACCEPTED:  # half the steps are plain here: tau says little, the acceptance rate does
+        counts = total(runs[True])
+        assert 0.3 < counts.num_accepted / counts.num_drafted < 1, counts.report()
+
+    never = load_drafter(world["llava"][drafter_kind], target)
+    engine = SpecDecodeEngine(target, never, EngineConfig(max_new_tokens=MAX_NEW))
+    engine.gamma_policy = Schedule([0])
+    plain = SpecDecodeEngine(target, None, EngineConfig(max_new_tokens=MAX_NEW)).generate(prompts)
+    assert [r.tokens for r in engine.generate(prompts, max_batch_size=4)] == [r.tokens for r in plain]
+    assert never.decoder.cache is None  # its prefill never ran
+
+
 @pytest.mark.parametrize("max_batch_size", [None, 4])
 def test_a_failed_step_costs_the_batch_its_progress_not_its_rows(world, targets, references, caplog, max_batch_size):
     """A step that raises mid-batch (here the drafter's third proposal, as an out-of-memory error would) leaves the
@@ -210,6 +261,9 @@ class AlwaysWrongDrafter:
 
     def prefill(self, prompts, target, first_tokens, append=False):
         self.rows = len(prompts) + (self.rows if append else 0)
+
+    def prefill_put_off(self):
+        pass
 
     def propose(self, k, sampling, generator):
         return torch.full((self.rows, k), self.token, dtype=torch.long), None
