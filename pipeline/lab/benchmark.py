@@ -6,8 +6,8 @@ On the same prompts, batched the same way (all `rows` prompts in batches of each
   engine         this engine without a drafter, and with each drafter at each gamma
   caption job    the Ray Data job end to end on the same rows (rows/s), to show the pipeline's overhead
 Each configuration runs once to warm up (and measure peak memory); then `repeats` rounds time every
-configuration of a batch size once each, round-robin, so a drift of the machine's speed touches them alike;
-tokens/s is the median. Engine rows also carry tau, acceptance, per-position acceptance, where the time went, the
+configuration of a batch size, batch by batch in turn (each configuration's first batch, then each one's
+second, ...), so a drift of the machine's speed touches them alike; tokens/s is the median round. Engine rows also carry tau, acceptance, per-position acceptance, where the time went, the
 drafter/target cost ratio c, the verify cost v and the analytic speedups over the engine without a drafter:
 tau / (1 + gamma * c) (Leviathan et al.) and tau / (v + gamma * c) (what the goal judges).
 """
@@ -216,24 +216,31 @@ def _resident_mb() -> float:
         return peak / 2**20 if platform.system() == "Darwin" else peak / 2**10
 
 
-def timed_round_robin(runs: dict, repeats: int, device: torch.device, after_warm_up: dict | None = None
-                      ) -> dict[object, tuple[float, list, float]]:
-    """Per run: (median seconds of its timed runs, the outputs of each, peak MB of its warm-up run). Each run is
-    warmed up first; then `repeats` rounds each time every run once, so a drift of the machine's speed over the
-    minutes this takes (measured: +-20% on a shared VM) touches every run alike and their ratios stay honest."""
+def timed_round_robin(runs: dict[object, list], repeats: int, device: torch.device,
+                      after_warm_up: dict | None = None) -> dict[object, tuple[float, list, float]]:
+    """Per run: (median seconds of its timed runs, the outputs of each, peak MB of its warm-up run). A run is a list
+    of parts (its batches, each returning a list of outputs). Each run is warmed up first; then, `repeats` times,
+    every part of every run in turn: part 1 of each run, then part 2 of each, ... A VM's speed drifts by tens of
+    percent over seconds (the same row's plain steps took 1.05 ms in one pass and 1.88 in the next), so runs timed
+    whole one after another differed by more than what they measured; batch by batch, a drift touches every run
+    alike and their ratios stay honest."""
     peaks = {}
-    for key, run in runs.items():
+    for key, parts in runs.items():
         with PeakMemory(device) as memory:
-            run()
+            for part in parts:
+                part()
         peaks[key] = memory.peak_mb
         if after_warm_up and key in after_warm_up:
             after_warm_up[key]()
-    seconds, outputs = {key: [] for key in runs}, {key: [] for key in runs}
-    for _ in range(repeats):
-        for key, run in runs.items():
-            start = synchronized_time(device)
-            outputs[key].append(run())
-            seconds[key].append(synchronized_time(device) - start)
+    seconds = {key: [0.0] * repeats for key in runs}
+    outputs = {key: [[] for _ in range(repeats)] for key in runs}
+    for repeat in range(repeats):
+        for i in range(max(len(parts) for parts in runs.values())):
+            for key, parts in runs.items():
+                if i < len(parts):
+                    start = synchronized_time(device)
+                    outputs[key][repeat] += parts[i]()
+                    seconds[key][repeat] += synchronized_time(device) - start
     return {key: (statistics.median(seconds[key]), outputs[key], peaks[key]) for key in runs}
 
 
@@ -291,9 +298,14 @@ def hf_generate_tokens(target: Target, batches: list[dict], max_new_tokens: int,
 def decode_all(engine: SpecDecodeEngine, prompts: list, batch_size: int, continuous: bool) -> list:
     """Every prompt through the engine: batch_size rows at once, the next joining as rows finish (continuous), or
     batch by batch, each drained to its slowest row (as HF generate runs)."""
+    return [r for part in decode_parts(engine, prompts, batch_size, continuous) for r in part()]
+
+
+def decode_parts(engine: SpecDecodeEngine, prompts: list, batch_size: int, continuous: bool) -> list:
+    """decode_all as parts to time in turn (timed_round_robin): one per batch, or one for continuous batching."""
     if continuous:
-        return engine.generate(prompts, max_batch_size=batch_size)
-    return [r for i in range(0, len(prompts), batch_size) for r in engine.generate(prompts[i : i + batch_size])]
+        return [partial(engine.generate, prompts, max_batch_size=batch_size)]
+    return [partial(engine.generate, prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
 
 
 def _print(line: str) -> None:
@@ -322,16 +334,16 @@ class Benchmark:
         generation at batch 1), the engine without a drafter, and each drafter at each gamma."""
         config, device = self.config, self.target.device
         hf_batches = self.workload.hf_batches(batch_size)
-        runs = {HF_GENERATE: lambda: hf_generate_tokens(self.target, hf_batches, config.max_new_tokens)}
+        runs = {HF_GENERATE: [partial(hf_generate_tokens, self.target, [b], config.max_new_tokens) for b in hf_batches]}
         if batch_size == 1 and config.assistant is not None:
             assistant = self.drafters[config.assistant].model.language_model
-            runs[HF_ASSISTED] = lambda: hf_generate_tokens(self.target, hf_batches, config.max_new_tokens,
-                                                           assistant_model=assistant)
+            runs[HF_ASSISTED] = [partial(hf_generate_tokens, self.target, [b], config.max_new_tokens,
+                                         assistant_model=assistant) for b in hf_batches]
         engines = {(None, 0): self._new_engine(None, 0)}
         engines.update({(name, gamma): self._new_engine(name, gamma)
                         for name in self.drafters for gamma in config.gammas})
         for key, engine in engines.items():
-            runs[key] = partial(decode_all, engine, self.workload.prompts, batch_size, config.continuous_batching)
+            runs[key] = decode_parts(engine, self.workload.prompts, batch_size, config.continuous_batching)
         # the warm-up teaches auto gamma, as a long-running actor would learn; it is not timed
         reset_times = {key: partial(setattr, engine, "times", EngineTimes()) for key, engine in engines.items()}
         timings = timed_round_robin(runs, config.repeats, device, reset_times)

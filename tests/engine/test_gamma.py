@@ -14,14 +14,19 @@ def test_parse_gamma():
             parse_gamma(bad)
 
 
+def set_acceptance(policy: GammaPolicy, rates: list[float]) -> None:
+    """Acceptance per position as if long measured at `rates`: overall and at every bucket measured so far."""
+    for counts in (policy, *policy.buckets.values()):
+        counts.reached, counts.accepted = [100.0] * len(rates), [100.0 * rate for rate in rates]
+
+
 def policy_after(acceptance, draft_s, verify_s, batch_size=1):
     """A policy that has measured plain decoding and two speculative steps of 4 drafts a row."""
     policy = GammaPolicy(gamma="auto", max_gamma=8)
     policy.observe(0, [0] * batch_size, StepTimes(0.0, verify_s(1)))
     for _ in range(2):
         policy.observe(4, [round(4 * acceptance)] * batch_size, StepTimes(draft_s * 4, verify_s(5)))
-    policy.reached = [100.0] * 8
-    policy.accepted = [100.0 * acceptance] * 8
+    set_acceptance(policy, [acceptance] * 8)
     return policy
 
 
@@ -61,7 +66,7 @@ def test_measured_step_times_decide_not_the_model():
         for k, step in ((4, StepTimes(draft_s=0.2, verify_s=2.8)), (4, StepTimes(draft_s=0.2, verify_s=2.8)),
                         (0, StepTimes(0.0, 1.0))):
             policy.observe(k, [k // 2], step)
-    policy.reached, policy.accepted = [100.0] * 8, [50.0] * 8  # the acceptance as before
+    set_acceptance(policy, [0.5] * 8)  # the acceptance as before
     assert policy.step_seconds(4, 1) / policy.step_seconds(0, 1) == pytest.approx(3.0, rel=0.1)
     assert policy.best_gamma(1) == 0
 
@@ -73,7 +78,7 @@ def test_a_machine_that_slows_down_does_not_change_the_choice():
     choices = []
     for i in range(400):
         slowdown = 1.0 + i / 400  # slower and slower: at the end it runs at half the speed
-        policy.reached, policy.accepted = [100.0] * 4, [40.0] * 4
+        set_acceptance(policy, [0.4] * 4)
         k = policy.choose(1)
         choices.append(k)
         policy.observe(k, [k // 2], StepTimes(0.1 * k * slowdown, 1.0 * slowdown))
@@ -92,25 +97,38 @@ def test_acceptance_is_counted_per_position_and_falling_acceptance_shortens_draf
     falling = GammaPolicy(gamma="auto", max_gamma=8)
     choices = []
     for _ in range(60):  # flat verification, drafter forwards at 1/10 of a target step
-        falling.reached, falling.accepted = [100.0] * 8, [90.0, 60.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0]
+        set_acceptance(falling, [0.9, 0.6, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
         k = falling.choose(1)
         choices.append(k)
         falling.observe(k, [0], StepTimes(0.1 * k, 1.0))
-    falling.reached, falling.accepted = [100.0] * 8, [90.0, 60.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0]
+    set_acceptance(falling, [0.9, 0.6, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
     assert falling.best_gamma(1) == 2  # one average rate (0.26) would say 0; a flat 0.9 would say 8
     assert choices[:3] == [0, 3, 3] and choices[-10:].count(2) >= 8  # it climbed down from 3 and stays
 
 
 def test_costs_are_kept_per_batch_size_bucket():
     policy = GammaPolicy(gamma="auto")
-    policy.reached, policy.accepted = [100.0] * 8, [70.0] * 8
     for k, verify_s in ((0, 1.0), (4, 1.05), (4, 1.05)):  # batch 32: verifying 5 tokens costs what 1 does
         policy.observe(k, [0] * 32, StepTimes(0.05 * k, verify_s))
     for k, verify_s in ((0, 1.0), (4, 5.0), (4, 5.0)):  # batch 2: 5 tokens cost 5 times 1
         policy.observe(k, [0] * 2, StepTimes(0.05 * k, verify_s))
+    set_acceptance(policy, [0.7] * 8)
     assert policy.best_gamma(32) >= 3 and policy.best_gamma(40) == policy.best_gamma(32)
     assert policy.best_gamma(2) == 0 and policy.best_gamma(3) == 0
     assert policy.choose(5) == 0  # a new bucket is measured from scratch: plain decoding first
+
+
+def test_acceptance_is_kept_per_bucket_too():
+    """In a static batch a bucket is a stretch of the answers, and acceptance grows along an answer: a bucket's own
+    acceptance decides there, the overall one only where the bucket has not measured a position."""
+    policy = GammaPolicy(gamma="auto", max_gamma=4, memory=1.0)
+    for _ in range(20):
+        policy.observe(2, [0] * 32, StepTimes(0.2, 1.0))  # 32 rows: every first draft rejected
+        policy.observe(2, [2], StepTimes(0.2, 1.0))  # 1 row: both accepted
+    assert policy.acceptance_per_position(32) == [0.0] + policy.acceptance_per_position()[1:]
+    assert policy.acceptance_per_position(1) == [1.0, 1.0, 1.0, 1.0]  # positions 3, 4 not measured: position 2's
+    assert policy.acceptance_per_position()[:2] == [20 / 660, 1.0]
+    assert policy.expected_tokens(2, 32) == 1.0 and policy.expected_tokens(2, 1) == pytest.approx(3.0, rel=0.01)
 
 
 def test_a_catch_up_after_plain_steps_is_not_taken_as_the_drafting_cost():
@@ -126,7 +144,7 @@ def test_auto_starts_by_measuring_both_regimes_climbs_then_probes():
     policy = GammaPolicy(gamma="auto", max_gamma=6, probe_every=4)
     choices = []
     for _ in range(200):  # every draft accepted, each costing a hundredth of a step: longer drafts always pay
-        policy.reached, policy.accepted = [100.0] * 6, [100.0] * 6
+        set_acceptance(policy, [1.0] * 6)
         k = policy.choose(1)
         choices.append(k)
         policy.observe(k, [k], StepTimes(0.01 * k, 1.0))
