@@ -196,17 +196,19 @@ class GammaPolicy:
 
     def step_seconds(self, k: int, batch_size: int) -> float:
         """S(k): measured, or predicted from the nearest measured k (the lower one on a tie) plus, per draft more
-        (or less), one drafter forward and the verification's growth per token (never negative); never below a
-        measured shorter draft's (a step that drafts more does more work: timing noise must not say otherwise)."""
+        (or less), one drafter forward and the verification's growth per token (never negative), and never below a
+        measured shorter draft's. A measured S(k) is never below plain decoding's (a step that drafts does more
+        work: timing noise must not say otherwise), but not floored by other drafts' (one unlucky measurement of a
+        k no longer probed, a neighbour of a choice that has moved on, held every longer draft above it, and auto
+        decoded plainly at 0.86x the best fixed gamma; plain decoding is probed whatever the choice)."""
         costs = self._costs(batch_size)
         step_s = costs.step_s
         if not step_s:
             return 0.0
         if k in step_s:
-            seconds = step_s[k]
-        else:
-            nearest = min(step_s, key=lambda m: (abs(m - k), m))
-            seconds = step_s[nearest] + (k - nearest) * ((costs.draft_s or 0.0) + self._verify_growth(costs))
+            return max(step_s[k], step_s.get(0, 0.0), 1e-9)
+        nearest = min(step_s, key=lambda m: (abs(m - k), m))
+        seconds = step_s[nearest] + (k - nearest) * ((costs.draft_s or 0.0) + self._verify_growth(costs))
         return max([seconds, 1e-9, *(step_s[m] for m in step_s if m < k)])
 
     def observe(self, k: int, num_accepted: list[int], step: StepTimes) -> None:

@@ -71,6 +71,16 @@ def test_measured_step_times_decide_not_the_model():
     assert policy.best_gamma(1) == 0
 
 
+def test_one_unlucky_measurement_does_not_hold_longer_drafts_back():
+    """A k measured once at a bad moment, and not probed again once the choice moved past it, must not floor the
+    costs of the longer drafts measured since."""
+    policy = policy_after(0.8, draft_s=0.01, verify_s=lambda q: 1.0)
+    policy.observe(2, [1], StepTimes(0.02, 3.0))  # 2 drafts, once, at three plain steps' time
+    policy.observe(4, [3], StepTimes(0.04, 1.0))
+    set_acceptance(policy, [0.8] * 8)
+    assert policy.step_seconds(2, 1) > 2.5 and policy.step_seconds(4, 1) < 1.1 and policy.best_gamma(1) >= 4
+
+
 def test_a_machine_that_slows_down_does_not_change_the_choice():
     """Steps are compared with steps close in time: plain decoding measured while the machine was fast must not be
     set against speculative steps measured since it slowed down (a VM's speed drifts by tens of percent)."""
