@@ -7,9 +7,10 @@ On the same prompts, batched the same way (all `rows` prompts in batches of each
   caption job    the Ray Data job end to end on the same rows (rows/s), to show the pipeline's overhead
 Each configuration runs once to warm up (and measure peak memory); then `repeats` rounds time every
 configuration of a batch size, batch by batch in turn (each configuration's first batch, then each one's
-second, ...), so a drift of the machine's speed touches them alike; tokens/s is the median round. Engine rows also carry tau, acceptance, per-position acceptance, where the time went, the
-drafter/target cost ratio c, the verify cost v and the analytic speedups over the engine without a drafter:
-tau / (1 + gamma * c) (Leviathan et al.) and tau / (v + gamma * c) (what the goal judges).
+second, ...), so a drift of the machine's speed touches them alike; tokens/s is the median round. Engine rows
+also carry tau, acceptance, per-position acceptance, where the time went, the drafter/target cost ratio c, the
+verify cost v and the analytic speedups over the engine without a drafter: tau / (1 + gamma * c) (Leviathan et
+al.) and tau / (v + gamma * c) (what the goal judges).
 """
 
 from __future__ import annotations
