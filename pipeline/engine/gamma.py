@@ -5,9 +5,9 @@ E(k) = 1 + sum_{j<=k} a_1 * ... * a_j tokens per step (acceptance usually falls 
 the draft, so one average rate would overrate long drafts). `auto` picks the k in
 [0, max_gamma] that maximises E(k) / S(k), with S(k) the measured time of a whole step with
 k drafts (drafting, verification and bookkeeping: what a step really costs, not a model
-of it, learnt from steps close in time, see PAIR_GAP). S is measured
+of it, timed against the machine's speed just before, see STEP_SAMPLES). S is measured
 per batch-size bucket (powers of two), since it depends on the batch size, which shrinks
-as rows finish; acceptance does not, so it is shared. A k not measured
+as rows finish; acceptance is learnt overall and per bucket (see `reached`). A k not measured
 yet is predicted from the nearest measured one plus, per extra draft, one drafter forward
 and the verification's measured growth per token; only the measured k and their
 neighbours are candidates, so the choice climbs one step at a time and each step is
@@ -29,8 +29,8 @@ AUTO = "auto"
 # S(k) relative to the machine's speed now. A VM's speed drifts by up to +-40% over seconds (the same row's plain
 # steps averaged 1.05 ms in one pass over the demo prompts and 1.88 ms in the next), so steps of different k timed
 # at different moments do not compare: the least of each k's last 3 steps (used before) set a probe's time, taken
-# hundreds of steps apart, against the choice's own recent steps, and auto picked 4-6 drafts at batch 1 where 2-3
-# were 1.1-1.2x faster (0.96x plain decoding against 1.10x). So the steady steps (the same k as the timed step
+# hundreds of steps apart, against the choice's own recent steps: text-only at batch 1, auto decoded plainly on
+# most steps and drafted 4-6 on the rest where 2-3 were 1.1x faster (0.96x plain decoding). So the steady steps (the same k as the timed step
 # before) track the machine's speed, and each timed step is measured against the speed just before it: log S(k)
 # is the mean of its last STEP_SAMPLES relative log times, those more than STALL times the least left out (a
 # stall is interference, not the cost of k drafts; the least alone rated speculation too well, since a step that
