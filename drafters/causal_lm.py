@@ -161,15 +161,13 @@ class CausalLMDrafter:
             self.put_off = None
 
     def _prefill(self, rows: list[_PutOffRow], append: bool) -> None:
-        width = max(len(row.positions) for row in rows)
+        positions, mask = left_pad([row.positions for row in rows], 0, self.device)
+        width = mask.shape[1]
         embeds = rows[0].embeds.new_zeros((len(rows), width, rows[0].embeds.shape[-1]))
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
             embeds[i, width - len(row.positions):] = row.embeds
-            mask[i, width - len(row.positions):] = 1
-        positions = left_pad([row.positions for row in rows], 0, self.device)[0]
         offsets = torch.tensor([row.offset for row in rows])  # where each row continues
-        self.decoder.prefill(mask.to(self.device), positions, offsets, append=append, inputs_embeds=embeds)
+        self.decoder.prefill(mask, positions, offsets, append=append, inputs_embeds=embeds)
 
     @torch.no_grad()
     def propose(self, k: int, sampling: SamplingConfig, generator):

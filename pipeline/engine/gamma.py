@@ -163,7 +163,8 @@ class GammaPolicy:
         tokens = self._expected_tokens_upto(max(candidates), batch_size)  # each step decides: one pass, not one a k
         rates = {k: tokens[k] / max(self.step_seconds(k, batch_size), 1e-9) for k in sorted(candidates)}
         best = max(rates, key=rates.get)
-        return best if rates[best] > (1 + self.margin) * self.expected_rate(0, batch_size) else 0
+        plain = tokens[0] / max(self.step_seconds(0, batch_size), 1e-9)
+        return best if rates[best] > (1 + self.margin) * plain else 0
 
     def acceptance_per_position(self, batch_size: int | None = None) -> list[float]:
         """a_i, measured where drafts reached position i, else the last measured position's (or the prior); at a

@@ -180,8 +180,8 @@ def _right_aligned(
     groups: list[tuple[int, torch.Tensor | None]],  # (length, its rows; None: every row)
     capacity: int,
 ) -> torch.Tensor:  # [B, H, capacity, D]: each row's tokens from slot 0 on, zeros after (padding may hold NaN)
-    b, h, n, d = states.shape
-    out = states.new_zeros(b, h, capacity, d)
+    n = states.shape[2]
+    out = _empty_like_rows(states, capacity)
     for length, rows in groups:
         kept = min(length, n)  # a sliding window keeps only the last n slots: the ones later queries can see
         if rows is None:
