@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.engine.acceptance import SamplingConfig, logits_to_probs, sample_from
 from pipeline.engine.decoder import RaggedDecoder
+from pipeline.engine.fused import FUSED
 from pipeline.engine.padding import left_pad, right_pad
 from pipeline.engine.prompts import PreparedPrompt
 from pipeline.engine.target import TargetPrefill
@@ -125,7 +126,7 @@ class CausalLMDrafter:
         self.target_vocab_size = target_vocab_size
         self.pad_token_id = pad_token_id
         self.name = name
-        self.decoder = RaggedDecoder(model.language_model, fused=True)
+        self.decoder = RaggedDecoder(model.language_model, stack=FUSED)
         self.pending: list[list[int]] = []
         self.put_off: list[_PutOffRow] | None = []  # None once the decoder holds the rows
 

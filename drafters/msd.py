@@ -32,6 +32,7 @@ from transformers import AutoConfig, AutoModel
 from drafters.causal_lm import choose_draft
 from pipeline.engine.acceptance import SamplingConfig
 from pipeline.engine.decoder import RaggedDecoder
+from pipeline.engine.fused import FUSED
 from pipeline.engine.padding import left_pad
 from pipeline.engine.prompts import PreparedPrompt
 from pipeline.engine.target import Target, TargetPrefill
@@ -192,7 +193,7 @@ class MsdDrafter:
         self.model = model.eval()
         self.target_vocab_size = target_vocab_size
         self.name = name
-        self.decoder = RaggedDecoder(model.decoder, fused=True)
+        self.decoder = RaggedDecoder(model.decoder, stack=FUSED)
         self.pending_hidden: torch.Tensor | None = None  # [B, P, H]
         self.pending_tokens: torch.Tensor | None = None  # [B, P]
         self.pending_counts = torch.zeros(0, dtype=torch.long)  # [B] on the host

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from pipeline.engine.families import ROTARY, RotaryFamily
-from pipeline.engine.fused import FusedStack
+from pipeline.engine.fused import EXACT, FusedStack
 from pipeline.engine.kv_cache import RaggedKVCache, attention_masks, layer_types_of
 
 # Model types whose forward, once the prompt is in the cache, is the decoder stack and then the output head, nothing
@@ -33,9 +33,10 @@ DIRECT_DECODE_MODEL_TYPES = frozenset(
 class RaggedDecoder:
     """A model plus its RaggedKVCache; the caller decides what each row appends and rolls back."""
 
-    def __init__(self, model: nn.Module, family: RotaryFamily = ROTARY, fused: bool = False):
-        """fused: decode steps through FusedStack where the model type has one (drafters: their numbers only
-        choose proposals; a target keeps HF's own forward, so its outputs are HF's)."""
+    def __init__(self, model: nn.Module, family: RotaryFamily = ROTARY, stack: str = EXACT):
+        """stack: how decode steps run where the model type has a FusedStack (fused.py): EXACT (HF's numbers bit
+        for bit: targets), FUSED (HF's up to rounding, faster: drafters, whose numbers only choose proposals) or
+        HF_FORWARD; elsewhere they run HF's own forward."""
         self.model = model
         self.family = family
         text_config = model.config.get_text_config()
@@ -51,7 +52,8 @@ class RaggedDecoder:
         direct = (model.config.model_type in DIRECT_DECODE_MODEL_TYPES and head is not None
                   and getattr(model.config, "final_logit_softcapping", None) is None)
         self.stack_and_head = (model.get_decoder(), head) if direct else None
-        self.fused = FusedStack.of(model) if fused else None
+        # an exact stack stands for the decoder stack and head, so only where decoding is those two (direct)
+        self.fused_stack = FusedStack.of(model, stack) if direct or stack != EXACT else None
         self.prefill_cache_name = _cache_name(model.forward)
         self.decode_cache_name = _cache_name((self.stack_and_head[0] if direct else model).forward)
 
@@ -99,8 +101,8 @@ class RaggedDecoder:
         slots = self.cache.begin_forward(q)
         masks = attention_masks(slots, self.cache.kv_len, self.layer_types, self.sliding_window, self.dtype)
         positions = self.family.decode_positions(slots, self.cache.position_offsets)
-        if self.fused is not None and not hidden_states:
-            out = self.fused(masks, positions, self.cache, **model_inputs)
+        if self.fused_stack is not None:
+            out = self.fused_stack(masks, positions, self.cache, **model_inputs)
         else:
             out = self._decode_forward(
                 attention_mask=masks,

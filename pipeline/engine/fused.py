@@ -1,47 +1,66 @@
-"""A drafter's decoding forward with fewer calls: the decoder stack of a Llama-architecture model, fused.
+"""The decoder stack of a Llama-architecture model without its module calls, for decode steps: fused or exact.
 
-A small drafter on a CPU (or a GPU at small batch) is bound by the number of calls per forward, not by its
+A small model on a CPU (or a GPU at small batch) is bound by the number of calls per forward, not by its
 arithmetic: on the demo world one forward of the MASSV drafter's single layer cost a third of the whole
-4-layer target's. `FusedStack` runs the model's own weights with query, key and value as one matmul, gate
-and up as one, torch's fused rms_norm, the rotary embedding applied to query and key in one pass, and no
-module calls but the embedding's and the rotary's: half the time per forward of the demo's MASSV drafter
-(0.46 -> 0.23 ms at batch 1, 0.65 -> 0.39 ms at batch 32). Its outputs equal HF's up to float rounding;
-a drafter's numbers only decide which tokens are proposed, never which are output (the target verifies
-every one), so drafters (their causal LMs, MSD heads) use it and targets never do.
+4-layer target's, and half of the target's own decode step was HF's Python (module calls, wrappers, hooks).
+`FusedStack` runs the model's own weights with no module calls but the embedding's and the rotary's, in one
+of two ways:
+- fused (drafters): query, key and value as one matmul, gate and up as one, torch's fused rms_norm, the rotary
+  embedding applied to query and key in one pass: half the time per forward of the demo's MASSV drafter (0.46 ->
+  0.23 ms at batch 1, 0.65 -> 0.39 ms at batch 32). Its outputs equal HF's up to float rounding; a drafter's
+  numbers only decide which tokens are proposed, never which are output (the target verifies every one).
+- exact (targets): HF's own operations in HF's order on HF's layouts (each projection its own matmul, the
+  norms' and the rotary's own functions, HF's attention function), so its logits equal HF's bit for bit (tested
+  per model type) and the target's answers stay HF's own.
 
 Model types: those whose decoder layer is Llama's (pre-norm attention + gated MLP, rotary positions),
-optionally with q/k/v biases (Qwen2) or per-head q/k norms (Qwen3). `FusedStack.of(model)` is None for any
-other, and the decoder keeps the model's own forward.
+optionally with q/k/v biases (Qwen2) or per-head q/k norms (Qwen3), alone or as a VLM's language model.
+`FusedStack.of(model)` is None for any other (and, exact, for attention other than sdpa), and the decoder
+keeps the model's own forward.
 """
 
 from __future__ import annotations
 
+import sys
+from functools import partial
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from pipeline.engine.kv_cache import FULL_ATTENTION, RaggedKVCache
 
 FUSED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+EXACT_ATTENTION = "sdpa"  # the attention implementation Target.load asks for; others keep HF's forward
+
+# How a RaggedDecoder runs decode steps: HF's own forward, or a FusedStack of either kind where the model has one
+HF_FORWARD, FUSED, EXACT = "hf", "fused", "exact"
 
 
 class FusedStack:
     """The decoder stack (and output head, if any) of a Llama-architecture model, for decoding with a
     RaggedKVCache: a causal LM gives logits, a base model (an MSD head) its last hidden states."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, exact: bool = False):
         stack, self.head = model.get_decoder(), model.get_output_embeddings()
         self.embed_tokens, self.rotary_emb = stack.embed_tokens, stack.rotary_emb
-        self.norm = _Norm(stack.norm)
+        self.norm = stack.norm.forward if exact else _Norm(stack.norm)
         layer_types = getattr(model.config.get_text_config(), "layer_types", None)
-        self.layers = [_FusedLayer(layer, layer_types[i] if layer_types else FULL_ATTENTION)
+        layer_kind = _ExactLayer if exact else _FusedLayer
+        self.layers = [layer_kind(layer, layer_types[i] if layer_types else FULL_ATTENTION)
                        for i, layer in enumerate(stack.layers)]
 
     @classmethod
-    def of(cls, model: nn.Module) -> FusedStack | None:
-        return cls(model) if model.config.model_type in FUSED_MODEL_TYPES else None
+    def of(cls, model: nn.Module, kind: str) -> FusedStack | None:
+        """A FusedStack of this kind (FUSED or EXACT) for the model, or None (HF_FORWARD, or no such stack)."""
+        stack = model.get_decoder()
+        if kind == HF_FORWARD or stack.config.model_type not in FUSED_MODEL_TYPES:
+            return None
+        if kind == EXACT and stack.config._attn_implementation != EXACT_ATTENTION:
+            return None
+        return cls(model, exact=kind == EXACT)
 
     def __call__(
         self,
@@ -50,15 +69,16 @@ class FusedStack:
         cache: RaggedKVCache,
         input_ids: torch.Tensor | None = None,  # [B, q]
         inputs_embeds: torch.Tensor | None = None,  # [B, q, H]
-    ) -> SimpleNamespace:  # last_hidden_state [B, q, H] (after the final norm) and logits [B, q, V] or None
+    ) -> SimpleNamespace:  # last_hidden_state [B, q, H] (after the final norm; also hidden_states[-1], as HF's)
+        # and logits [B, q, V] or None
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        cos, sin = self.rotary_emb(hidden, position_ids=position_ids)  # [B, q, head_dim] each
-        rotary = (cos[:, None], sin[:, None])
+        rotary = self.rotary_emb(hidden, position_ids=position_ids)  # cos, sin [B, q, head_dim]
         for layer in self.layers:
             mask = attention_mask[layer.attention_type] if isinstance(attention_mask, dict) else attention_mask
             hidden = layer(hidden, rotary, mask, cache)
         hidden = self.norm(hidden)
-        return SimpleNamespace(last_hidden_state=hidden, logits=None if self.head is None else self.head(hidden))
+        return SimpleNamespace(last_hidden_state=hidden, hidden_states=(hidden,),
+                               logits=None if self.head is None else self.head(hidden))
 
 
 class _Norm:
@@ -71,48 +91,100 @@ class _Norm:
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
-class _FusedLayer:
-    """One decoder layer's weights, q/k/v and gate/up concatenated (the layer's own parameters become views)."""
+class _Layer:
+    """One decoder layer's weights and the layer's step: attention over the cache, then the gated MLP. The
+    subclasses say how the projections, norms, rotary embedding and attention are computed."""
 
     def __init__(self, layer: nn.Module, attention_type: str):
         attention, mlp = layer.self_attn, layer.mlp
         self.layer_idx, self.attention_type = attention.layer_idx, attention_type
         self.head_dim, self.scaling = attention.head_dim, attention.scaling
-        q, k, v = attention.q_proj, attention.k_proj, attention.v_proj
-        self.query_width, self.key_width = q.out_features, k.out_features
-        self.query_heads = q.out_features // self.head_dim
-        self.grouped = q.out_features != k.out_features
-        self.qkv_weight, self.qkv_bias = _concat(q, k, v)
-        self.o_weight, self.o_bias = attention.o_proj.weight, attention.o_proj.bias
-        self.down_weight, self.down_bias = mlp.down_proj.weight, mlp.down_proj.bias
+        self.o_proj = (attention.o_proj.weight, attention.o_proj.bias)
+        self.down_proj = (mlp.down_proj.weight, mlp.down_proj.bias)
         self.act_fn = mlp.act_fn
-        self.gate_up_weight, self.gate_up_bias = _concat(mlp.gate_proj, mlp.up_proj)
-        self.input_norm, self.post_attention_norm = _Norm(layer.input_layernorm), _Norm(layer.post_attention_layernorm)
-        self.q_norm = _Norm(attention.q_norm) if hasattr(attention, "q_norm") else None  # Qwen3: per head
-        self.k_norm = _Norm(attention.k_norm) if hasattr(attention, "k_norm") else None
 
     def __call__(self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
                  cache: RaggedKVCache) -> torch.Tensor:  # hidden [B, q, H] in and out
         batch, q, _ = hidden.shape
-        qkv = F.linear(self.input_norm(hidden), self.qkv_weight, self.qkv_bias)
-        query, key, value = qkv.split([self.query_width, self.key_width, self.key_width], dim=-1)
-        query, key, value = (t.view(batch, q, -1, self.head_dim) for t in (query, key, value))
-        if self.q_norm is not None:
+        query, key, value = (t.view(batch, q, -1, self.head_dim) for t in self.qkv(self.input_norm(hidden)))
+        if self.q_norm is not None:  # Qwen3: per head, before the rotary embedding
             query, key = self.q_norm(query), self.k_norm(key)
-        query_key = _rotate(torch.cat([query, key], dim=2).transpose(1, 2), *rotary)  # [B, heads, q, head_dim]
-        query, key = query_key[:, : self.query_heads], query_key[:, self.query_heads :]
+        query, key = self.rotate(query.transpose(1, 2), key.transpose(1, 2), *rotary)  # [B, heads, q, head_dim]
         key, value = cache.update(key, value.transpose(1, 2), self.layer_idx)
-        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=self.scaling,
-                                                  enable_gqa=self.grouped)
-        hidden = hidden + F.linear(attended.transpose(1, 2).reshape(batch, q, -1), self.o_weight, self.o_bias)
-        gate, up = F.linear(self.post_attention_norm(hidden), self.gate_up_weight, self.gate_up_bias).chunk(2, -1)
-        return hidden + F.linear(self.act_fn(gate) * up, self.down_weight, self.down_bias)
+        attended = self.attend(query, key, value, mask)  # [B, q, heads, head_dim]
+        hidden = hidden + F.linear(attended.reshape(batch, q, -1), *self.o_proj)
+        gate, up = self.gate_up(self.post_attention_norm(hidden))
+        return hidden + F.linear(self.act_fn(gate) * up, *self.down_proj)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding as HF applies it (rotate_half): x [B, heads, q, d], cos/sin [B, 1, q, d]."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+class _FusedLayer(_Layer):
+    """q/k/v and gate/up concatenated (the layer's own parameters become views), torch's fused norm, one rotary
+    pass over query and key, torch's attention."""
+
+    def __init__(self, layer: nn.Module, attention_type: str):
+        super().__init__(layer, attention_type)
+        attention, mlp = layer.self_attn, layer.mlp
+        self.query_heads = attention.q_proj.out_features // self.head_dim
+        self.grouped = attention.q_proj.out_features != attention.k_proj.out_features
+        self.qkv = _Concatenated(attention.q_proj, attention.k_proj, attention.v_proj)
+        self.gate_up = _Concatenated(mlp.gate_proj, mlp.up_proj)
+        self.input_norm, self.post_attention_norm = _Norm(layer.input_layernorm), _Norm(layer.post_attention_layernorm)
+        self.q_norm = _Norm(attention.q_norm) if hasattr(attention, "q_norm") else None
+        self.k_norm = _Norm(attention.k_norm) if hasattr(attention, "k_norm") else None
+
+    def rotate(self, query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Rotary embedding as HF applies it (rotate_half) to query and key [B, heads, q, d] at once."""
+        both = torch.cat([query, key], dim=1)
+        half = both.shape[-1] // 2
+        both = both * cos[:, None] + torch.cat([-both[..., half:], both[..., :half]], dim=-1) * sin[:, None]
+        return both[:, : self.query_heads], both[:, self.query_heads :]
+
+    def attend(self, query, key, value, mask):
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=self.scaling,
+                                              enable_gqa=self.grouped).transpose(1, 2)
+
+
+class _ExactLayer(_Layer):
+    """HF's layer without its module calls: each projection its own matmul on the module's own weight, the
+    norms' own forward, the model's own apply_rotary_pos_emb and HF's sdpa attention function (which packs
+    grouped heads for one query token, as HF's forward does)."""
+
+    def __init__(self, layer: nn.Module, attention_type: str):
+        super().__init__(layer, attention_type)
+        attention, mlp = layer.self_attn, layer.mlp
+        self.qkv = _Separate(attention.q_proj, attention.k_proj, attention.v_proj)
+        self.gate_up = _Separate(mlp.gate_proj, mlp.up_proj)
+        self.input_norm = layer.input_layernorm.forward
+        self.post_attention_norm = layer.post_attention_layernorm.forward
+        self.q_norm = attention.q_norm.forward if hasattr(attention, "q_norm") else None
+        self.k_norm = attention.k_norm.forward if hasattr(attention, "k_norm") else None
+        self.rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+        self.attention_function = partial(ALL_ATTENTION_FUNCTIONS[EXACT_ATTENTION], attention, dropout=0.0,
+                                          scaling=self.scaling)
+
+    def attend(self, query, key, value, mask):
+        return self.attention_function(query, key, value, mask)[0]
+
+
+class _Separate:
+    """Linears applied to one input, each its own matmul, as their modules compute them."""
+
+    def __init__(self, *linears: nn.Linear):
+        self.weights = [(linear.weight, linear.bias) for linear in linears]
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [F.linear(x, weight, bias) for weight, bias in self.weights]
+
+
+class _Concatenated:
+    """Linears applied to one input as one matmul over their stacked weights."""
+
+    def __init__(self, *linears: nn.Linear):
+        self.weight, self.bias = _concat(*linears)
+        self.widths = [linear.out_features for linear in linears]
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return F.linear(x, self.weight, self.bias).split(self.widths, dim=-1)
 
 
 def _concat(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,10 +1,11 @@
-"""The fused drafter forward computes the model's own logits: same rows, ragged appends and rollbacks, per family."""
+"""The fused stacks compute the model's own logits (same rows, ragged appends and rollbacks, per family): the fused
+drafter forward up to rounding, the exact target forward bit for bit."""
 
 import pytest
 import torch
 
 from pipeline.engine.decoder import RaggedDecoder
-from pipeline.engine.fused import FusedStack
+from pipeline.engine.fused import EXACT, FUSED, HF_FORWARD, FusedStack
 from pipeline.lab.tiny_models import CAUSAL_LMS
 
 LLAMA_ARCHITECTURE = ["llava", "qwen2_5_vl", "qwen3_vl"]  # the drafter LMs of these targets: Llama, Qwen2, Qwen3
@@ -39,19 +40,19 @@ def _decode(decoder: RaggedDecoder, prompts: list[list[int]]) -> list[torch.Tens
 def test_fused_logits_equal_the_models_own(family):
     model = _language_model(family)
     prompts = [[3, 4, 5, 6, 7, 8], [9, 10], [11, 12, 13, 14]]
-    fused = RaggedDecoder(model, fused=True)
-    assert fused.fused is not None
-    q_proj, stacked = model.model.layers[0].self_attn.q_proj, fused.fused.layers[0].qkv_weight
+    fused = RaggedDecoder(model, stack=FUSED)
+    assert fused.fused_stack is not None
+    q_proj, stacked = model.model.layers[0].self_attn.q_proj, fused.fused_stack.layers[0].qkv.weight
     assert q_proj.weight.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr()  # one copy
-    for ours, hf in zip(_decode(fused, prompts), _decode(RaggedDecoder(model), prompts), strict=True):
+    for ours, hf in zip(_decode(fused, prompts), _decode(RaggedDecoder(model, stack=HF_FORWARD), prompts), strict=True):
         torch.testing.assert_close(ours, hf, rtol=1e-5, atol=1e-5)
         assert torch.equal(ours.argmax(-1), hf.argmax(-1))
 
 
 def test_a_base_model_gives_its_last_hidden_states():  # an MSD head: features, no output head
     model = _language_model("llava").model
-    fused, hf = RaggedDecoder(model, fused=True), RaggedDecoder(model)
-    assert fused.fused is not None and fused.fused.head is None
+    fused, hf = RaggedDecoder(model, stack=FUSED), RaggedDecoder(model, stack=HF_FORWARD)
+    assert fused.fused_stack is not None and fused.fused_stack.head is None
     for decoder in (fused, hf):
         decoder.prefill(torch.ones(2, 5, dtype=torch.long), torch.arange(5).expand(2, 5),
                         torch.zeros(2, dtype=torch.long), input_ids=torch.tensor([[3, 4, 5, 6, 7], [6, 7, 8, 9, 10]]))
@@ -60,5 +61,34 @@ def test_a_base_model_gives_its_last_hidden_states():  # an MSD head: features, 
     torch.testing.assert_close(ours.last_hidden_state, theirs.last_hidden_state, rtol=1e-5, atol=1e-5)
 
 
-def test_other_architectures_keep_the_models_forward():
-    assert FusedStack.of(_language_model("gemma3")) is None  # sandwich norms, scaled embeddings: HF's forward
+@pytest.mark.parametrize("family", LLAMA_ARCHITECTURE)
+def test_exact_logits_are_the_models_own_bit_for_bit(family):
+    """Grouped heads (4 query heads, 2 key/value), biases (Qwen2), q/k norms (Qwen3); one and several tokens."""
+    model = _language_model(family)
+    model.config._attn_implementation = "sdpa"  # as Target.load asks
+    prompts = [[3, 4, 5, 6, 7, 8], [9, 10], [11, 12, 13, 14]]
+    exact = RaggedDecoder(model)
+    assert exact.fused_stack is not None and exact.fused_stack.head is not None
+    hf = _decode(RaggedDecoder(model, stack=HF_FORWARD), prompts)
+    for ours, theirs in zip(_decode(exact, prompts), hf, strict=True):
+        assert torch.equal(ours, theirs)
+
+
+def test_a_llava_target_decodes_through_the_exact_stack_with_hf_numbers(targets):
+    model = targets["llava"].model
+    assert targets["llava"].decoder.fused_stack is not None  # the language model's layers, no module calls
+    prompts = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    exact, hf = RaggedDecoder(model), RaggedDecoder(model, stack=HF_FORWARD)
+    for ours, theirs in zip(_decode(exact, prompts), _decode(hf, prompts), strict=True):
+        assert torch.equal(ours, theirs)
+    for decoder in (exact, hf):  # what an MSD drafter reads: the last hidden states, after the final norm
+        decoder.forward(input_ids=torch.tensor([[30], [31], [32]]))
+    ours, theirs = (d.forward(input_ids=torch.tensor([[33], [34], [35]]), hidden_states=True) for d in (exact, hf))
+    assert torch.equal(ours.hidden_states[-1], theirs.hidden_states[-1])
+
+
+def test_other_architectures_keep_the_models_forward(targets):
+    gemma3 = _language_model("gemma3")
+    assert FusedStack.of(gemma3, FUSED) is None and FusedStack.of(gemma3, EXACT) is None  # sandwich norms
+    for family in ("gemma3", "qwen2_5_vl", "qwen3_vl"):  # and M-RoPE (Qwen-VL): HF's own forward
+        assert targets[family].decoder.fused_stack is None
