@@ -170,6 +170,7 @@ class SpecDecodeEngine:
             log.warning("a prefill of %d rows failed (%s); admitting them one at a time", len(group), error)
             return [request for one in group for request in self._admit(batch, [one])]
         self.times.observe_prefill(synchronized_time(self.target.device) - start)
+        self.gamma_policy.observe_prefill()
         return joined
 
     def _run_alone(self, request: _Request) -> None:

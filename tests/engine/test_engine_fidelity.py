@@ -166,6 +166,9 @@ class Schedule:
     def observe(self, k, num_accepted, step) -> None:
         pass
 
+    def observe_prefill(self) -> None:
+        pass
+
 
 class PrefillAtOnce(CausalLMDrafter):
     def prefill(self, *args, **kwargs):

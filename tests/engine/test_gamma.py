@@ -150,6 +150,18 @@ def test_a_catch_up_after_plain_steps_is_not_taken_as_the_drafting_cost():
     assert policy.buckets[1].draft_s == 0.1
 
 
+def test_the_step_after_a_prefill_is_not_timed():
+    policy = GammaPolicy(gamma="auto")
+    policy.observe_prefill()
+    policy.observe(0, [0], StepTimes(0.0, 5.0))  # the first step after a prefill runs slow: not plain decoding's cost
+    assert policy.choose(1) == 0  # plain decoding is still to be measured
+    policy.observe(0, [0], StepTimes(0.0, 1.0))
+    assert policy.step_seconds(0, 1) == pytest.approx(1.0)
+    policy.observe_prefill()
+    policy.observe(3, [3], StepTimes(0.3, 1.0))  # not timed, but its drafts count
+    assert policy.buckets[1].reached[:3] == [1.0, 1.0, 1.0] and 3 not in policy.buckets[1].step_s
+
+
 def test_auto_starts_by_measuring_both_regimes_climbs_then_probes():
     policy = GammaPolicy(gamma="auto", max_gamma=6, probe_every=4)
     choices = []
