@@ -14,7 +14,8 @@ of two ways:
   per model type) and the target's answers stay HF's own.
 
 Model types: those whose decoder layer is Llama's (pre-norm attention + gated MLP, rotary positions),
-optionally with q/k/v biases (Qwen2) or per-head q/k norms (Qwen3), alone or as a VLM's language model.
+optionally with q/k/v biases (Qwen2) or per-head q/k norms (Qwen3), alone or as a VLM's language model (LLaVA's,
+Qwen2.5-VL's and Qwen3-VL's; DeepStack only touches prefill, which keeps HF's forward).
 `FusedStack.of(model)` is None for any other (and, exact, for attention other than sdpa), and the decoder
 keeps the model's own forward.
 """
@@ -32,7 +33,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from pipeline.engine.kv_cache import FULL_ATTENTION, RaggedKVCache
 
-FUSED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# the Qwen-VL language models' layers are Qwen2's and Qwen3's; their M-RoPE lives in the rotary embedding, which the
+# stack calls as the model does, with the decoder's [3, B, q] positions (checked in transformers 5.24)
+FUSED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen2_5_vl_text", "qwen3_vl_text"})
 EXACT_ATTENTION = "sdpa"  # the attention implementation Target.load asks for; others keep HF's forward
 
 # How a RaggedDecoder runs decode steps: HF's own forward, or a FusedStack of either kind where the model has one

@@ -74,11 +74,13 @@ def test_exact_logits_are_the_models_own_bit_for_bit(family):
         assert torch.equal(ours, theirs)
 
 
-def test_a_llava_target_decodes_through_the_exact_stack_with_hf_numbers(targets):
-    model = targets["llava"].model
-    assert targets["llava"].decoder.fused_stack is not None  # the language model's layers, no module calls
+@pytest.mark.parametrize("family", LLAMA_ARCHITECTURE)
+def test_a_target_decodes_through_the_exact_stack_with_hf_numbers(targets, family):
+    """LLaVA's Llama and the Qwen-VL language models, M-RoPE positions included."""
+    target = targets[family]
+    assert target.decoder.fused_stack is not None  # the language model's layers, no module calls
     prompts = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
-    exact, hf = RaggedDecoder(model), RaggedDecoder(model, stack=HF_FORWARD)
+    exact, hf = RaggedDecoder(target.model, target.family), RaggedDecoder(target.model, target.family, HF_FORWARD)
     for ours, theirs in zip(_decode(exact, prompts), _decode(hf, prompts), strict=True):
         assert torch.equal(ours, theirs)
     for decoder in (exact, hf):  # what an MSD drafter reads: the last hidden states, after the final norm
@@ -90,5 +92,4 @@ def test_a_llava_target_decodes_through_the_exact_stack_with_hf_numbers(targets)
 def test_other_architectures_keep_the_models_forward(targets):
     gemma3 = _language_model("gemma3")
     assert FusedStack.of(gemma3, FUSED) is None and FusedStack.of(gemma3, EXACT) is None  # sandwich norms
-    for family in ("gemma3", "qwen2_5_vl", "qwen3_vl"):  # and M-RoPE (Qwen-VL): HF's own forward
-        assert targets[family].decoder.fused_stack is None
+    assert targets["gemma3"].decoder.fused_stack is None
