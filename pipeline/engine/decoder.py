@@ -4,8 +4,9 @@ Prefill goes through HF's own forward on a left-padded batch, so whatever a fami
 does in prefill (Gemma3's bidirectional attention inside an image, say) stays HF's
 business; the resulting cache is converted once into right-padded rows. Every
 later forward appends tokens with explicit per-row positions (from the family
-seam) and masks (from `kv_cache`); `rollback` discards them again. This module
-has no family-specific branches.
+seam) and masks (from `kv_cache`), through a FusedStack where the model has one
+(`fused.py`: exact for targets, HF's numbers bit for bit), else HF's forward;
+`rollback` discards them again. This module has no family-specific branches.
 """
 
 from __future__ import annotations
