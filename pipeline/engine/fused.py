@@ -16,13 +16,14 @@ of two ways:
 Model types: those whose decoder layer is Llama's (pre-norm attention + gated MLP, rotary positions),
 optionally with q/k/v biases (Qwen2) or per-head q/k norms (Qwen3), alone or as a VLM's language model (LLaVA's,
 Qwen2.5-VL's and Qwen3-VL's; DeepStack only touches prefill, which keeps HF's forward).
-`FusedStack.of(model)` is None for any other (and, exact, for attention other than sdpa), and the decoder
+`FusedStack.of(model, kind)` is None for any other (and, exact, for attention other than sdpa), and the decoder
 keeps the model's own forward.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from functools import partial
 from types import SimpleNamespace
 
@@ -49,9 +50,9 @@ class FusedStack:
     def __init__(self, model: nn.Module, exact: bool = False):
         stack, self.head = model.get_decoder(), model.get_output_embeddings()
         self.embed_tokens, self.rotary_emb = stack.embed_tokens, stack.rotary_emb
-        self.norm = stack.norm.forward if exact else _Norm(stack.norm)
-        layer_types = getattr(model.config.get_text_config(), "layer_types", None)
         layer_kind = _ExactLayer if exact else _FusedLayer
+        self.norm = layer_kind.norm_of(stack.norm)
+        layer_types = getattr(model.config.get_text_config(), "layer_types", None)
         self.layers = [layer_kind(layer, layer_types[i] if layer_types else FULL_ATTENTION)
                        for i, layer in enumerate(stack.layers)]
 
@@ -94,81 +95,6 @@ class _Norm:
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
-class _Layer:
-    """One decoder layer's weights and the layer's step: attention over the cache, then the gated MLP. The
-    subclasses say how the projections, norms, rotary embedding and attention are computed."""
-
-    def __init__(self, layer: nn.Module, attention_type: str):
-        attention, mlp = layer.self_attn, layer.mlp
-        self.layer_idx, self.attention_type = attention.layer_idx, attention_type
-        self.head_dim, self.scaling = attention.head_dim, attention.scaling
-        self.o_proj = (attention.o_proj.weight, attention.o_proj.bias)
-        self.down_proj = (mlp.down_proj.weight, mlp.down_proj.bias)
-        self.act_fn = mlp.act_fn
-
-    def __call__(self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
-                 cache: RaggedKVCache) -> torch.Tensor:  # hidden [B, q, H] in and out
-        batch, q, _ = hidden.shape
-        query, key, value = (t.view(batch, q, -1, self.head_dim) for t in self.qkv(self.input_norm(hidden)))
-        if self.q_norm is not None:  # Qwen3: per head, before the rotary embedding
-            query, key = self.q_norm(query), self.k_norm(key)
-        query, key = self.rotate(query.transpose(1, 2), key.transpose(1, 2), *rotary)  # [B, heads, q, head_dim]
-        key, value = cache.update(key, value.transpose(1, 2), self.layer_idx)
-        attended = self.attend(query, key, value, mask)  # [B, q, heads, head_dim]
-        hidden = hidden + F.linear(attended.reshape(batch, q, -1), *self.o_proj)
-        gate, up = self.gate_up(self.post_attention_norm(hidden))
-        return hidden + F.linear(self.act_fn(gate) * up, *self.down_proj)
-
-
-class _FusedLayer(_Layer):
-    """q/k/v and gate/up concatenated (the layer's own parameters become views), torch's fused norm, one rotary
-    pass over query and key, torch's attention."""
-
-    def __init__(self, layer: nn.Module, attention_type: str):
-        super().__init__(layer, attention_type)
-        attention, mlp = layer.self_attn, layer.mlp
-        self.query_heads = attention.q_proj.out_features // self.head_dim
-        self.grouped = attention.q_proj.out_features != attention.k_proj.out_features
-        self.qkv = _Concatenated(attention.q_proj, attention.k_proj, attention.v_proj)
-        self.gate_up = _Concatenated(mlp.gate_proj, mlp.up_proj)
-        self.input_norm, self.post_attention_norm = _Norm(layer.input_layernorm), _Norm(layer.post_attention_layernorm)
-        self.q_norm = _Norm(attention.q_norm) if hasattr(attention, "q_norm") else None
-        self.k_norm = _Norm(attention.k_norm) if hasattr(attention, "k_norm") else None
-
-    def rotate(self, query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Rotary embedding as HF applies it (rotate_half) to query and key [B, heads, q, d] at once."""
-        both = torch.cat([query, key], dim=1)
-        half = both.shape[-1] // 2
-        both = both * cos[:, None] + torch.cat([-both[..., half:], both[..., :half]], dim=-1) * sin[:, None]
-        return both[:, : self.query_heads], both[:, self.query_heads :]
-
-    def attend(self, query, key, value, mask):
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=self.scaling,
-                                              enable_gqa=self.grouped).transpose(1, 2)
-
-
-class _ExactLayer(_Layer):
-    """HF's layer without its module calls: each projection its own matmul on the module's own weight, the
-    norms' own forward, the model's own apply_rotary_pos_emb and HF's sdpa attention function (which packs
-    grouped heads for one query token, as HF's forward does)."""
-
-    def __init__(self, layer: nn.Module, attention_type: str):
-        super().__init__(layer, attention_type)
-        attention, mlp = layer.self_attn, layer.mlp
-        self.qkv = _Separate(attention.q_proj, attention.k_proj, attention.v_proj)
-        self.gate_up = _Separate(mlp.gate_proj, mlp.up_proj)
-        self.input_norm = layer.input_layernorm.forward
-        self.post_attention_norm = layer.post_attention_layernorm.forward
-        self.q_norm = attention.q_norm.forward if hasattr(attention, "q_norm") else None
-        self.k_norm = attention.k_norm.forward if hasattr(attention, "k_norm") else None
-        self.rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
-        self.attention_function = partial(ALL_ATTENTION_FUNCTIONS[EXACT_ATTENTION], attention, dropout=0.0,
-                                          scaling=self.scaling)
-
-    def attend(self, query, key, value, mask):
-        return self.attention_function(query, key, value, mask)[0]
-
-
 class _Separate:
     """Linears applied to one input, each its own matmul, as their modules compute them."""
 
@@ -190,6 +116,83 @@ class _Concatenated:
         return F.linear(x, self.weight, self.bias).split(self.widths, dim=-1)
 
 
+class _Layer:
+    """One decoder layer's weights and the layer's step: attention over the cache, then the gated MLP. The
+    subclasses say how the norms, the projections, the rotary embedding and attention are computed."""
+
+    norm_of: Callable[[nn.Module], Callable]  # an RMSNorm module -> what applies it
+    linears_of: Callable[..., Callable]  # linears on one input -> what applies them all, outputs in their order
+
+    def __init__(self, layer: nn.Module, attention_type: str):
+        attention, mlp = layer.self_attn, layer.mlp
+        self.layer_idx, self.attention_type = attention.layer_idx, attention_type
+        self.head_dim, self.scaling = attention.head_dim, attention.scaling
+        self.qkv = self.linears_of(attention.q_proj, attention.k_proj, attention.v_proj)
+        self.o_proj = (attention.o_proj.weight, attention.o_proj.bias)
+        self.gate_up = self.linears_of(mlp.gate_proj, mlp.up_proj)
+        self.down_proj = (mlp.down_proj.weight, mlp.down_proj.bias)
+        self.act_fn = mlp.act_fn
+        self.input_norm, self.post_attention_norm = (self.norm_of(layer.input_layernorm),
+                                                     self.norm_of(layer.post_attention_layernorm))
+        self.q_norm = self.norm_of(attention.q_norm) if hasattr(attention, "q_norm") else None
+        self.k_norm = self.norm_of(attention.k_norm) if hasattr(attention, "k_norm") else None
+
+    def __call__(self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+                 cache: RaggedKVCache) -> torch.Tensor:  # hidden [B, q, H] in and out
+        batch, q, _ = hidden.shape
+        query, key, value = (t.view(batch, q, -1, self.head_dim) for t in self.qkv(self.input_norm(hidden)))
+        if self.q_norm is not None:  # Qwen3: per head, before the rotary embedding
+            query, key = self.q_norm(query), self.k_norm(key)
+        query, key = self.rotate(query.transpose(1, 2), key.transpose(1, 2), *rotary)  # [B, heads, q, head_dim]
+        key, value = cache.update(key, value.transpose(1, 2), self.layer_idx)
+        attended = self.attend(query, key, value, mask)  # [B, q, heads, head_dim]
+        hidden = hidden + F.linear(attended.reshape(batch, q, -1), *self.o_proj)
+        gate, up = self.gate_up(self.post_attention_norm(hidden))
+        return hidden + F.linear(self.act_fn(gate) * up, *self.down_proj)
+
+
+class _FusedLayer(_Layer):
+    """q/k/v and gate/up concatenated (the layer's own parameters become views), torch's fused norm, one rotary
+    pass over query and key, torch's attention."""
+
+    norm_of, linears_of = _Norm, _Concatenated
+
+    def __init__(self, layer: nn.Module, attention_type: str):
+        super().__init__(layer, attention_type)
+        attention = layer.self_attn
+        self.query_heads = attention.q_proj.out_features // self.head_dim
+        self.grouped = attention.q_proj.out_features != attention.k_proj.out_features
+
+    def rotate(self, query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Rotary embedding as HF applies it (rotate_half) to query and key [B, heads, q, d] at once."""
+        both = torch.cat([query, key], dim=1)
+        half = both.shape[-1] // 2
+        both = both * cos[:, None] + torch.cat([-both[..., half:], both[..., :half]], dim=-1) * sin[:, None]
+        return both[:, : self.query_heads], both[:, self.query_heads :]
+
+    def attend(self, query, key, value, mask):
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=self.scaling,
+                                              enable_gqa=self.grouped).transpose(1, 2)
+
+
+class _ExactLayer(_Layer):
+    """HF's layer without its module calls: each projection its own matmul on the module's own weight, the
+    norms' own forward, the model's own apply_rotary_pos_emb and HF's sdpa attention function (which packs
+    grouped heads for one query token, as HF's forward does)."""
+
+    norm_of, linears_of = staticmethod(lambda norm: norm.forward), _Separate
+
+    def __init__(self, layer: nn.Module, attention_type: str):
+        super().__init__(layer, attention_type)
+        attention = layer.self_attn
+        self.rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+        self.attention_function = partial(ALL_ATTENTION_FUNCTIONS[EXACT_ATTENTION], attention, dropout=0.0,
+                                          scaling=self.scaling)
+
+    def attend(self, query, key, value, mask):
+        return self.attention_function(query, key, value, mask)[0]
+
+
 def _concat(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The linears' weights (and biases) stacked along the output dimension, so one matmul computes them all.
     The linears' own parameters become views of the stacked tensors: the model keeps one copy of its weights
@@ -205,3 +208,4 @@ def _concat(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
             linear.bias = nn.Parameter(bias[start:end], requires_grad=linear.bias.requires_grad)
         start = end
     return weight, bias
+
