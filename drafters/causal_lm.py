@@ -155,11 +155,17 @@ class CausalLMDrafter:
             self.put_off = (self.put_off if append else []) + joining
         self.pending = (self.pending if append else []) + [[t] for t in first_tokens.tolist()]
 
-    def prefill_put_off(self) -> None:
-        """Prefill the rows whose prefill waits for a draft (all of them, or none)."""
-        if self.put_off:
+    @property
+    def prefill_waits(self) -> bool:
+        return bool(self.put_off)
+
+    def prefill_put_off(self) -> int:
+        """Prefill the rows whose prefill waits for a draft (all of them, or none); returns how many."""
+        rows = len(self.put_off or [])
+        if rows:
             self._prefill(self.put_off, append=False)
             self.put_off = None
+        return rows
 
     def _prefill(self, rows: list[_PutOffRow], append: bool) -> None:
         positions, mask = left_pad([row.positions for row in rows], 0, self.device)

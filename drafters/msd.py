@@ -256,8 +256,11 @@ class MsdDrafter:
         self.pending_tokens = self.pending_tokens[on_device]
         self.pending_counts = self.pending_counts[rows]
 
-    def prefill_put_off(self) -> None:
+    prefill_waits = False
+
+    def prefill_put_off(self) -> int:
         """Nothing waits: the head reads the target's hidden states of the prompt, which are not kept."""
+        return 0
 
     def fork(self) -> MsdDrafter:
         forked = copy.copy(self)

@@ -104,10 +104,14 @@ class RunningBatch:
         self.last_tokens = torch.cat([self.last_tokens, joining]) if append else joining
         staged.rows, staged.last_tokens = staged.rows[:keep], staged.last_tokens[:keep] if keep else None
 
-    def prefill_put_off(self) -> None:
-        """The drafter's prefill of the rows it put off until a step drafts (see CausalLMDrafter)."""
-        if self.drafter is not None:
-            self.drafter.prefill_put_off()
+    @property
+    def drafter_prefill_waits(self) -> bool:
+        """The drafter has put off its prefill of these rows until a step drafts."""
+        return self.drafter is not None and self.drafter.prefill_waits
+
+    def prefill_put_off(self) -> int:
+        """The drafter's prefill of the rows it put off until a step drafts (see CausalLMDrafter); how many rows."""
+        return self.drafter.prefill_put_off() if self.drafter is not None else 0
 
     def draft(self, k: int, sampling: SamplingConfig, generator: torch.Generator | None):
         """k draft tokens per row [B, k] and, when sampling, their distributions (None for k = 0)."""

@@ -31,9 +31,15 @@ class Drafter(Protocol):
         append: bool = False,  # these rows join the rows already drafting (continuous batching)
     ) -> None: ...
 
-    def prefill_put_off(self) -> None:
-        """Prefill the rows whose prefill the drafter put off until a draft needs them; `propose` does it too, the
-        engine calls it first to time it as prefill. A drafter that puts nothing off does nothing."""
+    @property
+    def prefill_waits(self) -> bool:
+        """Rows wait for `prefill_put_off` (drafting for them now would pay their prefill)."""
+        ...
+
+    def prefill_put_off(self) -> int:
+        """Prefill the rows whose prefill the drafter put off until a draft needs them; returns how many it prefilled.
+        `propose` does it too; the engine calls it first to time it as prefill (and tells gamma's policy what it
+        cost). A drafter that puts nothing off does nothing and returns 0."""
         ...
 
     def propose(

@@ -149,11 +149,14 @@ class SpecDecodeEngine:
             raise
         self.times.observe_generate(synchronized_time(self.target.device) - start)
 
-    def _as_prefill(self, work, *args) -> None:
-        """Admission work outside `_admit` (staged rows joining, the drafter's put-off prefill): timed as prefill."""
+    def _as_prefill(self, work, *args) -> tuple[object, float]:
+        """Admission work outside `_admit` (staged rows joining, the drafter's put-off prefill): timed as prefill.
+        Returns what the work returned and its seconds."""
         start = time.perf_counter()
-        work(*args)
-        self.times.observe_prefill(synchronized_time(self.target.device) - start)
+        result = work(*args)
+        seconds = synchronized_time(self.target.device) - start
+        self.times.observe_prefill(seconds)
+        return result, seconds
 
     def _admit(self, batch: RunningBatch, group: list[_Request]) -> list[_Request]:
         """Prefill the group into the batch; returns the requests that joined. A group that fails is
@@ -188,12 +191,16 @@ class SpecDecodeEngine:
 
     def _observed_step(self, batch: RunningBatch) -> None:
         """A step with the policy's gamma; its times go to the engine's totals and to the policy."""
-        k, batch_size = self.gamma_policy.choose(len(batch)), len(batch)
+        batch_size, rows = len(batch), batch.rows
+        k = self.gamma_policy.choose(batch_size, prefill_waits=batch.drafter_prefill_waits)
         if k:  # a drafter may have put its prefill off until a step drafts (a step's time is the step's alone)
-            self._as_prefill(batch.prefill_put_off)
+            prefilled, seconds = self._as_prefill(batch.prefill_put_off)
+            if prefilled:
+                self.gamma_policy.observe_drafter_prefill(batch_size, prefilled, seconds)
         step, num_accepted = self._step(batch, k)
         self.times.observe_step(k, batch_size, step)
         self.gamma_policy.observe(k, num_accepted, step)
+        self.gamma_policy.observe_finished([len(row.tokens) for row in rows if row.finished])
 
     def _step(self, batch: RunningBatch, k: int) -> tuple[StepTimes, list[int]]:
         """One speculative step with k drafts per row; returns its times and the accepted drafts each row kept."""

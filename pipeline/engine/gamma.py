@@ -15,6 +15,13 @@ measured before the next. Plain decoding (k = 0) is measured first and is chosen
 speculation promises a margin more, so a drafter that does not pay is not used. A
 settled choice is re-checked by an occasional probe of a neighbour or of plain decoding,
 at intervals that double while the choice stays the same.
+
+A step's time is not all that drafting costs: a drafter that puts its prefill off until a step
+drafts (a causal LM) prefills each row once, and only if the row is drafted for. While that
+prefill waits, its measured cost per row, spread over a row's measured length, is added to every
+k > 0; once paid, it is paid (text-only at batch 1 on the demo world: 0.74 ms a row of 23 tokens,
+4% of a plain step a token; steps alone cost the same per token drafting or not, and `auto`,
+blind to the prefill, drafted at 0.91x plain decoding).
 """
 
 from __future__ import annotations
@@ -40,7 +47,13 @@ STEP_SAMPLES = 6
 STALL = 2.0
 SPEED_SMOOTHING = 0.3  # weight of a steady step in the machine's speed
 BUCKET_REACHED = 8.0  # decayed drafts reaching a position at a bucket before the bucket's own rate counts
-PAIR_GAP = 2  # steps apart that are still "just before" (a catch-up step after plain decoding is not timed)
+# Plain steps right after drafting ones run slower than plain steps after plain ones (text-only, batch 1, a run of plain
+# steps every 24 drafting ones: +26%, +12%, +7%, +8%, +6%, +4% against a plain engine's, medians); timed as plain
+# decoding's cost, they made it look slower than it is whenever drafting was the choice. So the first SETTLE plain
+# steps after drafting are not timed, and a probe of plain decoding lasts SETTLE + 1 steps.
+SETTLE = 2
+PAIR_GAP = SETTLE + 1  # steps apart that are still "just before" (steps after a change to or from plain are not timed)
+ROW_MEMORY = 0.99  # per finished row, how much of the past rows' lengths counts
 
 
 def parse_gamma(value: int | str) -> int | str:
@@ -74,6 +87,7 @@ class _BucketCosts:
     reached: list[float] = field(default_factory=list)  # acceptance counts as GammaPolicy's, at this bucket only
     accepted: list[float] = field(default_factory=list)
     draft_s: float | None = None  # one drafter forward
+    put_off_prefill_s: float | None = None  # the drafter's put-off prefill, per row
     steps: int = 0
     probe_interval: int = 0
     next_probe: int = 0
@@ -120,6 +134,10 @@ class GammaPolicy:
     accepted: list[float] = field(init=False)
     buckets: dict[int, _BucketCosts] = field(default_factory=dict, init=False)
     _last_k: int = field(default=0, init=False, repr=False)
+    _plain_run: int = field(default=SETTLE, init=False, repr=False)  # plain steps in a row (none drafted before)
+    _probe_steps: list[int] = field(default_factory=list, init=False, repr=False)  # the rest of a probe
+    _finished_rows: float = field(default=0.0, init=False, repr=False)  # decayed, see ROW_MEMORY
+    _finished_tokens: float = field(default=0.0, init=False, repr=False)
     _steps: int = field(default=0, init=False, repr=False)  # over every bucket
     _after_prefill: bool = field(default=False, init=False, repr=False)
 
@@ -132,39 +150,47 @@ class GammaPolicy:
     def auto(self) -> bool:
         return self.gamma == AUTO
 
-    def choose(self, batch_size: int) -> int:
+    def choose(self, batch_size: int, prefill_waits: bool = False) -> int:
+        """k for the next step at this batch size; prefill_waits: the drafter has put its prefill of these rows off
+        (drafting now would pay it)."""
         if not self.auto:
             return self.gamma
+        if self._probe_steps:
+            return self._probe_steps.pop()
         costs = self._costs(batch_size)
         if 0 not in costs.step_s:
             return 0  # measure plain decoding first
         if len(costs.step_s) == 1:
             return min(self.first_gamma, self.max_gamma)  # then a speculative step
-        best = self.best_gamma(batch_size)
+        best = self.best_gamma(batch_size, prefill_waits)
         if best not in costs.step_s:
             return best  # a neighbour that promises more: measure it
         if best != costs.last_best:  # the choice moved: watch more closely again
             costs.last_best, costs.probe_interval = best, self.probe_every
-        if costs.steps >= costs.next_probe:  # keep the neighbours' times fresh
+        if costs.steps >= costs.next_probe and not self._after_prefill:  # keep the neighbours' times fresh (a step
+            # after a prefill is not timed: a probe there would measure nothing)
             costs.next_probe = costs.steps + costs.probe_interval
             costs.probe_interval = min(2 * costs.probe_interval, self.max_probe_every)
             costs.probes += 1
             # plain decoding too: the rate every choice must beat, kept fresh like the neighbours'
             targets = sorted({0, best - 1, best + 1} & set(range(self.max_gamma + 1)) - {best})
-            return targets[(costs.probes - 1) % len(targets)]  # plain decoding first
+            probe = targets[(costs.probes - 1) % len(targets)]  # plain decoding first
+            # until a step is timed: plain decoding after drafting SETTLE + 1 steps, drafting after plain decoding 2
+            # (the first one catches up)
+            self._probe_steps = [0] * SETTLE if probe == 0 else [probe] if best == 0 else []
+            return probe
         return best
 
-    def best_gamma(self, batch_size: int) -> int:
+    def best_gamma(self, batch_size: int, prefill_waits: bool = False) -> int:
         """The candidate k with the best predicted rate; 0 unless speculating beats plain decoding by the margin.
         Candidates: the measured k and their neighbours."""
         measured = self._costs(batch_size).step_s.keys() or {0}
         candidates = {c for k in measured for c in (k - 1, k, k + 1) if 1 <= c <= self.max_gamma}
         if not candidates:
             return 0
-        tokens = self._expected_tokens_upto(max(candidates), batch_size)  # each step decides: one pass, not one a k
-        rates = {k: tokens[k] / max(self.step_seconds(k, batch_size), 1e-9) for k in sorted(candidates)}
+        rates = self._rates(sorted(candidates | {0}), batch_size, prefill_waits)
+        plain = rates.pop(0)
         best = max(rates, key=rates.get)
-        plain = tokens[0] / max(self.step_seconds(0, batch_size), 1e-9)
         return best if rates[best] > (1 + self.margin) * plain else 0
 
     def acceptance_per_position(self, batch_size: int | None = None) -> list[float]:
@@ -192,9 +218,25 @@ class GammaPolicy:
             tokens.append(tokens[-1] + survive)
         return tokens
 
-    def expected_rate(self, k: int, batch_size: int) -> float:
-        """Predicted tokens per second per row with k drafts at this batch size."""
-        return self.expected_tokens(k, batch_size) / max(self.step_seconds(k, batch_size), 1e-9)
+    def expected_rate(self, k: int, batch_size: int, prefill_waits: bool = False) -> float:
+        """Predicted tokens per second per row with k drafts at this batch size; with the drafter's put-off prefill
+        spread over the rows' length when it waits (once paid, it is paid)."""
+        return self._rates([k], batch_size, prefill_waits)[k]
+
+    def _rates(self, ks: list[int], batch_size: int, prefill_waits: bool) -> dict[int, float]:
+        """expected_rate of each k, with one pass over the acceptance (each step decides)."""
+        tokens = self._expected_tokens_upto(max(ks), batch_size)
+        prefill_per_token = self.put_off_prefill_per_token(batch_size) if prefill_waits else 0.0
+        return {k: tokens[k] / max(self.step_seconds(k, batch_size)
+                                   + (batch_size * tokens[k] * prefill_per_token if k else 0.0), 1e-9) for k in ks}
+
+    def put_off_prefill_per_token(self, batch_size: int) -> float:
+        """Seconds of the drafter's put-off prefill per token a row emits: its measured cost per row at this batch
+        size over the rows' measured length (0 until both are measured)."""
+        per_row = self._costs(batch_size).put_off_prefill_s
+        if per_row is None or self._finished_tokens == 0.0:
+            return 0.0
+        return per_row * self._finished_rows / self._finished_tokens
 
     def step_seconds(self, k: int, batch_size: int) -> float:
         """S(k): measured, or predicted from the nearest measured k (the lower one on a tie) plus, per draft more
@@ -219,9 +261,10 @@ class GammaPolicy:
         costs.steps += 1
         self._steps += 1
         costs.verify_s[k + 1] = self._average(costs.verify_s.get(k + 1), step.besides_drafting_s)
-        # after plain steps, the drafter's catch-up reads many tokens: not what a step with k drafts costs; and the
-        # step after a prefill runs slow (see observe_prefill)
-        if (k == 0 or self._last_k > 0) and not self._after_prefill:
+        # after plain steps, the drafter's catch-up reads many tokens: not what a step with k drafts costs; plain steps
+        # right after drafting ones run slow (see SETTLE), and so does the step after a prefill (see observe_prefill)
+        self._plain_run = self._plain_run + 1 if k == 0 else 0
+        if (self._plain_run > SETTLE if k == 0 else self._last_k > 0) and not self._after_prefill:
             costs.observe_step(k, step.draft_s + step.besides_drafting_s, self._steps)
             if k > 0:
                 costs.draft_s = self._average(costs.draft_s, step.draft_s / k)
@@ -241,6 +284,17 @@ class GammaPolicy:
                         accepted[i] += rows
         self._last_k = k
         self._after_prefill = False
+
+    def observe_drafter_prefill(self, batch_size: int, rows: int, seconds: float) -> None:
+        """The drafter's put-off prefill of `rows` rows, before a step at this batch size, took `seconds`."""
+        costs = self._costs(batch_size)
+        costs.put_off_prefill_s = self._average(costs.put_off_prefill_s, seconds / rows)
+
+    def observe_finished(self, lengths: list[int]) -> None:
+        """Rows finished with these numbers of tokens."""
+        for length in lengths:
+            self._finished_rows = ROW_MEMORY * self._finished_rows + 1
+            self._finished_tokens = ROW_MEMORY * self._finished_tokens + length
 
     def observe_prefill(self) -> None:
         """Rows were prefilled: the next step is not timed. The first step after a prefill ran 15% slower than the

@@ -16,14 +16,14 @@ from conftest import hf_greedy, prepare_rows, ragged_rows
 
 from drafters import load_drafter
 from drafters.causal_lm import CausalLMDrafter
-from pipeline.lab import tiny_models
 from pipeline.engine.acceptance import SamplingConfig
 from pipeline.engine.engine import EngineConfig, SpecDecodeEngine
-from pipeline.engine.kv_cache import GROWTH_SLOTS
 from pipeline.engine.families import RotaryFamily
+from pipeline.engine.kv_cache import GROWTH_SLOTS
 from pipeline.engine.prompts import PreparedPrompt
 from pipeline.engine.stats import SpecDecodeCounts
 from pipeline.engine.target import Target
+from pipeline.lab import tiny_models
 
 MAX_NEW = 24
 NEAR_TIE = 1e-4
@@ -154,12 +154,15 @@ def test_continuous_batching_is_token_identical(world, targets, references, fami
 
 
 class Schedule:
-    """Draft lengths in a fixed cycle, in place of gamma's policy: plain stretches between drafting ones."""
+    """Draft lengths in a fixed cycle, in place of gamma's policy: plain stretches between drafting ones. Keeps what
+    the engine reports of the drafter's put-off prefills and of finished rows."""
 
     def __init__(self, pattern: list[int]):
         self.pattern, self.steps = pattern, 0
+        self.drafter_prefills: list[tuple[int, int, float]] = []
+        self.finished: list[int] = []
 
-    def choose(self, batch_size: int) -> int:
+    def choose(self, batch_size: int, prefill_waits: bool = False) -> int:
         self.steps += 1
         return self.pattern[(self.steps - 1) % len(self.pattern)]
 
@@ -168,6 +171,12 @@ class Schedule:
 
     def observe_prefill(self) -> None:
         pass
+
+    def observe_drafter_prefill(self, batch_size, rows, seconds) -> None:
+        self.drafter_prefills.append((batch_size, rows, seconds))
+
+    def observe_finished(self, lengths) -> None:
+        self.finished += lengths
 
 
 class PrefillAtOnce(CausalLMDrafter):
@@ -204,6 +213,20 @@ def test_a_drafter_that_puts_its_prefill_off_drafts_as_one_that_does_not(world, 
     plain = SpecDecodeEngine(target, None, EngineConfig(max_new_tokens=MAX_NEW)).generate(prompts)
     assert [r.tokens for r in engine.generate(prompts, max_batch_size=4)] == [r.tokens for r in plain]
     assert never.decoder.cache is None  # its prefill never ran
+    assert engine.gamma_policy.drafter_prefills == []
+
+
+def test_gamma_hears_what_the_put_off_prefill_cost_and_how_long_rows_were(world, targets, references):
+    """What drafting costs beyond its steps: the drafter's put-off prefill, once a row, spread over the row's length."""
+    target = targets["llava"]
+    prompts = references["llava"][0][:6]
+    engine = SpecDecodeEngine(target, load_drafter(world["llava"]["text-only"], target),
+                              EngineConfig(max_new_tokens=MAX_NEW, ignore_eos=True))
+    engine.gamma_policy = Schedule([0, 0, 2])
+    results = engine.generate(prompts, max_new_tokens=[MAX_NEW - i for i in range(6)])  # no row ends before step 3
+    [(batch_size, rows, seconds)] = engine.gamma_policy.drafter_prefills  # the third step drafts: all 6 rows
+    assert batch_size == rows == 6 and seconds > 0
+    assert sorted(engine.gamma_policy.finished) == sorted(len(r.tokens) for r in results)
 
 
 @pytest.mark.parametrize("max_batch_size", [None, 4])
@@ -257,6 +280,7 @@ class AlwaysWrongDrafter:
     name = "always-wrong"
     kind = "test"
     reads_target_hidden_states = False
+    prefill_waits = False
 
     def __init__(self, token: int):
         self.token = token
@@ -266,7 +290,7 @@ class AlwaysWrongDrafter:
         self.rows = len(prompts) + (self.rows if append else 0)
 
     def prefill_put_off(self):
-        pass
+        return 0
 
     def propose(self, k, sampling, generator):
         return torch.full((self.rows, k), self.token, dtype=torch.long), None

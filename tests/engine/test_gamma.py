@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.engine.gamma import AUTO, GammaPolicy, parse_gamma
+from pipeline.engine.gamma import AUTO, SETTLE, GammaPolicy, parse_gamma
 from pipeline.engine.stats import StepTimes
 
 
@@ -20,10 +20,16 @@ def set_acceptance(policy: GammaPolicy, rates: list[float]) -> None:
         counts.reached, counts.accepted = [100.0] * len(rates), [100.0 * rate for rate in rates]
 
 
+def observe_plain(policy: GammaPolicy, batch_size: int, seconds: float) -> None:
+    """Plain steps until one is timed (the first SETTLE plain steps after drafting ones, or at the start, are not)."""
+    for _ in range(SETTLE + 1):
+        policy.observe(0, [0] * batch_size, StepTimes(0.0, seconds))
+
+
 def policy_after(acceptance, draft_s, verify_s, batch_size=1):
     """A policy that has measured plain decoding and two speculative steps of 4 drafts a row."""
     policy = GammaPolicy(gamma="auto", max_gamma=8)
-    policy.observe(0, [0] * batch_size, StepTimes(0.0, verify_s(1)))
+    observe_plain(policy, batch_size, verify_s(1))
     for _ in range(2):
         policy.observe(4, [round(4 * acceptance)] * batch_size, StepTimes(draft_s * 4, verify_s(5)))
     set_acceptance(policy, [acceptance] * 8)
@@ -63,9 +69,9 @@ def test_measured_step_times_decide_not_the_model():
     policy = policy_after(0.5, draft_s=0.05, verify_s=lambda q: 1.0)
     assert policy.best_gamma(1) > 0
     for _ in range(10):  # the first step with drafts after plain ones catches up: not timed
-        for k, step in ((4, StepTimes(draft_s=0.2, verify_s=2.8)), (4, StepTimes(draft_s=0.2, verify_s=2.8)),
-                        (0, StepTimes(0.0, 1.0))):
-            policy.observe(k, [k // 2], step)
+        for _ in range(2):
+            policy.observe(4, [2], StepTimes(draft_s=0.2, verify_s=2.8))
+        observe_plain(policy, 1, 1.0)
     set_acceptance(policy, [0.5] * 8)  # the acceptance as before
     assert policy.step_seconds(4, 1) / policy.step_seconds(0, 1) == pytest.approx(3.0, rel=0.1)
     assert policy.best_gamma(1) == 0
@@ -172,8 +178,10 @@ def test_auto_starts_by_measuring_both_regimes_climbs_then_probes():
         policy.observe(k, [k], StepTimes(0.01 * k, 1.0))
     # plain first, then 3 twice (the first one catches up after plain steps), then one draft more at a time
     assert choices[:6] == [0, 3, 3, 4, 5, 6]
-    probes = [i for i, k in enumerate(choices) if i > 5 and k != 6]
-    assert [choices[i] for i in probes] == [0, 5, 0, 5, 0, 5]  # plain decoding and the one neighbour, in turn
+    probes = [i for i, k in enumerate(choices) if i > 5 and k != 6 and choices[i - 1] == 6]
+    # plain decoding (SETTLE + 1 steps, only the last one timed) and the one neighbour, in turn
+    plain_probe, neighbour_probe = [0] * (SETTLE + 1), [5, 6, 6]
+    assert [choices[i:i + SETTLE + 1] for i in probes[:4]] == [plain_probe, neighbour_probe] * 2
     gaps = [b - a for a, b in zip(probes, probes[1:])]
     assert gaps == [4, 8, 16, 32, 64]  # intervals double while the choice holds
 
@@ -190,3 +198,54 @@ def test_engine_config_fails_at_once_on_bad_values():
 
 def test_fixed_gamma_is_fixed():
     assert GammaPolicy(gamma=3).choose(8) == 3
+
+
+def test_the_drafters_put_off_prefill_counts_against_drafting():
+    """A step with 1 draft at 0.6 acceptance: 1.6 tokens for 1.4 plain steps' time, 1.14x plain decoding a step. But
+    the drafter's put-off prefill costs 3 plain steps a row, and rows are 10 tokens long: drafting a row costs 0.3
+    plain steps a token more, and plain decoding is faster, until the prefill is paid."""
+    policy = policy_after(0.6, draft_s=0.4, verify_s=lambda q: 1.0)
+    policy.observe(1, [1], StepTimes(0.4, 1.0))
+    set_acceptance(policy, [0.6] * 8)
+    assert policy.best_gamma(1, prefill_waits=True) == 1
+    policy.observe_drafter_prefill(batch_size=1, rows=1, seconds=3.0)
+    assert policy.best_gamma(1, prefill_waits=True) == 1  # no row has finished: how long rows are is not known yet
+    policy.observe_finished([10, 10])
+    assert policy.put_off_prefill_per_token(1) == pytest.approx(0.3)
+    assert policy.expected_rate(1, 1, prefill_waits=True) == pytest.approx(1.6 / (1.4 + 1.6 * 0.3))
+    assert policy.best_gamma(1, prefill_waits=True) == 0
+    assert policy.best_gamma(1) == 1  # once paid (the rows are prefilled), it is paid: drafting pays
+    # at batch 8 it was 0.5 s a row and drafting pays
+    policy.observe_drafter_prefill(batch_size=8, rows=8, seconds=4.0)
+    assert policy.put_off_prefill_per_token(8) == pytest.approx(0.05)
+
+
+def test_plain_steps_right_after_drafting_ones_are_not_timed():
+    """They run slower than plain steps after plain ones: taken as plain decoding's cost, they made it look slower than
+    it is whenever drafting was the choice. A probe of plain decoding lasts until a plain step is timed."""
+    policy = GammaPolicy(gamma="auto", max_gamma=4, probe_every=4)
+    choices = []
+    for _ in range(60):
+        set_acceptance(policy, [0.9] * 4)
+        k = policy.choose(1)
+        choices.append(k)
+        slow = k == 0 and any(choices[-SETTLE - 1:-1])  # a plain step at most SETTLE steps after a drafting one
+        policy.observe(k, [k], StepTimes(0.1 * k, 1.5 if slow else 1.0))
+    runs = "".join("p" if k == 0 else "d" for k in choices[3:])
+    assert "p" * (SETTLE + 1) in runs and "dpd" not in runs  # plain probes of SETTLE + 1 steps
+    assert policy.step_seconds(0, 1) == pytest.approx(1.0)
+
+
+def test_a_probe_of_drafting_from_plain_decoding_lasts_until_it_is_timed():
+    """The first drafting step after plain ones catches up (not timed): a probe of drafting drafts twice, so a choice
+    of plain decoding learns what drafting costs now."""
+    policy = policy_after(0.1, draft_s=0.1, verify_s=lambda q: 1.0, batch_size=1)  # drafts rarely accepted
+    choices = []
+    for _ in range(40):
+        set_acceptance(policy, [0.1] * 8)
+        k = policy.choose(1)
+        choices.append(k)
+        policy.observe(k, [0], StepTimes(0.1 * k, 1.0 if k == 0 else 2.0))  # drafting got slower: 2 plain steps
+    runs = "".join("p" if k == 0 else "d" for k in choices)
+    assert "pddp" in runs and "pdp" not in runs
+    assert policy.step_seconds(1, 1) == pytest.approx(2.1)  # measured (the neighbour of plain decoding probed)
