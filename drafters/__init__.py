@@ -2,7 +2,7 @@
 
 from drafters.causal_lm import CausalLMDrafter, CausalLMDraftModel
 from drafters.massv import DRAFTER_CONFIG, LANGUAGE_MODEL_DIR, PROJECTOR_WEIGHTS, MassvDraftModel, MassvProjector
-from drafters.msd import MsdDraftModel, MsdDrafter
+from drafters.msd import MsdDrafter, MsdDraftModel
 from drafters.registry import DRAFTER_KINDS, check_drafter, drafter_kind, load_drafter, read_drafter_config
 from drafters.text_only import TextOnlyDraftModel
 

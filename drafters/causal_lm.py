@@ -10,13 +10,13 @@ Drafter protocol). The kinds: text_only.py and massv.py.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from drafters.put_off import PutOffDecoder
 from pipeline.engine.acceptance import SamplingConfig, logits_to_probs, sample_from
 from pipeline.engine.decoder import RaggedDecoder
 from pipeline.engine.fused import FUSED
@@ -112,10 +112,7 @@ class CausalLMDrafter:
     or two after a verify step, more after steps with k = 0). `propose` reads
     them in one ragged forward, then drafts k tokens, feeding back the first k-1.
 
-    A batch's prefill is put off until a draft needs it (`prefill_put_off`): while gamma auto decodes plainly
-    (a large batch, where verifying drafts costs more than they save) the drafter costs nothing, not even its
-    prefill (text-only at batch 32 on the demo world: 4% of the run). Put off, a row keeps its input
-    embeddings; rows that join a batch the drafter reads already are prefilled at once.
+    A batch's prefill is put off until a draft needs it (put_off.py).
     """
 
     reads_target_hidden_states = False
@@ -126,9 +123,8 @@ class CausalLMDrafter:
         self.target_vocab_size = target_vocab_size
         self.pad_token_id = pad_token_id
         self.name = name
-        self.decoder = RaggedDecoder(model.language_model, stack=FUSED)
+        self.decoder = PutOffDecoder(RaggedDecoder(model.language_model, stack=FUSED))
         self.pending: list[list[int]] = []
-        self.put_off: list[_PutOffRow] | None = []  # None once the decoder holds the rows
 
     @property
     def kind(self) -> str:
@@ -141,45 +137,23 @@ class CausalLMDrafter:
     @torch.no_grad()
     def prefill(self, prompts: list[PreparedPrompt], target: TargetPrefill, first_tokens, append: bool = False) -> None:
         rows = [self.model.prompt_tokens(p.input_ids, positions) for p, positions in zip(prompts, target.positions)]
-        ids, mask = left_pad([ids for ids, _ in rows], self.pad_token_id, self.device)
+        ids, _ = left_pad([ids for ids, _ in rows], self.pad_token_id, self.device)
         features = target.image_features
         if features is not None:
             features = features.to(self.device, self.decoder.dtype)
-        embeds = self.model.embed(ids, features)  # [B, L, drafter hidden]
-        width = ids.shape[1]
-        joining = [_PutOffRow(embeds[i, width - len(row_ids):], positions, positions[-1] + 1 - len(positions))
-                   for i, (row_ids, positions) in enumerate(rows)]
-        if append and self.put_off is None:  # the batch is drafted for already: these rows join it now
-            self._prefill(joining, append=True)
-        else:
-            self.put_off = (self.put_off if append else []) + joining
+        self.decoder.prefill(self.model.embed(ids, features), [positions for _, positions in rows], append=append)
         self.pending = (self.pending if append else []) + [[t] for t in first_tokens.tolist()]
 
     @property
     def prefill_waits(self) -> bool:
-        return bool(self.put_off)
+        return self.decoder.waits
 
     def prefill_put_off(self) -> int:
-        """Prefill the rows whose prefill waits for a draft (all of them, or none); returns how many."""
-        rows = len(self.put_off or [])
-        if rows:
-            self._prefill(self.put_off, append=False)
-            self.put_off = None
-        return rows
-
-    def _prefill(self, rows: list[_PutOffRow], append: bool) -> None:
-        positions, mask = left_pad([row.positions for row in rows], 0, self.device)
-        width = mask.shape[1]
-        embeds = rows[0].embeds.new_zeros((len(rows), width, rows[0].embeds.shape[-1]))
-        for i, row in enumerate(rows):
-            embeds[i, width - len(row.positions):] = row.embeds
-        offsets = torch.tensor([row.offset for row in rows])  # where each row continues
-        self.decoder.prefill(mask, positions, offsets, append=append, inputs_embeds=embeds)
+        return self.decoder.prefill_put_off()
 
     @torch.no_grad()
     def propose(self, k: int, sampling: SamplingConfig, generator):
         """k >= 1 drafts per row; steps with k = 0 skip the drafter and it catches up here."""
-        self.prefill_put_off()
         batch = len(self.pending)
         # Catch up: read the committed tokens not yet in the cache (ragged, right-padded).
         pending, counts = right_pad(self.pending, self.pad_token_id, self.device)
@@ -201,46 +175,25 @@ class CausalLMDrafter:
         # propose(k) appended the first k-1 drafts to the cache; roll back those after the first rejection.
         fed_drafts = max(k - 1, 0)
         kept_drafts = num_accepted.clamp_max(fed_drafts)
-        if self.put_off is None:
-            self.decoder.rollback(fed_drafts - kept_drafts)
+        self.decoder.rollback(fed_drafts - kept_drafts)
         kept, emitted = kept_drafts.tolist(), (num_accepted + 1).tolist()
         for i, row in enumerate(output_tokens.tolist()):
             self.pending[i].extend(row[kept[i] : emitted[i]])
 
     def select_rows(self, rows: torch.Tensor) -> None:
-        if self.put_off is None:
-            self.decoder.select_rows(rows)
-        else:
-            self.put_off = [self.put_off[i] for i in rows.tolist()]
+        self.decoder.select_rows(rows)
         self.pending = [self.pending[i] for i in rows.tolist()]
 
     def fork(self) -> CausalLMDrafter:
         forked = copy.copy(self)
-        forked.decoder, forked.pending, forked.put_off = self.decoder.fork(), [], []
+        forked.decoder, forked.pending = self.decoder.fork(), []
         return forked
 
     def adopt_rows(self, other: CausalLMDrafter, count: int, append: bool) -> None:
+        self.decoder.adopt_rows(other.decoder, count, append)
         keep = len(other.pending) - count
-        if other.put_off is not None and (self.put_off is not None or not append):  # no cache to move
-            self.put_off = (self.put_off if append else []) + other.put_off[keep:]
-            other.put_off = other.put_off[:keep]
-        else:  # into a cache: their prefill now (the fork's rows wait to join, all of them)
-            other.prefill_put_off()
-            if append:
-                self.prefill_put_off()
-            self.decoder.adopt_rows(other.decoder, count, append)
-            self.put_off = None
         self.pending = (self.pending if append else []) + other.pending[keep:]
         other.pending = other.pending[:keep]
-
-
-@dataclass
-class _PutOffRow:
-    """A row whose drafter prefill waits: its input embeddings [L, drafter hidden], positions, next position."""
-
-    embeds: torch.Tensor
-    positions: list[int]
-    offset: int
 
 
 def choose_draft(logits: torch.Tensor, vocab_size: int, sampling: SamplingConfig, generator

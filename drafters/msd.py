@@ -30,6 +30,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel
 
 from drafters.causal_lm import choose_draft
+from drafters.put_off import PutOffDecoder
 from pipeline.engine.acceptance import SamplingConfig
 from pipeline.engine.decoder import RaggedDecoder
 from pipeline.engine.fused import FUSED
@@ -183,7 +184,8 @@ class MsdDrafter:
     the pairs the target has produced since (prefill's last one; after a verify, one per emitted token:
     (h_{n+j}, x_{n+j+1}) for j up to the accepted count), as [B, P, H] hidden states and [B, P] tokens
     with a count per row. `propose` reads them in one ragged forward, then drafts k tokens, feeding the
-    head's own predicted features back for the first k-1.
+    head's own predicted features back for the first k-1. A batch's prefill waits until a draft needs it
+    (put_off.py): meanwhile a row keeps its prompt's pairs as the head's inputs [L - 1, H].
     """
 
     kind = MsdDraftModel.kind
@@ -193,7 +195,7 @@ class MsdDrafter:
         self.model = model.eval()
         self.target_vocab_size = target_vocab_size
         self.name = name
-        self.decoder = RaggedDecoder(model.decoder, stack=FUSED)
+        self.decoder = PutOffDecoder(RaggedDecoder(model.decoder, stack=FUSED))
         self.pending_hidden: torch.Tensor | None = None  # [B, P, H]
         self.pending_tokens: torch.Tensor | None = None  # [B, P]
         self.pending_counts = torch.zeros(0, dtype=torch.long)  # [B] on the host
@@ -206,13 +208,11 @@ class MsdDrafter:
     def prefill(self, prompts: list[PreparedPrompt], target: TargetPrefill, first_tokens: torch.Tensor,
                 append: bool = False) -> None:
         # The target's prompts left-padded as its prefill padded them, so columns line up with its hidden states.
-        ids, mask = left_pad([p.input_ids for p in prompts], 0, self.device)
+        ids, _ = left_pad([p.input_ids for p in prompts], 0, self.device)
         hidden = target.hidden_states  # [B, L, H]
         inputs = self.model.fuse(hidden[:, :-1], ids[:, 1:], target.image_features)  # pairs (h_t, x_{t+1})
-        # each pair sits at the target's position of x_{t+1}; the row continues one past its last token
-        positions = left_pad([row[1:] for row in target.positions], 0, self.device)[0]
-        offsets = torch.tensor([row[-1] + 2 - len(row) for row in target.positions])
-        self.decoder.prefill(mask[:, :-1], positions, offsets, append=append, inputs_embeds=inputs)
+        # each pair sits at the target's position of x_{t+1}
+        self.decoder.prefill(inputs, [row[1:] for row in target.positions], append=append)
         new = (hidden[:, -1:], first_tokens[:, None], torch.ones(len(prompts), dtype=torch.long))
         if append:
             new = _stack_rows((self.pending_hidden, self.pending_tokens, self.pending_counts), new)
@@ -256,11 +256,12 @@ class MsdDrafter:
         self.pending_tokens = self.pending_tokens[on_device]
         self.pending_counts = self.pending_counts[rows]
 
-    prefill_waits = False
+    @property
+    def prefill_waits(self) -> bool:
+        return self.decoder.waits
 
     def prefill_put_off(self) -> int:
-        """Nothing waits: the head reads the target's hidden states of the prompt, which are not kept."""
-        return 0
+        return self.decoder.prefill_put_off()
 
     def fork(self) -> MsdDrafter:
         forked = copy.copy(self)

@@ -23,11 +23,10 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.lab import tiny_models  # noqa: E402
 from pipeline.engine.prompts import prepare_prompt  # noqa: E402
 from pipeline.engine.target import Target  # noqa: E402
+from pipeline.lab import tiny_models  # noqa: E402
 from pipeline.lab.tiny_models import sample_rows as ragged_rows  # noqa: E402, F401  (tests import it from here)
-
 
 RAY_ENVIRONMENT = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # for the subprocesses too

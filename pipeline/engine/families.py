@@ -31,7 +31,6 @@ from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 
-
 @dataclass
 class PrefillInputs:
     model_inputs: dict  # keyword arguments of the model's prefill forward, besides mask, positions and cache

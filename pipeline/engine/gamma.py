@@ -16,8 +16,8 @@ speculation promises a margin more, so a drafter that does not pay is not used. 
 settled choice is re-checked by an occasional probe of a neighbour or of plain decoding,
 at intervals that double while the choice stays the same.
 
-A step's time is not all that drafting costs: a drafter that puts its prefill off until a step
-drafts (a causal LM) prefills each row once, and only if the row is drafted for. While that
+A step's time is not all that drafting costs: a drafter puts its prefill off until a step
+drafts (drafters/put_off.py), so it prefills each row once, and only if the row is drafted for. While that
 prefill waits, its measured cost per row, spread over a row's measured length, is added to every
 k > 0; once paid, it is paid (text-only at batch 1 on the demo world: 0.74 ms a row of 23 tokens,
 4% of a plain step a token; steps alone cost the same per token drafting or not, and `auto`,

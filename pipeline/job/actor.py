@@ -23,12 +23,12 @@ import torch
 
 from drafters import load_drafter
 from pipeline.engine.acceptance import SamplingConfig
-from pipeline.job.config import CaptionConfig
 from pipeline.engine.engine import EngineConfig, SpecDecodeEngine
-from pipeline.job.preprocess import decode_prepared
-from pipeline.job.output import OUTPUT_SCHEMA, output_row
-from pipeline.job.storage import localize
 from pipeline.engine.target import Target
+from pipeline.job.config import CaptionConfig
+from pipeline.job.output import OUTPUT_SCHEMA, output_row
+from pipeline.job.preprocess import decode_prepared
+from pipeline.job.storage import localize
 
 log = logging.getLogger(__name__)
 

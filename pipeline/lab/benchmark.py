@@ -35,17 +35,16 @@ import torch
 from PIL import Image
 
 from drafters import TextOnlyDraftModel, drafter_kind, load_drafter
+from pipeline.engine.engine import EngineConfig, SpecDecodeEngine
+from pipeline.engine.gamma import AUTO, parse_gamma
+from pipeline.engine.prompts import build_messages, prepare_prompt
+from pipeline.engine.stats import EngineTimes, SpecDecodeCounts, synchronized_time
+from pipeline.engine.target import Target
+from pipeline.job.charts import bar_chart, line_chart
 from pipeline.job.cli import flag
 from pipeline.job.config import JobConfigError
 from pipeline.job.ray_cluster import connect as connect_ray
 from pipeline.lab.demo import BENCH_PROMPTS, DEMO_WORLD
-from pipeline.engine.engine import EngineConfig, SpecDecodeEngine
-from pipeline.engine.stats import synchronized_time
-from pipeline.engine.gamma import AUTO, parse_gamma
-from pipeline.job.charts import bar_chart, line_chart
-from pipeline.engine.prompts import build_messages, prepare_prompt
-from pipeline.engine.stats import EngineTimes, SpecDecodeCounts
-from pipeline.engine.target import Target
 
 HF_GENERATE, HF_ASSISTED, ENGINE, CAPTION_JOB = "HF generate", "HF assisted", "engine", "caption job"
 DIRECT_PART_ROWS = 512  # rows of the caption job comparison's engine runs timed in turn

@@ -42,8 +42,8 @@ def test_text_only_drafter_does_not_see_image_tokens(world, targets):
     drafter.prefill(prompts, target.prefill(prompts), torch.tensor([5, 6]))
     drafter.prefill_put_off()  # done by the engine before a step that drafts
     text_lengths = [len(p.input_ids) - p.input_ids.count(target.image_token_id) for p in prompts]
-    assert drafter.decoder.lengths.tolist() == text_lengths
-    assert drafter.decoder.cache.position_offsets.tolist() == [0, 0]  # its text numbered from 0, without gaps
+    assert drafter.decoder.ragged.lengths.tolist() == text_lengths
+    assert drafter.decoder.ragged.cache.position_offsets.tolist() == [0, 0]  # its text numbered from 0, without gaps
 
 
 def test_vocabulary_mismatch_is_refused_before_decoding(tmp_path, targets):

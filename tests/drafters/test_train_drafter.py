@@ -29,12 +29,12 @@ from drafters.training import (
     run_training,
     save_training_state,
 )
-from pipeline.lab import scenes
-from pipeline.job.caption import run_caption
-from pipeline.job.config import CaptionConfig
 from pipeline.engine.engine import EngineConfig, SpecDecodeEngine
 from pipeline.engine.prompts import prepare_prompt
 from pipeline.engine.target import Target
+from pipeline.job.caption import run_caption
+from pipeline.job.config import CaptionConfig
+from pipeline.lab import scenes
 
 pytestmark = pytest.mark.slow
 

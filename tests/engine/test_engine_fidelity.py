@@ -15,7 +15,6 @@ import torch
 from conftest import hf_greedy, prepare_rows, ragged_rows
 
 from drafters import load_drafter
-from drafters.causal_lm import CausalLMDrafter
 from pipeline.engine.acceptance import SamplingConfig
 from pipeline.engine.engine import EngineConfig, SpecDecodeEngine
 from pipeline.engine.families import RotaryFamily
@@ -108,7 +107,7 @@ def test_decode_steps_skip_the_model_wrappers(world, targets, family):
     the identity tests below check that shortcut against HF generate's whole forward."""
     assert targets[family].decoder.stack_and_head is not None
     drafter = load_drafter(world[family]["massv"], targets[family])
-    assert drafter.decoder.stack_and_head is not None
+    assert drafter.decoder.ragged.stack_and_head is not None
 
 
 @pytest.mark.parametrize("family", tiny_models.FAMILIES)
@@ -179,16 +178,21 @@ class Schedule:
         self.finished += lengths
 
 
-class PrefillAtOnce(CausalLMDrafter):
-    def prefill(self, *args, **kwargs):
-        super().prefill(*args, **kwargs)
-        self.prefill_put_off()
+def prefill_at_once(drafter):
+    """The drafter, and its forks, with every prefill done at once instead of put off."""
+    class PrefillAtOnce(type(drafter)):
+        def prefill(self, *args, **kwargs):
+            super().prefill(*args, **kwargs)
+            self.prefill_put_off()
+
+    drafter.__class__ = PrefillAtOnce
+    return drafter
 
 
-@pytest.mark.parametrize("drafter_kind", ["text-only", "massv-noisy"])
+@pytest.mark.parametrize("drafter_kind", ["text-only", "massv-noisy", "msd-oracle"])
 def test_a_drafter_that_puts_its_prefill_off_drafts_as_one_that_does_not(world, targets, references, drafter_kind):
-    """A causal-LM drafter prefills only once a step drafts: through plain stretches, rows joining (staged) and
-    leaving, it proposes what it would with every prefill done at once; a drafter never drafted for never runs."""
+    """A drafter prefills only once a step drafts: through plain stretches, rows joining (staged) and leaving, it
+    proposes what it would with every prefill done at once; a drafter never drafted for never runs."""
     target = targets["llava"]
     prompts, expected = references["llava"]
     budgets = [MAX_NEW - 3 * (i % 5) for i in range(len(prompts))]
@@ -196,7 +200,7 @@ def test_a_drafter_that_puts_its_prefill_off_drafts_as_one_that_does_not(world, 
     for put_off in (True, False):
         drafter = load_drafter(world["llava"][drafter_kind], target)
         if not put_off:
-            drafter.__class__ = PrefillAtOnce  # its forks too
+            prefill_at_once(drafter)
         engine = SpecDecodeEngine(target, drafter, EngineConfig(max_new_tokens=MAX_NEW))
         engine.gamma_policy = Schedule([0] * 14 + [3, 3, 0, 2, 0, 0, 0, 0, 3])  # rows finish and join, put off
         runs[put_off] = engine.generate(prompts, max_new_tokens=budgets, max_batch_size=4)
@@ -212,7 +216,7 @@ def test_a_drafter_that_puts_its_prefill_off_drafts_as_one_that_does_not(world, 
     engine.gamma_policy = Schedule([0])
     plain = SpecDecodeEngine(target, None, EngineConfig(max_new_tokens=MAX_NEW)).generate(prompts)
     assert [r.tokens for r in engine.generate(prompts, max_batch_size=4)] == [r.tokens for r in plain]
-    assert never.decoder.cache is None  # its prefill never ran
+    assert never.decoder.ragged.cache is None  # its prefill never ran
     assert engine.gamma_policy.drafter_prefills == []
 
 
@@ -339,7 +343,7 @@ def test_msd_head_cache_stays_bounded_under_rejection(world, targets):
     assert counts.num_steps >= 4 * (max_new - 1) * 0.9 and counts.num_accepted < counts.num_drafted / 10
     longest = max(len(p.input_ids) for p in prompts) + max_new
     # every step fed gamma - 1 drafts per row (200 * 4 = 800 slots); the cache stays near the longest row
-    assert drafter.decoder.cache.capacity <= longest + gamma + 1 + GROWTH_SLOTS
+    assert drafter.decoder.ragged.cache.capacity <= longest + gamma + 1 + GROWTH_SLOTS
 
 
 def first_tokens_histogram(target, drafter, prompt, rows, seed, gamma=3):

@@ -7,7 +7,6 @@ output and both checkpoints live in it.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import pandas as pd
@@ -18,8 +17,8 @@ from PIL import Image
 
 from pipeline.engine.engine import EngineConfig, SpecDecodeEngine
 from pipeline.job.caption import run_caption
-from pipeline.job.config import CaptionConfig, JobConfigError
 from pipeline.job.charts import HEIGHT, WIDTH
+from pipeline.job.config import CaptionConfig, JobConfigError
 from pipeline.job.output import OUTPUT_SCHEMA
 
 pytestmark = pytest.mark.slow

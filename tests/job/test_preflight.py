@@ -12,10 +12,10 @@ import ray
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from jobs.caption import main
-from pipeline.lab import tiny_models
 from pipeline.job.caption import run_caption
 from pipeline.job.config import CaptionConfig, JobConfigError
 from pipeline.job.preflight import preflight
+from pipeline.lab import tiny_models
 
 
 @pytest.fixture

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from pipeline.job.charts import HEIGHT, WIDTH
+from pipeline.job.config import JobConfigError
 from pipeline.lab.benchmark import (
     AUTO,
     CAPTION_JOB,
@@ -28,8 +30,6 @@ from pipeline.lab.benchmark import (
     analytic_speedup,
     goals,
 )
-from pipeline.job.config import JobConfigError
-from pipeline.job.charts import HEIGHT, WIDTH
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "jobs"))

@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 
 from drafters import load_drafter
-from pipeline.lab.demo import DEMO_WORLD, demo_configs
 from pipeline.engine.engine import EngineConfig, SpecDecodeEngine
-from pipeline.job.preflight import preflight
 from pipeline.engine.prompts import prepare_prompt
 from pipeline.engine.target import Target
+from pipeline.job.preflight import preflight
+from pipeline.lab.demo import DEMO_WORLD, demo_configs
 
 ROWS = 24
 
