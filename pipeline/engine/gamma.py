@@ -53,6 +53,12 @@ BUCKET_REACHED = 8.0  # decayed drafts reaching a position at a bucket before th
 # steps after drafting are not timed, and a probe of plain decoding lasts SETTLE + 1 steps.
 SETTLE = 2
 PAIR_GAP = SETTLE + 1  # steps apart that are still "just before" (steps after a change to or from plain are not timed)
+# A k timed once may have been timed at a bad moment (a stall the STALL filter needs a second sample to see): at batch
+# 8, MASSV's bucket of 4-7 rows rated 3 drafts at 6.2 ms from one step, 2 drafts at 2.4, and every longer draft, predicted
+# from 3 or floored by it, was out of reach until probes timed 3 again. So a k timed fewer than CONFIRM times is rated
+# at no more than its prediction from the nearest other measured k: rated well, it is chosen and, a change of k, timed
+# again at once.
+CONFIRM = 2
 ROW_MEMORY = 0.99  # per finished row, how much of the past rows' lengths counts
 
 
@@ -224,10 +230,12 @@ class GammaPolicy:
         return self._rates([k], batch_size, prefill_waits)[k]
 
     def _rates(self, ks: list[int], batch_size: int, prefill_waits: bool) -> dict[int, float]:
-        """expected_rate of each k, with one pass over the acceptance (each step decides)."""
+        """expected_rate of each k, with one pass over the acceptance and the costs (each step decides)."""
         tokens = self._expected_tokens_upto(max(ks), batch_size)
         prefill_per_token = self.put_off_prefill_per_token(batch_size) if prefill_waits else 0.0
-        return {k: tokens[k] / max(self.step_seconds(k, batch_size)
+        costs = self._costs(batch_size)
+        rated, per_draft = self._rated_step_s(costs), self._per_draft_s(costs)
+        return {k: tokens[k] / max(self._step_seconds(k, rated, per_draft)
                                    + (batch_size * tokens[k] * prefill_per_token if k else 0.0), 1e-9) for k in ks}
 
     def put_off_prefill_per_token(self, batch_size: int) -> float:
@@ -244,16 +252,36 @@ class GammaPolicy:
         measured shorter draft's. A measured S(k) is never below plain decoding's (a step that drafts does more
         work: timing noise must not say otherwise), but not floored by other drafts' (one unlucky measurement of a
         k no longer probed, a neighbour of a choice that has moved on, held every longer draft above it, and auto
-        decoded plainly at 0.86x the best fixed gamma; plain decoding is probed whatever the choice)."""
+        decoded plainly at 0.86x the best fixed gamma; plain decoding is probed whatever the choice). A k timed
+        fewer than CONFIRM times is rated at no more than its prediction from the nearest other measured k."""
         costs = self._costs(batch_size)
-        step_s = costs.step_s
-        if not step_s:
+        return self._step_seconds(k, self._rated_step_s(costs), self._per_draft_s(costs))
+
+    @staticmethod
+    def _step_seconds(k: int, rated: dict[int, float], per_draft: float) -> float:
+        if not rated:
             return 0.0
-        if k in step_s:
-            return max(step_s[k], step_s.get(0, 0.0), 1e-9)
-        nearest = min(step_s, key=lambda m: (abs(m - k), m))
-        seconds = step_s[nearest] + (k - nearest) * ((costs.draft_s or 0.0) + self._verify_growth(costs))
-        return max([seconds, 1e-9, *(step_s[m] for m in step_s if m < k)])
+        if k in rated:
+            return rated[k]
+        nearest = min(rated, key=lambda m: (abs(m - k), m))
+        return max([rated[nearest] + (k - nearest) * per_draft, 1e-9, *(rated[m] for m in rated if m < k)])
+
+    @staticmethod
+    def _rated_step_s(costs: _BucketCosts) -> dict[int, float]:
+        """The measured S(k), each at least plain decoding's, an unconfirmed k's at most its prediction (CONFIRM)."""
+        step_s, plain = costs.step_s, costs.step_s.get(0, 0.0)
+        rated = {}
+        for k, seconds in step_s.items():
+            if k and len(costs.relative[k]) < CONFIRM and len(step_s) > 1:
+                nearest = min(step_s.keys() - {k}, key=lambda m: (abs(m - k), m))
+                seconds = min(seconds, step_s[nearest] + (k - nearest) * GammaPolicy._per_draft_s(costs))
+            rated[k] = max(seconds, plain, 1e-9)
+        return rated
+
+    @staticmethod
+    def _per_draft_s(costs: _BucketCosts) -> float:
+        """What one draft more adds to a step: a drafter forward and the verification's growth per token."""
+        return (costs.draft_s or 0.0) + GammaPolicy._verify_growth(costs)
 
     def observe(self, k: int, num_accepted: list[int], step: StepTimes) -> None:
         """One step at batch size len(num_accepted): k drafts per row, of which row i kept num_accepted[i]."""

@@ -81,10 +81,27 @@ def test_one_unlucky_measurement_does_not_hold_longer_drafts_back():
     """A k measured once at a bad moment, and not probed again once the choice moved past it, must not floor the
     costs of the longer drafts measured since."""
     policy = policy_after(0.8, draft_s=0.01, verify_s=lambda q: 1.0)
-    policy.observe(2, [1], StepTimes(0.02, 3.0))  # 2 drafts, once, at three plain steps' time
-    policy.observe(4, [3], StepTimes(0.04, 1.0))
+    for _ in range(2):  # 2 drafts, timed twice (each a change of k), at three plain steps' time
+        policy.observe(2, [1], StepTimes(0.02, 3.0))
+        policy.observe(4, [3], StepTimes(0.04, 1.0))
     set_acceptance(policy, [0.8] * 8)
     assert policy.step_seconds(2, 1) > 2.5 and policy.step_seconds(4, 1) < 1.1 and policy.best_gamma(1) >= 4
+
+
+def test_a_draft_length_timed_once_is_rated_at_its_prediction_until_timed_again():
+    """One step is too few to rule a k out (a stall needs a second sample to be seen as one): 3 drafts timed once, at
+    five plain steps' time, are rated as predicted from 4 drafts, chosen, and timed again; slow again, they are rated
+    as measured, and the choice moves on."""
+    falling = [0.9, 0.9, 0.9, 0.1, 0.1, 0.1, 0.1, 0.1]  # 3 drafts are the best length at the drafter's speed
+    policy = policy_after(0.8, draft_s=0.1, verify_s=lambda q: 1.0)  # plain decoding and 4 drafts measured
+    policy.observe(3, [2], StepTimes(0.3, 5.0))
+    policy.observe(4, [3], StepTimes(0.4, 1.0))
+    set_acceptance(policy, falling)
+    assert policy.step_seconds(3, 1) == pytest.approx(policy.step_seconds(4, 1) - 0.1)
+    assert policy.choose(1) == 3
+    policy.observe(3, [2], StepTimes(0.3, 5.0))
+    set_acceptance(policy, falling)
+    assert policy.step_seconds(3, 1) > 4 and policy.choose(1) == 4
 
 
 def test_a_machine_that_slows_down_does_not_change_the_choice():
