@@ -8,6 +8,7 @@ from drafters.text_only import TextOnlyDraftModel
 
 __all__ = [
     "CausalLMDraftModel", "CausalLMDrafter", "DRAFTER_CONFIG", "DRAFTER_KINDS", "LANGUAGE_MODEL_DIR",
-    "MassvDraftModel", "MassvProjector", "MsdDraftModel", "MsdDrafter", "PROJECTOR_WEIGHTS", "TextOnlyDraftModel", "check_drafter",
+    "MassvDraftModel", "MassvProjector", "MsdDraftModel", "MsdDrafter", "PROJECTOR_WEIGHTS", "TextOnlyDraftModel",
+    "check_drafter",
     "drafter_kind", "load_drafter", "read_drafter_config",
 ]

@@ -1,7 +1,8 @@
 """Text-only drafter (the MASSV paper's baseline): any HF causal LM with the target's tokenizer.
 
 It reads the prompt with the image placeholder tokens removed, so it never sees the
-image, and numbers the remaining tokens from 0 as plain text. A checkpoint is a plain HF causal-LM directory (safetensors).
+image, and numbers the remaining tokens from 0 as plain text. A checkpoint is a plain HF causal-LM directory
+(safetensors).
 """
 
 from __future__ import annotations

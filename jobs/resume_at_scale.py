@@ -2,8 +2,8 @@
 
     python jobs/resume_at_scale.py --rows 1000000 --left 64 --files 500 --work out/resume_scale
 
-Lays out a synthetic input of --rows rows in --files Parquet files (one shared image) and an output that already holds all
-but --left of them (Parquet parts as the caption job writes them), then times `preflight` (reading
+Lays out a synthetic input of --rows rows in --files Parquet files (one shared image) and an output that already holds
+all but --left of them (Parquet parts as the caption job writes them), then times `preflight` (reading
 the finished ids) with the driver's peak memory, and the resumed job end to end on a local Ray, which
 must write exactly the --left rows. Copied into another checkout, it measures that checkout's code.
 """

@@ -503,7 +503,8 @@ def table_row(m: Measurement) -> list[str]:
     shares = m.time_shares
     ratio = m.measured_speedup / m.predicted_with_verify if m.predicted_with_verify and m.measured_speedup else None
     return [
-        method_label(m), m.drafter, m.gamma, str(m.batch_size), str(m.rows), _fmt(m.tokens_per_s, ".1f"), _fmt(m.rows_per_s, ".2f"),
+        method_label(m), m.drafter, m.gamma, str(m.batch_size), str(m.rows), _fmt(m.tokens_per_s, ".1f"),
+        _fmt(m.rows_per_s, ".2f"),
         _fmt(m.speedup) + ("x" if m.speedup else ""),
         _fmt(counts.get("tau")) if m.drafter != NO_DRAFTER and counts else "-",
         _fmt(counts.get("acceptance_rate")) if counts.get("drafted") else "-",

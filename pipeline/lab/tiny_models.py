@@ -316,7 +316,8 @@ def build_msd_drafter(target_dir: str | Path, directory: str | Path, seed: int =
         MsdDraftModel.new(target).save_pretrained(directory)
         return Path(directory)
     text_config = target.text_config
-    head = MsdDraftModel.new(target, text_config.num_hidden_layers, layer_types=getattr(text_config, "layer_types", None))
+    head = MsdDraftModel.new(target, text_config.num_hidden_layers,
+                             layer_types=getattr(text_config, "layer_types", None))
     language_model = target.model.model.language_model
     with torch.no_grad():
         hidden = text_config.hidden_size

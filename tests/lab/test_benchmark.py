@@ -55,7 +55,8 @@ def test_quick_run_reports_every_configuration(tmp_path):
     for batch_size in QUICK["batch_sizes"]:
         expected |= {(HF_GENERATE, NO_DRAFTER, NO_DRAFTER, batch_size, None),
                      (ENGINE, NO_DRAFTER, NO_DRAFTER, batch_size, None)}
-        expected |= {(ENGINE, d, str(g), batch_size, None) for d in ("text-only", "massv", "msd") for g in QUICK["gammas"]}
+        expected |= {(ENGINE, d, str(g), batch_size, None)
+                     for d in ("text-only", "massv", "msd") for g in QUICK["gammas"]}
     assert set(measured) == expected
     assert len(report["measurements"]) == len(expected)
 
@@ -88,7 +89,8 @@ def test_quick_run_reports_every_configuration(tmp_path):
                                                         for g in report["goals"])
 
     table = (output / "table.md").read_text()
-    labels = {HF_GENERATE, HF_ASSISTED, ENGINE} | {f"{m}, {b}" for m in (DIRECT, CAPTION_JOB) for b in (STATIC, CONTINUOUS)}
+    labels = {HF_GENERATE, HF_ASSISTED, ENGINE} | {f"{m}, {b}" for m in (DIRECT, CAPTION_JOB)
+                                                    for b in (STATIC, CONTINUOUS)}
     assert sum(line.split("|")[1].strip() in labels for line in table.splitlines() if line.startswith("|")) \
         == len(expected)
     for name in ("speedup_vs_batch", "tau_vs_gamma", "speedup_vs_gamma", "acceptance_per_position"):
