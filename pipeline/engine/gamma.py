@@ -55,9 +55,9 @@ SETTLE = 2
 PAIR_GAP = SETTLE + 1  # steps apart that are still "just before" (steps after a change to or from plain are not timed)
 # A k timed once may have been timed at a bad moment (a stall the STALL filter needs a second sample to see): at batch
 # 8, MASSV's bucket of 4-7 rows rated 3 drafts at 6.2 ms from one step, 2 drafts at 2.4, and every longer draft,
-# predicted from 3 or floored by it, was out of reach until probes timed 3 again. So a k timed fewer than CONFIRM times is
-# rated at no more than its prediction from the nearest other measured k: rated well, it is chosen and, a change of k,
-# timed again at once.
+# predicted from 3 or floored by it, was out of reach until probes timed 3 again. So a k timed fewer than CONFIRM
+# times is rated at no more than its prediction from the nearest other measured k: rated well, it is chosen and, a
+# change of k, timed again at once.
 CONFIRM = 2
 ROW_MEMORY = 0.99  # per finished row, how much of the past rows' lengths counts
 
