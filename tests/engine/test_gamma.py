@@ -81,27 +81,10 @@ def test_one_unlucky_measurement_does_not_hold_longer_drafts_back():
     """A k measured once at a bad moment, and not probed again once the choice moved past it, must not floor the
     costs of the longer drafts measured since."""
     policy = policy_after(0.8, draft_s=0.01, verify_s=lambda q: 1.0)
-    for _ in range(2):  # 2 drafts, timed twice (each a change of k), at three plain steps' time
-        policy.observe(2, [1], StepTimes(0.02, 3.0))
-        policy.observe(4, [3], StepTimes(0.04, 1.0))
+    policy.observe(2, [1], StepTimes(0.02, 3.0))  # 2 drafts, once, at three plain steps' time
+    policy.observe(4, [3], StepTimes(0.04, 1.0))
     set_acceptance(policy, [0.8] * 8)
     assert policy.step_seconds(2, 1) > 2.5 and policy.step_seconds(4, 1) < 1.1 and policy.best_gamma(1) >= 4
-
-
-def test_a_draft_length_timed_once_is_rated_at_its_prediction_until_timed_again():
-    """One step is too few to rule a k out (a stall needs a second sample to be seen as one): 3 drafts timed once, at
-    five plain steps' time, are rated as predicted from 4 drafts, chosen, and timed again; slow again, they are rated
-    as measured, and the choice moves on."""
-    falling = [0.9, 0.9, 0.9, 0.1, 0.1, 0.1, 0.1, 0.1]  # 3 drafts are the best length at the drafter's speed
-    policy = policy_after(0.8, draft_s=0.1, verify_s=lambda q: 1.0)  # plain decoding and 4 drafts measured
-    policy.observe(3, [2], StepTimes(0.3, 5.0))
-    policy.observe(4, [3], StepTimes(0.4, 1.0))
-    set_acceptance(policy, falling)
-    assert policy.step_seconds(3, 1) == pytest.approx(policy.step_seconds(4, 1) - 0.1)
-    assert policy.choose(1) == 3
-    policy.observe(3, [2], StepTimes(0.3, 5.0))
-    set_acceptance(policy, falling)
-    assert policy.step_seconds(3, 1) > 4 and policy.choose(1) == 4
 
 
 def test_a_machine_that_slows_down_does_not_change_the_choice():
@@ -200,7 +183,44 @@ def test_auto_starts_by_measuring_both_regimes_climbs_then_probes():
     plain_probe, neighbour_probe = [0] * (SETTLE + 1), [5, 6, 6]
     assert [choices[i:i + SETTLE + 1] for i in probes[:4]] == [plain_probe, neighbour_probe] * 2
     gaps = [b - a for a, b in zip(probes, probes[1:])]
-    assert gaps == [4, 8, 16, 32, 64]  # intervals double while the choice holds
+    assert gaps[:5] == [4, 8, 16, 32, 64] and set(gaps[5:]) == {64}  # intervals double while the choice holds, to 64
+
+
+def drafting_measured_at_32_rows(draft_s: float) -> GammaPolicy:
+    """A policy that has measured plain decoding (1 s a step) and 3 drafts (draft_s + 1 s) at 32 rows."""
+    policy = GammaPolicy(gamma="auto", max_gamma=8, probe_every=4)
+    observe_plain(policy, 32, 1.0)
+    for _ in range(2):
+        policy.observe(3, [1] * 32, StepTimes(draft_s, 1.0))
+    observe_plain(policy, 32, 1.0)
+    set_acceptance(policy, [0.5] * 8)
+    return policy
+
+
+def choices_at(policy: GammaPolicy, batch_size: int, steps: int) -> list[int]:
+    """What auto chooses at this batch size, step by step (a draft costs 0.1 s, acceptance 0.5)."""
+    choices = []
+    for _ in range(steps):
+        set_acceptance(policy, [0.5] * 8)
+        k = policy.choose(batch_size)
+        choices.append(k)
+        policy.observe(k, [0] * batch_size, StepTimes(0.1 * k, 1.0))
+    return choices
+
+
+def test_a_bucket_next_to_one_that_decodes_plainly_decodes_plainly_until_its_probes():
+    """A static batch drains through its small buckets in a few steps each, too few to explore (plain decoding, then 3
+    drafts: the drafter's prefill of the batch, a catch-up, on one or two timings). A bucket next to one that has
+    measured drafting and decodes plainly decodes plainly too, and probes as any choice does; where its probe finds that
+    drafting pays, it drafts. Next to a bucket that drafts, a bucket explores as the first one did."""
+    plain_next_door = drafting_measured_at_32_rows(draft_s=3.0)  # 3 drafts cost 4 plain steps at 32 rows
+    assert plain_next_door.best_gamma(32) == 0
+    choices = choices_at(plain_next_door, 20, 12)
+    assert choices[:6] == [0, 0, 0, 0, 1, 1] and choices[-1] > 0  # 1 draft at 1.1 steps' time: 1.5 tokens
+
+    drafting_next_door = drafting_measured_at_32_rows(draft_s=0.3)
+    assert drafting_next_door.best_gamma(32) > 0
+    assert choices_at(drafting_next_door, 20, 3)[:2] == [0, 3]
 
 
 def test_engine_config_fails_at_once_on_bad_values():
