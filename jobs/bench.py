@@ -18,8 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.job.cli import parse_config  # noqa: E402
-from pipeline.job.config import JobConfigError  # noqa: E402
+from pipeline.job.cli import parse_config, run_main  # noqa: E402
 from pipeline.lab.benchmark import BenchConfig, run_benchmark  # noqa: E402
 
 
@@ -28,13 +27,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        config = parse_args(argv)
-    except JobConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    run_benchmark(config)
-    return 0
+    return run_main(BenchConfig, run_benchmark, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import typing
 from typing import Any, Callable
 
@@ -63,6 +64,20 @@ def parse_config(config_cls: type, argv: list[str] | None, description: str):
     """The config built from the command line (argparse exits with 2 on malformed flags; the config's own
     checks raise as they do for Python callers)."""
     return config_cls(**vars(config_parser(config_cls, description).parse_args(argv)))
+
+
+def run_main(config_cls: type, run: Callable[[Any], Any], argv: list[str] | None, description: str) -> int:
+    """A job script's main: the config from the command line, then run(config); 2 with one sentence on stderr when
+    the configuration is bad."""
+    from pipeline.job.config import JobConfigError  # config.py builds its flags with this module
+
+    try:
+        config = parse_config(config_cls, argv, description)
+    except JobConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    run(config)
+    return 0
 
 
 def _default(field: dataclasses.Field):

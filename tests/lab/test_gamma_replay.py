@@ -1,0 +1,48 @@
+"""The gamma replay: its acceptance is the engine's, and it ranks policies on costs and traces made up to decide."""
+
+import pytest
+
+from drafters import load_drafter
+from pipeline.engine.engine import EngineConfig, SpecDecodeEngine
+from pipeline.engine.gamma import GammaPolicy
+from pipeline.engine.target import Target
+from pipeline.lab.benchmark import DEMO_TARGET, Workload, demo_drafters
+from pipeline.lab.demo import BENCH_PROMPTS, DEMO_WORLD
+from pipeline.lab.gamma_replay import FixedGamma, StepCosts, Traces, compare, record_traces, replay, steps_with
+
+
+@pytest.mark.parametrize("name", ["text-only", "massv"])
+def test_replayed_steps_are_the_engines(name):
+    """Greedy drafts are kept while the drafter's predictions from the true prefix are right: the teacher-forced
+    traces give each row the engine's own number of steps at every gamma."""
+    target = Target.load(DEMO_TARGET)
+    drafter = load_drafter(demo_drafters()[name], target)
+    prompts = Workload(target, str(DEMO_WORLD / BENCH_PROMPTS), 6).prompts
+    traces = record_traces(target, {name: drafter}, prompts, max_new_tokens=24)
+    assert any(traces.right[name][0]) and not all(x for row in traces.right[name] for x in row)
+    for k in (1, 3, 5):
+        engine = SpecDecodeEngine(target, drafter, EngineConfig(gamma=k, max_new_tokens=24))
+        results = [engine.generate([prompt])[0] for prompt in prompts]
+        assert [r.tokens for r in results] == traces.answers
+        assert [r.counts.num_steps for r in results] == [
+            steps_with(right, len(answer), k) for right, answer in zip(traces.right[name], traces.answers)]
+
+
+def costs(draft_s: float) -> StepCosts:
+    """Made-up step costs: a plain step 1 ms at any batch size, each draft draft_s more."""
+    step_s = {(b, k): 1e-3 + k * draft_s for b in (1, 8) for k in range(5)}
+    return StepCosts(step_s, {1: draft_s, 8: draft_s}, {1: 1e-4, 8: 2e-4})
+
+
+def test_the_replay_ranks_policies():
+    """Drafts right 9 times in 10 and cheap: drafting pays, `auto` comes near the best fixed gamma; drafts always wrong:
+    plain decoding is best and `auto` stays near it. The replay is seeded: the same seed, the same seconds."""
+    answers = [[1] * 30 for _ in range(16)]
+    good = Traces(answers, {"good": [[j % 10 != 9 for j in range(29)] for _ in answers]})
+    [cheap] = compare(lambda: GammaPolicy(gamma="auto", max_gamma=4), good, {"good": costs(0.1e-3)}, [8], 3, 4)
+    assert cheap["best_vs_plain"] > 2 and cheap["policy_vs_best"] > 0.8
+    useless = Traces(answers, {"useless": [[False] * 29 for _ in answers]})
+    [wrong] = compare(lambda: GammaPolicy(gamma="auto", max_gamma=4), useless, {"useless": costs(0.2e-3)}, [8], 3, 4)
+    assert wrong["best_vs_plain"] < 1 and wrong["policy_vs_plain"] > 0.9
+    once = [replay(FixedGamma(2), answers, good.right["good"], costs(0.1e-3), 8, seed=5) for _ in range(2)]
+    assert once[0] == once[1]
