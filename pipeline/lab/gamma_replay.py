@@ -212,7 +212,7 @@ def replay(policy, answers: list[list[int]], right: list[list[bool]], costs: Ste
                 kept, finished = [], []
                 for i in active:
                     length = len(answers[i])
-                    accepted = min(_right_run(right[i], emitted[i] - 1, k), length - emitted[i] - 1)
+                    accepted = kept_drafts(right[i], emitted[i], length, k)
                     kept.append(accepted)
                     emitted[i] += accepted + 1
                     if emitted[i] >= length:
@@ -233,17 +233,18 @@ def steps_with(right: list[bool], length: int, k: int) -> int:
     """Steps a row of `length` tokens takes with k drafts a step (the prefill emits its first token)."""
     emitted, steps = 1, 0
     while emitted < length:
-        emitted += min(_right_run(right, emitted - 1, k), length - emitted - 1) + 1
+        emitted += kept_drafts(right, emitted, length, k) + 1
         steps += 1
     return steps
 
 
-def _right_run(right: list[bool], start: int, k: int) -> int:
-    """How many of the k predictions from answer position `start` on are right, up to the first wrong one."""
+def kept_drafts(right: list[bool], emitted: int, length: int, k: int) -> int:
+    """Drafts a row keeps in a step with k drafts, `emitted` of its `length` answer tokens out: the run of right
+    predictions from its last token on, at most k, and none past the answer's end (the step emits one more)."""
     run = 0
-    while run < k and start + run < len(right) and right[start + run]:
+    while run < k and emitted - 1 + run < len(right) and right[emitted - 1 + run]:
         run += 1
-    return run
+    return min(run, length - emitted - 1)
 
 
 def compare(make_policy, traces: Traces, costs: dict[str, StepCosts], batch_sizes: list[int], seeds: int,
