@@ -192,7 +192,7 @@ class SpecDecodeEngine:
     def _observed_step(self, batch: RunningBatch) -> None:
         """A step with the policy's gamma; its times go to the engine's totals and to the policy."""
         batch_size, rows = len(batch), batch.rows
-        k = self.gamma_policy.choose(batch_size, prefill_waits=batch.drafter_prefill_waits)
+        k = self.gamma_policy.choose(batch_size, batch.drafter_prefill_waits, [len(row.tokens) for row in rows])
         if k:  # a drafter may have put its prefill off until a step drafts (a step's time is the step's alone)
             prefilled, seconds = self._as_prefill(batch.prefill_put_off)
             if prefilled:

@@ -16,18 +16,22 @@ speculation promises a margin more, so a drafter that does not pay is not used. 
 settled choice is re-checked by an occasional probe of a neighbour or of plain decoding,
 at intervals that double while the choice stays the same.
 
-A step's time is not all that drafting costs: a drafter puts its prefill off until a step
-drafts (drafters/put_off.py), so it prefills each row once, and only if the row is drafted for. While that
-prefill waits, its measured cost per row, spread over a row's measured length, is added to every
-k > 0; once paid, it is paid (text-only at batch 1 on the demo world: 0.74 ms a row of 23 tokens,
-4% of a plain step a token; steps alone cost the same per token drafting or not, and `auto`,
-blind to the prefill, drafted at 0.91x plain decoding).
+A step's time is not all that drafting costs: a switch from plain decoding to drafting costs once. A drafter puts its
+prefill off until a step drafts (drafters/put_off.py), so it prefills each row once, and only if the row is drafted
+for; and the first drafting step after plain ones catches the drafter up on the tokens decoded meanwhile. While the
+drafter is behind, what the switch costs (the measured put-off prefill per row, the measured catch-up) is spread over
+the tokens the rows have left and added to every k > 0; once paid, it is paid. A row's tokens left are its expected
+length, given what it has emitted, from the lengths of finished rows, less what it has emitted: a static batch's tail
+is its longest rows' last tokens (text-only at batch 32 on the demo world: at 14 rows about 10 tokens a row were left,
+3 steps with 3 drafts, over which the drafter's prefill, 2.0 ms, and its catch-up, 0.7 ms, cost what drafting saved;
+spread over whole rows, 24 tokens, the switch looked cheap and `auto` drafted there at 0.90x plain decoding).
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pipeline.engine.stats import StepTimes
@@ -53,7 +57,7 @@ BUCKET_REACHED = 8.0  # decayed drafts reaching a position at a bucket before th
 # steps after drafting are not timed, and a probe of plain decoding lasts SETTLE + 1 steps.
 SETTLE = 2
 PAIR_GAP = SETTLE + 1  # steps apart that are still "just before" (steps after a change to or from plain are not timed)
-ROW_MEMORY = 0.99  # per finished row, how much of the past rows' lengths counts
+LENGTHS_KEPT = 512  # finished rows' lengths kept: their distribution says how many tokens a row has left
 
 
 def parse_gamma(value: int | str) -> int | str:
@@ -74,6 +78,37 @@ def batch_bucket(batch_size: int) -> int:
     return max(batch_size, 1).bit_length()
 
 
+class RowLengths:
+    """The latest finished rows' lengths, and how many tokens a row that has emitted t is expected to have left."""
+
+    def __init__(self, kept: int = LENGTHS_KEPT):
+        self.lengths: deque[int] = deque(maxlen=kept)
+        self._left: list[float] | None = []  # per t: E[length - t | length > t]; None until recomputed
+
+    def observe(self, lengths: Sequence[int]) -> None:
+        if lengths:
+            self.lengths.extend(lengths)
+            self._left = None
+
+    def mean_left(self, emitted: Sequence[int]) -> float | None:
+        """Mean over the rows of the tokens each has left (at least 1); None before any row has finished."""
+        if not self.lengths:
+            return None
+        if self._left is None:
+            self._left = self._expected_left()
+        last = len(self._left) - 1
+        return sum(self._left[min(t, last)] for t in emitted) / max(len(emitted), 1)
+
+    def _expected_left(self) -> list[float]:
+        counts = Counter(self.lengths)
+        longest = max(counts)
+        left, rows, tokens = [1.0] * (longest + 1), 0, 0
+        for t in range(longest, -1, -1):  # rows longer than t, and their tokens
+            left[t] = max(tokens / rows - t, 1.0) if rows else 1.0
+            rows, tokens = rows + counts.get(t, 0), tokens + t * counts.get(t, 0)
+        return left
+
+
 @dataclass
 class _BucketCosts:
     """Measured costs at one batch-size bucket, and when to probe around the choice there."""
@@ -87,7 +122,8 @@ class _BucketCosts:
     reached: list[float] = field(default_factory=list)  # acceptance counts as GammaPolicy's, at this bucket only
     accepted: list[float] = field(default_factory=list)
     draft_s: float | None = None  # one drafter forward
-    put_off_prefill_s: float | None = None  # the drafter's put-off prefill, per row
+    put_off_prefill_s: float | None = None  # the drafter's put-off prefill of the batch
+    catch_up_s: float | None = None  # what the first drafting step after plain ones adds to its drafting
     steps: int = 0
     probe_interval: int = 0
     next_probe: int = 0
@@ -123,7 +159,9 @@ class GammaPolicy:
     smoothing: float = 0.3  # weight of the newest measurement in the running averages of verify and draft times
     memory: float = 0.98  # per speculative step, how much of the past acceptance counts stays
     prior_acceptance: float = 0.6  # per position, until measured
-    margin: float = 0.03  # speculate only when it promises this much more than plain decoding (timing noise)
+    margin: float = 0.03  # speculate only when it promises this much more than plain decoding (timing noise) ...
+    step_spread: float = 0.15  # ... plus the standard error of the two step times compared (see best_gamma)
+    exploration: float = 0.01  # what probes may cost, as a share of the time between them (see _probe_loss)
 
     # Acceptance per draft position, as decayed counts: drafts that reached position i (all before it
     # accepted) and how many of those were accepted. Each bucket keeps its own too: in a static batch a bucket is
@@ -136,8 +174,8 @@ class GammaPolicy:
     _last_k: int = field(default=0, init=False, repr=False)
     _plain_run: int = field(default=SETTLE, init=False, repr=False)  # plain steps in a row (none drafted before)
     _probe_steps: list[int] = field(default_factory=list, init=False, repr=False)  # the rest of a probe
-    _finished_rows: float = field(default=0.0, init=False, repr=False)  # decayed, see ROW_MEMORY
-    _finished_tokens: float = field(default=0.0, init=False, repr=False)
+    row_lengths: RowLengths = field(default_factory=RowLengths, init=False, repr=False)
+    _drafter_prefilled: bool = field(default=False, init=False, repr=False)  # just now: the next step catches up
     _steps: int = field(default=0, init=False, repr=False)  # over every bucket
     _after_prefill: bool = field(default=False, init=False, repr=False)
 
@@ -150,9 +188,10 @@ class GammaPolicy:
     def auto(self) -> bool:
         return self.gamma == AUTO
 
-    def choose(self, batch_size: int, prefill_waits: bool = False) -> int:
+    def choose(self, batch_size: int, prefill_waits: bool = False, emitted: Sequence[int] | None = None) -> int:
         """k for the next step at this batch size; prefill_waits: the drafter has put its prefill of these rows off
-        (drafting now would pay it)."""
+        (drafting now would pay it); emitted: the tokens each row has emitted (what a switch to drafting is spread
+        over depends on it; unknown: rows at their start)."""
         if not self.auto:
             return self.gamma
         if self._probe_steps:
@@ -165,15 +204,13 @@ class GammaPolicy:
         elif len(costs.step_s) == 1:
             return min(self.first_gamma, self.max_gamma)  # then a speculative step
         else:
-            best = self.best_gamma(batch_size, prefill_waits)
+            best = self.best_gamma(batch_size, prefill_waits, emitted)
         if best not in costs.step_s:
             return best  # a neighbour that promises more: measure it
         if best != costs.last_best:  # the choice moved: watch more closely again
             costs.last_best, costs.probe_interval = best, self.probe_every
         if costs.steps >= costs.next_probe and not self._after_prefill:  # keep the neighbours' times fresh (a step
             # after a prefill is not timed: a probe there would measure nothing)
-            costs.next_probe = costs.steps + costs.probe_interval
-            costs.probe_interval = min(2 * costs.probe_interval, self.max_probe_every)
             costs.probes += 1
             # plain decoding too: the rate every choice must beat, kept fresh like the neighbours'
             targets = sorted({0, best - 1, best + 1} & set(range(self.max_gamma + 1)) - {best})
@@ -181,8 +218,26 @@ class GammaPolicy:
             # until a step is timed: plain decoding after drafting SETTLE + 1 steps, drafting after plain decoding 2
             # (the first one catches up)
             self._probe_steps = [0] * SETTLE if probe == 0 else [probe] if best == 0 else []
+            loss = self._probe_loss(batch_size, best, probe, 1 + len(self._probe_steps), prefill_waits, emitted)
+            costs.next_probe = costs.steps + max(costs.probe_interval, math.ceil(loss / self.exploration))
+            costs.probe_interval = min(2 * costs.probe_interval, self.max_probe_every)
             return probe
         return best
+
+    def _probe_loss(self, batch_size: int, best: int, probe: int, steps: int, prefill_waits: bool,
+                    emitted: Sequence[int] | None) -> float:
+        """What a probe of `steps` steps with k = probe instead of the choice is predicted to cost, in steps of the
+        choice: the steps' lower rate, and a switch to drafting and back (the drafter's put-off prefill, catch-ups).
+        The next probe waits until this is `exploration` of the steps between them. A probe of drafting in a static
+        batch pays the drafter's prefill of the whole batch and a catch-up on what the rows emitted (text-only at batch
+        32 on the demo world: 2.2 and 0.5 ms, with two steps of one draft at 2.0x a plain step's 2.4 ms: 3.3 plain
+        steps' time for 3.2 rows' tokens), and probes every 16 to 64 steps there cost 5-8% of the time."""
+        rates = self._rates(sorted({best, probe}), batch_size, prefill_waits=False, emitted=emitted)
+        best_s = self.step_seconds(best, batch_size)
+        slower = steps * max(1.0 - rates[probe] / rates[best], 0.0) * self.step_seconds(probe, batch_size) / best_s
+        switch = (self._nearest_measured(batch_size, "put_off_prefill_s") if prefill_waits and probe else 0.0) + (
+            self._nearest_measured(batch_size, "catch_up_s") if (probe == 0) != (best == 0) else 0.0)
+        return slower + switch / best_s
 
     def _neighbour_decodes_plainly(self, bucket: int) -> bool:
         """An adjacent bucket (twice or half the rows, the larger first) has measured drafting and chooses plain
@@ -201,17 +256,24 @@ class GammaPolicy:
                 return self.best_gamma(2 ** (near - 1)) == 0
         return False
 
-    def best_gamma(self, batch_size: int, prefill_waits: bool = False) -> int:
-        """The candidate k with the best predicted rate; 0 unless speculating beats plain decoding by the margin.
-        Candidates: the measured k and their neighbours."""
+    def best_gamma(self, batch_size: int, prefill_waits: bool = False, emitted: Sequence[int] | None = None) -> int:
+        """The candidate k with the best predicted rate; 0 unless speculating beats plain decoding by the margin plus
+        the standard error of the two step times compared: a step's time spreads by `step_spread` (log) around the
+        machine's speed on this VM, and S(k) is the mean of at most STEP_SAMPLES, so with few samples (a bucket a
+        static batch drains through in a few steps, or a k measured once) speculating must promise more. Without
+        it, text-only at batch 32 on the demo world drafted in the batches' tails on one or two timings, where no
+        gamma beats plain decoding (0.92x plain decoding, 0.94x with it, three bench runs each in turn; MSD there
+        0.88x and 0.92x). Candidates: the measured k and their neighbours."""
         measured = self._costs(batch_size).step_s.keys() or {0}
         candidates = {c for k in measured for c in (k - 1, k, k + 1) if 1 <= c <= self.max_gamma}
         if not candidates:
             return 0
-        rates = self._rates(sorted(candidates | {0}), batch_size, prefill_waits)
+        rates = self._rates(sorted(candidates | {0}), batch_size, prefill_waits, emitted)
         plain = rates.pop(0)
         best = max(rates, key=rates.get)
-        return best if rates[best] > (1 + self.margin) * plain else 0
+        samples = [max(len(self._costs(batch_size).relative.get(k, ())), 1) for k in (0, best)]
+        standard_error = self.step_spread * math.sqrt(sum(1 / n for n in samples))
+        return best if rates[best] > (1 + self.margin + standard_error) * plain else 0
 
     def acceptance_per_position(self, batch_size: int | None = None) -> list[float]:
         """a_i, measured where drafts reached position i, else the last measured position's (or the prior); at a
@@ -238,25 +300,38 @@ class GammaPolicy:
             tokens.append(tokens[-1] + survive)
         return tokens
 
-    def expected_rate(self, k: int, batch_size: int, prefill_waits: bool = False) -> float:
-        """Predicted tokens per second per row with k drafts at this batch size; with the drafter's put-off prefill
-        spread over the rows' length when it waits (once paid, it is paid)."""
-        return self._rates([k], batch_size, prefill_waits)[k]
+    def expected_rate(self, k: int, batch_size: int, prefill_waits: bool = False,
+                      emitted: Sequence[int] | None = None) -> float:
+        """Predicted tokens per second per row with k drafts at this batch size; with what a switch to drafting costs
+        spread over the rows' tokens left while the drafter is behind (once paid, it is paid)."""
+        return self._rates([k], batch_size, prefill_waits, emitted)[k]
 
-    def _rates(self, ks: list[int], batch_size: int, prefill_waits: bool) -> dict[int, float]:
+    def _rates(self, ks: list[int], batch_size: int, prefill_waits: bool,
+               emitted: Sequence[int] | None) -> dict[int, float]:
         """expected_rate of each k, with one pass over the acceptance (each step decides)."""
         tokens = self._expected_tokens_upto(max(ks), batch_size)
-        prefill_per_token = self.put_off_prefill_per_token(batch_size) if prefill_waits else 0.0
-        return {k: tokens[k] / max(self.step_seconds(k, batch_size)
-                                   + (batch_size * tokens[k] * prefill_per_token if k else 0.0), 1e-9) for k in ks}
+        switch_per_token = self.switch_per_token(batch_size, prefill_waits, emitted)
+        return {k: tokens[k] / max(self.step_seconds(k, batch_size) + (tokens[k] * switch_per_token if k else 0.0),
+                                   1e-9) for k in ks}
 
-    def put_off_prefill_per_token(self, batch_size: int) -> float:
-        """Seconds of the drafter's put-off prefill per token a row emits: its measured cost per row at this batch
-        size over the rows' measured length (0 until both are measured)."""
-        per_row = self._costs(batch_size).put_off_prefill_s
-        if per_row is None or self._finished_tokens == 0.0:
+    def switch_per_token(self, batch_size: int, prefill_waits: bool, emitted: Sequence[int] | None = None) -> float:
+        """Seconds a switch to drafting adds per token a row emits from now on: the drafter's put-off prefill of the
+        batch when it waits and its catch-up when the last step decoded plainly, each as measured at this batch size,
+        over the tokens a row has left (0 until a row has finished, or while drafting)."""
+        seconds = (self._nearest_measured(batch_size, "put_off_prefill_s") if prefill_waits else 0.0) + (
+            self._nearest_measured(batch_size, "catch_up_s") if self._last_k == 0 else 0.0)
+        left = self.row_lengths.mean_left(emitted if emitted is not None else [0] * batch_size) if seconds else None
+        return seconds / left if left else 0.0
+
+    def _nearest_measured(self, batch_size: int, cost: str) -> float:
+        """A switch cost at this batch size's bucket, else at the nearest bucket that has measured it (the larger on a
+        tie; both are mostly a call's fixed cost: text-only's prefill took 0.74 ms at 1 row, 2.2 ms at 32), else 0:
+        a bucket measures them only when it switches, and the buckets a static batch drains through switch rarely."""
+        bucket = batch_bucket(batch_size)
+        measured = [b for b, costs in self.buckets.items() if getattr(costs, cost) is not None]
+        if not measured:
             return 0.0
-        return per_row * self._finished_rows / self._finished_tokens
+        return getattr(self.buckets[min(measured, key=lambda b: (abs(b - bucket), -b))], cost)
 
     def step_seconds(self, k: int, batch_size: int) -> float:
         """S(k): measured, or predicted from the nearest measured k (the lower one on a tie) plus, per draft more
@@ -281,13 +356,17 @@ class GammaPolicy:
         costs.steps += 1
         self._steps += 1
         costs.verify_s[k + 1] = self._average(costs.verify_s.get(k + 1), step.besides_drafting_s)
-        # after plain steps, the drafter's catch-up reads many tokens: not what a step with k drafts costs; plain steps
-        # right after drafting ones run slow (see SETTLE), and so does the step after a prefill (see observe_prefill)
+        # after plain steps (or the drafter's put-off prefill), the drafter's catch-up reads many tokens: not what a
+        # step with k drafts costs, but what a switch to drafting does; plain steps right after drafting ones run slow
+        # (see SETTLE), and so does the step after a prefill (see observe_prefill)
         self._plain_run = self._plain_run + 1 if k == 0 else 0
-        if (self._plain_run > SETTLE if k == 0 else self._last_k > 0) and not self._after_prefill:
+        catching_up = k > 0 and (self._last_k == 0 or self._drafter_prefilled)
+        if (self._plain_run > SETTLE if k == 0 else not catching_up) and not self._after_prefill:
             costs.observe_step(k, step.draft_s + step.besides_drafting_s, self._steps)
             if k > 0:
                 costs.draft_s = self._average(costs.draft_s, step.draft_s / k)
+        elif catching_up and costs.draft_s is not None:
+            costs.catch_up_s = self._average(costs.catch_up_s, max(step.draft_s - k * costs.draft_s, 0.0))
         if k > 0:
             # only the positions this step drafted forget: a position beyond k keeps what it last measured (the
             # last measured position's rate stands in only for a position never measured, and acceptance falls
@@ -303,18 +382,17 @@ class GammaPolicy:
                     for i in range(n):
                         accepted[i] += rows
         self._last_k = k
-        self._after_prefill = False
+        self._after_prefill = self._drafter_prefilled = False
 
     def observe_drafter_prefill(self, batch_size: int, rows: int, seconds: float) -> None:
         """The drafter's put-off prefill of `rows` rows, before a step at this batch size, took `seconds`."""
         costs = self._costs(batch_size)
-        costs.put_off_prefill_s = self._average(costs.put_off_prefill_s, seconds / rows)
+        costs.put_off_prefill_s = self._average(costs.put_off_prefill_s, seconds)
+        self._drafter_prefilled = True
 
     def observe_finished(self, lengths: list[int]) -> None:
         """Rows finished with these numbers of tokens."""
-        for length in lengths:
-            self._finished_rows = ROW_MEMORY * self._finished_rows + 1
-            self._finished_tokens = ROW_MEMORY * self._finished_tokens + length
+        self.row_lengths.observe(lengths)
 
     def observe_prefill(self) -> None:
         """Rows were prefilled: the next step is not timed. The first step after a prefill ran 15% slower than the

@@ -164,7 +164,7 @@ class FixedGamma:
     def __init__(self, k: int):
         self.k = k
 
-    def choose(self, batch_size: int, prefill_waits: bool = False) -> int:
+    def choose(self, batch_size: int, prefill_waits: bool = False, emitted: list[int] | None = None) -> int:
         return self.k
 
     def observe(self, k, num_accepted, step) -> None:
@@ -197,7 +197,7 @@ def replay(policy, answers: list[list[int]], right: list[list[bool]], costs: Ste
             prefill_waits, first = True, True
             while active:
                 b = len(active)
-                k = policy.choose(b, prefill_waits=prefill_waits)
+                k = policy.choose(b, prefill_waits, [emitted[i] for i in active])
                 if k and prefill_waits:
                     prefill = costs.put_off_prefill(b) * machine.factor()
                     seconds += prefill

@@ -155,3 +155,25 @@ def test_msd_head_for_another_target_is_refused(world, targets):
                 refuse()
     finally:
         text_config.hidden_size -= 1
+
+
+def test_msd_pending_pairs_append_in_place_and_come_out_ragged():
+    """The pairs the head has not read: appended per row after its count (rejected slots, -1, never come out), rows
+    selected and moved, then taken right-padded with 0."""
+    from drafters.msd import PendingPairs
+
+    def hidden(values):  # [B, q, 1]
+        return torch.tensor(values, dtype=torch.float32)[..., None]
+
+    pending = PendingPairs(hidden([[1.0], [2.0]]), torch.tensor([[1], [2]]), torch.tensor([1, 1]))
+    pending.append(hidden([[3.0, 4.0, 0.0], [5.0, 0.0, 0.0]]), torch.tensor([[3, 4, -1], [5, -1, -1]]),
+                   torch.tensor([2, 1]))
+    pending.append(hidden([[6.0], [7.0]]), torch.tensor([[6], [7]]), torch.tensor([1, 1]))
+    extra = PendingPairs(hidden([[8.0]]), torch.tensor([[8]]), torch.tensor([1]))
+    pending = pending.rows(torch.tensor([1, 0])).followed_by(extra)
+    states, tokens, counts = pending.take()
+    assert counts.tolist() == [3, 4, 1]
+    assert tokens.tolist() == [[2, 5, 7, 0], [1, 3, 4, 6], [8, 0, 0, 0]]
+    assert states[0, :3, 0].tolist() == [2.0, 5.0, 7.0] and states[1, :4, 0].tolist() == [1.0, 3.0, 4.0, 6.0]
+    pending.append(hidden([[9.0], [10.0], [11.0]]), torch.tensor([[9], [10], [11]]), torch.tensor([1, 1, 1]))
+    assert pending.take()[1].tolist() == [[9], [10], [11]]  # taken pairs are gone

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.engine.gamma import AUTO, SETTLE, GammaPolicy, parse_gamma
+from pipeline.engine.gamma import AUTO, SETTLE, GammaPolicy, RowLengths, parse_gamma
 from pipeline.engine.stats import StepTimes
 
 
@@ -58,9 +58,27 @@ def test_auto_falls_to_zero_with_a_useless_drafter():
 def test_auto_does_not_speculate_for_a_marginal_gain():
     # 1 draft at 0.5 acceptance: 1.5 tokens for 1.47 plain steps' time, a 2% gain: below the 3% margin
     policy = policy_after(0.5, draft_s=0.47, verify_s=lambda q: 1.0)
+    policy.step_spread = 0.0  # step times exact
     assert policy.expected_rate(1, 1) > policy.expected_rate(0, 1) and policy.best_gamma(1) == 0
     policy.margin = 0.0
     assert policy.best_gamma(1) > 0
+
+
+def test_auto_asks_more_of_speculation_measured_on_few_steps():
+    """1 draft at 0.8 acceptance: 1.8 tokens for 1.5 plain steps' time, 20% more than plain decoding. Timed on one step
+    each, at 15% spread a step, that is within the noise (3% + 21%); timed on six each, it is not (3% + 9%)."""
+    policy = GammaPolicy(gamma="auto", max_gamma=1)
+    observe_plain(policy, 1, 1.0)
+    for _ in range(2):  # the first step with drafts after plain ones catches up: not timed
+        policy.observe(1, [1], StepTimes(0.5, 1.0))
+    set_acceptance(policy, [0.8])
+    assert policy.expected_rate(1, 1) / policy.expected_rate(0, 1) == pytest.approx(1.2)
+    assert policy.best_gamma(1) == 0
+    for _ in range(5):  # each a change of k, timed against the speed just before
+        observe_plain(policy, 1, 1.0)
+        for _ in range(2):
+            policy.observe(1, [1], StepTimes(0.5, 1.0))
+    assert policy.best_gamma(1) == 1
 
 
 def test_measured_step_times_decide_not_the_model():
@@ -171,7 +189,7 @@ def test_the_step_after_a_prefill_is_not_timed():
 def test_auto_starts_by_measuring_both_regimes_climbs_then_probes():
     policy = GammaPolicy(gamma="auto", max_gamma=6, probe_every=4)
     choices = []
-    for _ in range(200):  # every draft accepted, each costing a hundredth of a step: longer drafts always pay
+    for _ in range(1500):  # every draft accepted, each costing a hundredth of a step: longer drafts always pay
         set_acceptance(policy, [1.0] * 6)
         k = policy.choose(1)
         choices.append(k)
@@ -183,7 +201,10 @@ def test_auto_starts_by_measuring_both_regimes_climbs_then_probes():
     plain_probe, neighbour_probe = [0] * (SETTLE + 1), [5, 6, 6]
     assert [choices[i:i + SETTLE + 1] for i in probes[:4]] == [plain_probe, neighbour_probe] * 2
     gaps = [b - a for a, b in zip(probes, probes[1:])]
-    assert gaps[:5] == [4, 8, 16, 32, 64] and set(gaps[5:]) == {64}  # intervals double while the choice holds, to 64
+    # After a probe of the neighbour (6 tokens a step instead of 7 for the same time: 0.14 of a step lost) the
+    # intervals double while the choice holds, to 64; a probe of plain decoding loses 2.4 steps (3 steps at a seventh
+    # of the rate), and the next probe waits until that is 1% of the steps since.
+    assert gaps[1::2] == [14, 32, 64, 64, 64] and set(gaps[::2]) == {241}
 
 
 def drafting_measured_at_32_rows(draft_s: float) -> GammaPolicy:
@@ -244,17 +265,45 @@ def test_the_drafters_put_off_prefill_counts_against_drafting():
     policy = policy_after(0.6, draft_s=0.4, verify_s=lambda q: 1.0)
     policy.observe(1, [1], StepTimes(0.4, 1.0))
     set_acceptance(policy, [0.6] * 8)
+    policy.step_spread = 0.0  # step times exact
     assert policy.best_gamma(1, prefill_waits=True) == 1
     policy.observe_drafter_prefill(batch_size=1, rows=1, seconds=3.0)
     assert policy.best_gamma(1, prefill_waits=True) == 1  # no row has finished: how long rows are is not known yet
     policy.observe_finished([10, 10])
-    assert policy.put_off_prefill_per_token(1) == pytest.approx(0.3)
+    assert policy.switch_per_token(1, prefill_waits=True) == pytest.approx(0.3)  # rows at their start: 10 tokens left
     assert policy.expected_rate(1, 1, prefill_waits=True) == pytest.approx(1.6 / (1.4 + 1.6 * 0.3))
     assert policy.best_gamma(1, prefill_waits=True) == 0
     assert policy.best_gamma(1) == 1  # once paid (the rows are prefilled), it is paid: drafting pays
-    # at batch 8 it was 0.5 s a row and drafting pays
-    policy.observe_drafter_prefill(batch_size=8, rows=8, seconds=4.0)
-    assert policy.put_off_prefill_per_token(8) == pytest.approx(0.05)
+    # a row with 8 of its 10 tokens emitted has 2 left to spread it over
+    assert policy.switch_per_token(1, prefill_waits=True, emitted=[8]) == pytest.approx(1.5)
+    # a bucket that has not measured the prefill takes the nearest one's (a call's cost, mostly)
+    assert policy.switch_per_token(8, prefill_waits=True) == pytest.approx(0.3)
+
+
+def test_a_switch_to_drafting_costs_the_drafters_catch_up_too():
+    """The first drafting step after plain ones catches the drafter up on what the rows emitted meanwhile: what it
+    adds to drafting is measured, not timed as the cost of k drafts, and counts against a switch."""
+    policy = policy_after(0.6, draft_s=0.1, verify_s=lambda q: 1.0)
+    observe_plain(policy, 1, 1.0)
+    policy.observe(1, [1], StepTimes(0.9, 1.0))  # catching up: 0.8 s more than a draft
+    assert policy.buckets[1].catch_up_s == pytest.approx(0.8)
+    assert policy.step_seconds(1, 1) == pytest.approx(1.1)  # not timed as 1 draft's cost
+    policy.observe_finished([8])
+    observe_plain(policy, 1, 1.0)
+    assert policy.switch_per_token(1, prefill_waits=False, emitted=[4]) == pytest.approx(0.2)  # 0.8 s over 4 tokens
+    policy.observe(1, [1], StepTimes(0.1, 1.0))  # drafting again: the drafter is not behind
+    assert policy.switch_per_token(1, prefill_waits=False, emitted=[4]) == 0.0
+
+
+def test_the_lengths_of_finished_rows_say_how_many_tokens_a_row_has_left():
+    lengths = RowLengths()
+    assert lengths.mean_left([0]) is None
+    lengths.observe([10, 20, 30])
+    assert lengths.mean_left([0]) == pytest.approx(20)
+    assert lengths.mean_left([15]) == pytest.approx(10)  # rows of 20 and 30: 5 or 15 left
+    assert lengths.mean_left([25]) == pytest.approx(5)
+    assert lengths.mean_left([30]) == lengths.mean_left([99]) == 1.0  # longer than any row seen: about to end
+    assert lengths.mean_left([0, 25]) == pytest.approx(12.5)
 
 
 def test_plain_steps_right_after_drafting_ones_are_not_timed():
