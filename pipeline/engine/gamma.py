@@ -96,8 +96,9 @@ class RowLengths:
             return None
         if self._left is None:
             self._left = self._expected_left()
-        last = len(self._left) - 1
-        return sum(self._left[min(t, last)] for t in emitted) / max(len(emitted), 1)
+        if emitted and max(emitted) >= len(self._left):  # longer than any row seen: about to end
+            self._left += [1.0] * (max(emitted) + 1 - len(self._left))
+        return sum(map(self._left.__getitem__, emitted)) / max(len(emitted), 1)  # (each step decides: kept cheap)
 
     def _expected_left(self) -> list[float]:
         counts = Counter(self.lengths)
@@ -232,7 +233,7 @@ class GammaPolicy:
         batch pays the drafter's prefill of the whole batch and a catch-up on what the rows emitted (text-only at batch
         32 on the demo world: 2.2 and 0.5 ms, with two steps of one draft at 2.0x a plain step's 2.4 ms: 3.3 plain
         steps' time for 3.2 rows' tokens), and probes every 16 to 64 steps there cost 5-8% of the time."""
-        rates = self._rates(sorted({best, probe}), batch_size, prefill_waits=False, emitted=emitted)
+        rates = self._rates(sorted({best, probe}), batch_size, False, emitted)
         best_s = self.step_seconds(best, batch_size)
         slower = steps * max(1.0 - rates[probe] / rates[best], 0.0) * self.step_seconds(probe, batch_size) / best_s
         switch = (self._nearest_measured(batch_size, "put_off_prefill_s") if prefill_waits and probe else 0.0) + (
@@ -264,22 +265,23 @@ class GammaPolicy:
         it, text-only at batch 32 on the demo world drafted in the batches' tails on one or two timings, where no
         gamma beats plain decoding (0.92x plain decoding, 0.94x with it, three bench runs each in turn; MSD there
         0.88x and 0.92x). Candidates: the measured k and their neighbours."""
-        measured = self._costs(batch_size).step_s.keys() or {0}
-        candidates = {c for k in measured for c in (k - 1, k, k + 1) if 1 <= c <= self.max_gamma}
+        costs = self._costs(batch_size)
+        candidates = {c for k in costs.step_s or {0} for c in (k - 1, k, k + 1) if 1 <= c <= self.max_gamma}
         if not candidates:
             return 0
-        rates = self._rates(sorted(candidates | {0}), batch_size, prefill_waits, emitted)
+        rates = self._rates(sorted(candidates | {0}), batch_size, prefill_waits, emitted, costs)
         plain = rates.pop(0)
         best = max(rates, key=rates.get)
-        samples = [max(len(self._costs(batch_size).relative.get(k, ())), 1) for k in (0, best)]
+        samples = [max(len(costs.relative.get(k, ())), 1) for k in (0, best)]
         standard_error = self.step_spread * math.sqrt(sum(1 / n for n in samples))
         return best if rates[best] > (1 + self.margin + standard_error) * plain else 0
 
-    def acceptance_per_position(self, batch_size: int | None = None) -> list[float]:
-        """a_i, measured where drafts reached position i, else the last measured position's (or the prior); at a
-        batch size, measured at its bucket where drafts reached position i there BUCKET_REACHED times."""
+    def acceptance_per_position(self, batch_size: int | None = None, upto: int | None = None) -> list[float]:
+        """a_i (for the first `upto` positions), measured where drafts reached position i, else the last measured
+        position's (or the prior); at a batch size, measured at its bucket where drafts reached position i there
+        BUCKET_REACHED times."""
         rates, last = [], self.prior_acceptance
-        for reached, accepted in zip(self.reached, self.accepted):
+        for reached, accepted in zip(self.reached[:upto], self.accepted[:upto]):
             last = accepted / reached if reached >= 1.0 else last
             rates.append(last)
         if batch_size is None:
@@ -295,7 +297,7 @@ class GammaPolicy:
     def _expected_tokens_upto(self, k: int, batch_size: int | None) -> list[float]:
         """[E(0), ..., E(k)]."""
         tokens, survive = [1.0], 1.0
-        for rate in self.acceptance_per_position(batch_size)[:k]:
+        for rate in self.acceptance_per_position(batch_size, upto=k):
             survive *= min(rate, 0.999)
             tokens.append(tokens[-1] + survive)
         return tokens
@@ -306,13 +308,14 @@ class GammaPolicy:
         spread over the rows' tokens left while the drafter is behind (once paid, it is paid)."""
         return self._rates([k], batch_size, prefill_waits, emitted)[k]
 
-    def _rates(self, ks: list[int], batch_size: int, prefill_waits: bool,
-               emitted: Sequence[int] | None) -> dict[int, float]:
-        """expected_rate of each k, with one pass over the acceptance (each step decides)."""
-        tokens = self._expected_tokens_upto(max(ks), batch_size)
+    def _rates(self, ks: list[int], batch_size: int, prefill_waits: bool, emitted: Sequence[int] | None,
+               costs: _BucketCosts | None = None) -> dict[int, float]:
+        """expected_rate of each k (ks ascending), with one pass over the acceptance (each step decides)."""
+        costs = costs or self._costs(batch_size)
+        tokens = self._expected_tokens_upto(ks[-1], batch_size)
         switch_per_token = self.switch_per_token(batch_size, prefill_waits, emitted)
-        return {k: tokens[k] / max(self.step_seconds(k, batch_size) + (tokens[k] * switch_per_token if k else 0.0),
-                                   1e-9) for k in ks}
+        return {k: tokens[k] / max(self._step_seconds(costs, k) + (tokens[k] * switch_per_token if k else 0.0), 1e-9)
+                for k in ks}
 
     def switch_per_token(self, batch_size: int, prefill_waits: bool, emitted: Sequence[int] | None = None) -> float:
         """Seconds a switch to drafting adds per token a row emits from now on: the drafter's put-off prefill of the
@@ -340,7 +343,9 @@ class GammaPolicy:
         work: timing noise must not say otherwise), but not floored by other drafts' (one unlucky measurement of a
         k no longer probed, a neighbour of a choice that has moved on, held every longer draft above it, and auto
         decoded plainly at 0.86x the best fixed gamma; plain decoding is probed whatever the choice)."""
-        costs = self._costs(batch_size)
+        return self._step_seconds(self._costs(batch_size), k)
+
+    def _step_seconds(self, costs: _BucketCosts, k: int) -> float:
         step_s = costs.step_s
         if not step_s:
             return 0.0
