@@ -56,6 +56,8 @@ BUCKET_REACHED = 8.0  # decayed drafts reaching a position at a bucket before th
 # decoding's cost, they made it look slower than it is whenever drafting was the choice. So the first SETTLE plain
 # steps after drafting are not timed, and a probe of plain decoding lasts SETTLE + 1 steps.
 SETTLE = 2
+REDECIDE = 4  # steps a bucket's choice holds before it is made again (unless a probe falls due or the drafter's state
+# changes): made every step it cost 48 us a step at batch 32 on the demo world, 2% of a plain step (15 us in a loop)
 PAIR_GAP = SETTLE + 1  # steps apart that are still "just before" (steps after a change to or from plain are not timed)
 LENGTHS_KEPT = 512  # finished rows' lengths kept: their distribution says how many tokens a row has left
 
@@ -129,6 +131,7 @@ class _BucketCosts:
     probe_interval: int = 0
     next_probe: int = 0
     last_best: int = -1
+    decided: tuple[int, int, bool] | None = None  # (steps when the choice was made, the choice, the drafter behind)
     probes: int = 0  # probes so far: they rotate over plain decoding and the choice's two neighbours
 
     def observe_step(self, k: int, seconds: float, step: int) -> None:
@@ -204,8 +207,12 @@ class GammaPolicy:
             return 0  # measure plain decoding first
         elif len(costs.step_s) == 1:
             return min(self.first_gamma, self.max_gamma)  # then a speculative step
+        elif (costs.decided is not None and costs.steps - costs.decided[0] < REDECIDE and costs.steps < costs.next_probe
+              and costs.decided[2] == (prefill_waits or self._last_k == 0)):
+            best = costs.decided[1]
         else:
             best = self.best_gamma(batch_size, prefill_waits, emitted)
+            costs.decided = (costs.steps, best, prefill_waits or self._last_k == 0)
         if best not in costs.step_s:
             return best  # a neighbour that promises more: measure it
         if best != costs.last_best:  # the choice moved: watch more closely again
