@@ -14,7 +14,9 @@ neighbours are candidates, so the choice climbs one step at a time and each step
 measured before the next. Plain decoding (k = 0) is measured first and is chosen unless
 speculation promises a margin more, so a drafter that does not pay is not used. A
 settled choice is re-checked by an occasional probe of a neighbour or of plain decoding,
-at intervals that double while the choice stays the same.
+at intervals that double while the choice stays the same, and never so often that what the probes are
+predicted to lose exceeds `exploration` of the time (see _probe_loss). Speculation must beat plain
+decoding by a margin plus the standard error of the step times compared (see best_gamma).
 
 A step's time is not all that drafting costs: a switch from plain decoding to drafting costs once. A drafter puts its
 prefill off until a step drafts (drafters/put_off.py), so it prefills each row once, and only if the row is drafted
