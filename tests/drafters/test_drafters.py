@@ -177,3 +177,20 @@ def test_msd_pending_pairs_append_in_place_and_come_out_ragged():
     assert states[0, :3, 0].tolist() == [2.0, 5.0, 7.0] and states[1, :4, 0].tolist() == [1.0, 3.0, 4.0, 6.0]
     pending.append(hidden([[9.0], [10.0], [11.0]]), torch.tensor([[9], [10], [11]]), torch.tensor([1, 1, 1]))
     assert pending.take()[1].tolist() == [[9], [10], [11]]  # taken pairs are gone
+
+
+def test_msd_pending_pairs_of_plain_steps_go_in_as_a_slice_and_agree_with_a_scatter():
+    """While every row holds as many pairs, a plain step's pairs go in as one slice; after a step that kept different
+    counts per row, as a scatter; the pairs that come out are the same either way."""
+    from drafters.msd import PendingPairs
+
+    pending = PendingPairs(torch.zeros(2, 1, 1), torch.tensor([[1], [2]]), torch.tensor([1, 1]))
+    assert pending.level == 1
+    pending.append(torch.ones(2, 1, 1), torch.tensor([[3], [4]]), torch.tensor([1, 1]))
+    assert pending.level == 2
+    pending.append(torch.ones(2, 2, 1), torch.tensor([[5, 6], [7, -1]]), torch.tensor([2, 1]))
+    assert pending.level is None
+    pending.append(torch.ones(2, 1, 1), torch.tensor([[8], [9]]), torch.tensor([1, 1]))
+    _, tokens, counts = pending.take()
+    assert counts.tolist() == [5, 4] and tokens.tolist() == [[1, 3, 5, 6, 8], [2, 4, 7, 9, 0]]
+    assert pending.level == 0
