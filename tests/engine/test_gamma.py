@@ -335,3 +335,26 @@ def test_a_probe_of_drafting_from_plain_decoding_lasts_until_it_is_timed():
     runs = "".join("p" if k == 0 else "d" for k in choices)
     assert "pddp" in runs and "pdp" not in runs
     assert policy.step_seconds(1, 1) == pytest.approx(2.1)  # measured (the neighbour of plain decoding probed)
+
+
+def test_a_choice_holds_a_few_steps_unless_the_drafter_falls_behind():
+    """Choosing costs tens of microseconds a step: a bucket's choice is made again every REDECIDE steps, or at once
+    when the last step decoded plainly where it drafted before (the drafter fell behind: a switch back costs)."""
+    from pipeline.engine.gamma import REDECIDE
+
+    policy = policy_after(0.8, draft_s=0.01, verify_s=lambda q: 1.0)
+    policy.probe_every = policy.max_probe_every = 1000  # no probes here
+    for costs in policy.buckets.values():
+        costs.next_probe = 1000
+    k = policy.choose(1)
+    assert k >= 4
+    policy.observe(k, [k], StepTimes(0.01 * k, 1.0))
+    set_acceptance(policy, [0.0] * 8)  # drafting stops paying: the choice holds until it is made again
+    held = []
+    for _ in range(REDECIDE):
+        held.append(policy.choose(1))
+        policy.observe(held[-1], [0], StepTimes(0.01 * held[-1], 1.0))
+        set_acceptance(policy, [0.0] * 8)
+    assert held[:REDECIDE - 1] == [k] * (REDECIDE - 1) and held[-1] == 0
+    set_acceptance(policy, [0.8] * 8)  # drafting pays again, and the drafter is behind now: chosen at once
+    assert policy.choose(1) >= 4
