@@ -21,8 +21,8 @@ decoding by a margin plus the standard error of the step times compared (see bes
 A step's time is not all that drafting costs: a switch from plain decoding to drafting costs once. A drafter puts its
 prefill off until a step drafts (drafters/put_off.py), so it prefills each row once, and only if the row is drafted
 for; and the first drafting step after plain ones catches the drafter up on the tokens decoded meanwhile. While the
-drafter is behind, what the switch costs (the measured put-off prefill per row, the measured catch-up) is spread over
-the tokens the rows have left and added to every k > 0; once paid, it is paid. A row's tokens left are its expected
+drafter is behind, what the switch costs (the measured put-off prefill of the batch, the measured catch-up) is spread
+over the tokens the rows have left and added to every k > 0; once paid, it is paid. A row's tokens left are its expected
 length, given what it has emitted, from the lengths of finished rows, less what it has emitted: a static batch's tail
 is its longest rows' last tokens (text-only at batch 32 on the demo world: at 14 rows about 10 tokens a row were left,
 3 steps with 3 drafts, over which the drafter's prefill, 2.0 ms, and its catch-up, 0.7 ms, cost what drafting saved;
