@@ -210,11 +210,11 @@ class GammaPolicy:
         elif len(costs.step_s) == 1:
             return min(self.first_gamma, self.max_gamma)  # then a speculative step
         elif (costs.decided is not None and costs.steps - costs.decided[0] < REDECIDE and costs.steps < costs.next_probe
-              and costs.decided[2] == (prefill_waits or self._last_k == 0)):
+              and costs.decided[2] == self._drafter_behind(prefill_waits)):
             best = costs.decided[1]
         else:
             best = self.best_gamma(batch_size, prefill_waits, emitted)
-            costs.decided = (costs.steps, best, prefill_waits or self._last_k == 0)
+            costs.decided = (costs.steps, best, self._drafter_behind(prefill_waits))
         if best not in costs.step_s:
             return best  # a neighbour that promises more: measure it
         if best != costs.last_best:  # the choice moved: watch more closely again
@@ -228,25 +228,23 @@ class GammaPolicy:
             # until a step is timed: plain decoding after drafting SETTLE + 1 steps, drafting after plain decoding 2
             # (the first one catches up)
             self._probe_steps = [0] * SETTLE if probe == 0 else [probe] if best == 0 else []
-            loss = self._probe_loss(batch_size, best, probe, 1 + len(self._probe_steps), prefill_waits, emitted)
+            loss = self._probe_loss(batch_size, best, probe, 1 + len(self._probe_steps), prefill_waits)
             costs.next_probe = costs.steps + max(costs.probe_interval, math.ceil(loss / self.exploration))
             costs.probe_interval = min(2 * costs.probe_interval, self.max_probe_every)
             return probe
         return best
 
-    def _probe_loss(self, batch_size: int, best: int, probe: int, steps: int, prefill_waits: bool,
-                    emitted: Sequence[int] | None) -> float:
+    def _probe_loss(self, batch_size: int, best: int, probe: int, steps: int, prefill_waits: bool) -> float:
         """What a probe of `steps` steps with k = probe instead of the choice is predicted to cost, in steps of the
         choice: the steps' lower rate, and a switch to drafting and back (the drafter's put-off prefill, catch-ups).
         The next probe waits until this is `exploration` of the steps between them. A probe of drafting in a static
         batch pays the drafter's prefill of the whole batch and a catch-up on what the rows emitted (text-only at batch
         32 on the demo world: 2.2 and 0.5 ms, with two steps of one draft at 2.0x a plain step's 2.4 ms: 3.3 plain
         steps' time for 3.2 rows' tokens), and probes every 16 to 64 steps there cost 5-8% of the time."""
-        rates = self._rates(sorted({best, probe}), batch_size, False, emitted)
+        rates = self._rates(sorted({best, probe}), batch_size, switch_per_token=0.0)  # the switch is counted below
         best_s = self.step_seconds(best, batch_size)
         slower = steps * max(1.0 - rates[probe] / rates[best], 0.0) * self.step_seconds(probe, batch_size) / best_s
-        switch = (self._nearest_measured(batch_size, "put_off_prefill_s") if prefill_waits and probe else 0.0) + (
-            self._nearest_measured(batch_size, "catch_up_s") if (probe == 0) != (best == 0) else 0.0)
+        switch = self._switch_seconds(batch_size, prefill_waits and probe > 0, (probe == 0) != (best == 0))
         return slower + switch / best_s
 
     def _neighbour_decodes_plainly(self, bucket: int) -> bool:
@@ -278,7 +276,8 @@ class GammaPolicy:
         candidates = {c for k in costs.step_s or {0} for c in (k - 1, k, k + 1) if 1 <= c <= self.max_gamma}
         if not candidates:
             return 0
-        rates = self._rates(sorted(candidates | {0}), batch_size, prefill_waits, emitted, costs)
+        switch_per_token = self.switch_per_token(batch_size, prefill_waits, emitted)
+        rates = self._rates(sorted(candidates | {0}), batch_size, switch_per_token, costs)
         plain = rates.pop(0)
         best = max(rates, key=rates.get)
         samples = [max(len(costs.relative.get(k, ())), 1) for k in (0, best)]
@@ -315,14 +314,14 @@ class GammaPolicy:
                       emitted: Sequence[int] | None = None) -> float:
         """Predicted tokens per second per row with k drafts at this batch size; with what a switch to drafting costs
         spread over the rows' tokens left while the drafter is behind (once paid, it is paid)."""
-        return self._rates([k], batch_size, prefill_waits, emitted)[k]
+        return self._rates([k], batch_size, self.switch_per_token(batch_size, prefill_waits, emitted))[k]
 
-    def _rates(self, ks: list[int], batch_size: int, prefill_waits: bool, emitted: Sequence[int] | None,
+    def _rates(self, ks: list[int], batch_size: int, switch_per_token: float,
                costs: _BucketCosts | None = None) -> dict[int, float]:
-        """expected_rate of each k (ks ascending), with one pass over the acceptance (each step decides)."""
+        """expected_rate of each k (ks ascending) with a switch to drafting costing switch_per_token seconds a token,
+        with one pass over the acceptance (each step decides)."""
         costs = costs or self._costs(batch_size)
         tokens = self._expected_tokens_upto(ks[-1], batch_size)
-        switch_per_token = self.switch_per_token(batch_size, prefill_waits, emitted)
         return {k: tokens[k] / max(self._step_seconds(costs, k) + (tokens[k] * switch_per_token if k else 0.0), 1e-9)
                 for k in ks}
 
@@ -330,10 +329,18 @@ class GammaPolicy:
         """Seconds a switch to drafting adds per token a row emits from now on: the drafter's put-off prefill of the
         batch when it waits and its catch-up when the last step decoded plainly, each as measured at this batch size,
         over the tokens a row has left (0 until a row has finished, or while drafting)."""
-        seconds = (self._nearest_measured(batch_size, "put_off_prefill_s") if prefill_waits else 0.0) + (
-            self._nearest_measured(batch_size, "catch_up_s") if self._last_k == 0 else 0.0)
+        seconds = self._switch_seconds(batch_size, prefill_waits, self._last_k == 0)
         left = self.row_lengths.mean_left(emitted if emitted is not None else [0] * batch_size) if seconds else None
         return seconds / left if left else 0.0
+
+    def _drafter_behind(self, prefill_waits: bool) -> bool:
+        """A step that drafts now pays a switch: the drafter's prefill waits, or the last step decoded plainly."""
+        return prefill_waits or self._last_k == 0
+
+    def _switch_seconds(self, batch_size: int, prefill: bool, catch_up: bool) -> float:
+        """What a switch to drafting costs at this batch size: the drafter's put-off prefill and/or its catch-up."""
+        return ((self._nearest_measured(batch_size, "put_off_prefill_s") if prefill else 0.0)
+                + (self._nearest_measured(batch_size, "catch_up_s") if catch_up else 0.0))
 
     def _nearest_measured(self, batch_size: int, cost: str) -> float:
         """A switch cost at this batch size's bucket, else at the nearest bucket that has measured it (the larger on a
