@@ -136,12 +136,17 @@ class CausalLMDrafter:
 
     @torch.no_grad()
     def prefill(self, prompts: list[PreparedPrompt], target: TargetPrefill, first_tokens, append: bool = False) -> None:
-        rows = [self.model.prompt_tokens(p.input_ids, positions) for p, positions in zip(prompts, target.positions)]
-        ids, _ = left_pad([ids for ids, _ in rows], self.pad_token_id, self.device)
-        features = target.image_features
-        if features is not None:
-            features = features.to(self.device, self.decoder.dtype)
-        self.decoder.prefill(self.model.embed(ids, features), [positions for _, positions in rows], append=append)
+        def inputs() -> tuple[torch.Tensor, list[list[int]]]:  # built when the decoder prefills (put_off.py)
+            rows = [self.model.prompt_tokens(p.input_ids, positions)
+                    for p, positions in zip(prompts, target.positions)]
+            ids, _ = left_pad([ids for ids, _ in rows], self.pad_token_id, self.device)
+            features = target.image_features
+            if features is not None:
+                features = features.to(self.device, self.decoder.dtype)
+            with torch.no_grad():
+                return self.model.embed(ids, features), [positions for _, positions in rows]
+
+        self.decoder.prefill(inputs, len(prompts), append=append)
         self.pending = (self.pending if append else []) + [[t] for t in first_tokens.tolist()]
 
     @property
@@ -172,6 +177,10 @@ class CausalLMDrafter:
     def commit(self, k: int, num_accepted: torch.Tensor, output_tokens: torch.Tensor,
                target_hidden_states: torch.Tensor | None = None) -> None:
         """num_accepted [B] and output_tokens [B, k+1] on the host."""
+        if k == 0:  # a plain step: each row's one token waits for the next draft (a step's Python, kept short)
+            for row, token in zip(self.pending, output_tokens[:, 0].tolist()):
+                row.append(token)
+            return
         # propose(k) appended the first k-1 drafts to the cache; roll back those after the first rejection.
         fed_drafts = max(k - 1, 0)
         kept_drafts = num_accepted.clamp_max(fed_drafts)

@@ -185,7 +185,7 @@ class MsdDrafter:
     (h_{n+j}, x_{n+j+1}) for j up to the accepted count), as [B, P, H] hidden states and [B, P] tokens
     with a count per row. `propose` reads them in one ragged forward, then drafts k tokens, feeding the
     head's own predicted features back for the first k-1. A batch's prefill waits until a draft needs it
-    (put_off.py): meanwhile a row keeps its prompt's pairs as the head's inputs [L - 1, H].
+    (put_off.py): meanwhile the rows keep the target's prefill, from which the head's inputs are built then.
     """
 
     kind = MsdDraftModel.kind
@@ -206,11 +206,15 @@ class MsdDrafter:
     def prefill(self, prompts: list[PreparedPrompt], target: TargetPrefill, first_tokens: torch.Tensor,
                 append: bool = False) -> None:
         # The target's prompts left-padded as its prefill padded them, so columns line up with its hidden states.
-        ids, _ = left_pad([p.input_ids for p in prompts], 0, self.device)
         hidden = target.hidden_states  # [B, L, H]
-        inputs = self.model.fuse(hidden[:, :-1], ids[:, 1:], target.image_features)  # pairs (h_t, x_{t+1})
-        # each pair sits at the target's position of x_{t+1}
-        self.decoder.prefill(inputs, [row[1:] for row in target.positions], append=append)
+
+        def inputs() -> tuple[torch.Tensor, list[list[int]]]:  # built when the decoder prefills (put_off.py)
+            ids, _ = left_pad([p.input_ids for p in prompts], 0, self.device)
+            with torch.no_grad():  # pairs (h_t, x_{t+1}), each at the target's position of x_{t+1}
+                return (self.model.fuse(hidden[:, :-1], ids[:, 1:], target.image_features),
+                        [row[1:] for row in target.positions])
+
+        self.decoder.prefill(inputs, len(prompts), append=append)
         new = PendingPairs(hidden[:, -1:], first_tokens[:, None], torch.ones(len(prompts), dtype=torch.long))
         self.pending = self.pending.followed_by(new) if append else new
 

@@ -59,7 +59,8 @@ BUCKET_REACHED = 8.0  # decayed drafts reaching a position at a bucket before th
 # steps after drafting are not timed, and a probe of plain decoding lasts SETTLE + 1 steps.
 SETTLE = 2
 REDECIDE = 4  # steps a bucket's choice holds before it is made again (unless a probe falls due or the drafter's state
-# changes): made every step it cost 48 us a step at batch 32 on the demo world, 2% of a plain step (15 us in a loop)
+# changes): made every step it cost 48 us a step at batch 32 on the demo world, 2% of a plain step (15 us in a loop);
+# so does the choice to decode plainly like a neighbouring bucket (made every step, it cost 34 us a step with MSD)
 PAIR_GAP = SETTLE + 1  # steps apart that are still "just before" (steps after a change to or from plain are not timed)
 LENGTHS_KEPT = 512  # finished rows' lengths kept: their distribution says how many tokens a row has left
 
@@ -122,7 +123,7 @@ class _BucketCosts:
     relative: dict[int, deque] = field(default_factory=dict)  # drafts k -> its last steps' log times, relative
     log_speed: float = 0.0  # log of how much slower than usual the machine runs now
     last_timed: tuple[int, int] | None = None  # (step, k) of the last timed step
-    step_s: dict[int, float] = field(default_factory=dict)  # S(k) per measured k at the speed now (seconds)
+    _step_s: dict[int, float] | None = None  # step_s, until a step is observed
     verify_s: dict[int, float] = field(default_factory=dict)  # tokens verified per row -> besides_drafting_s
     reached: list[float] = field(default_factory=list)  # acceptance counts as GammaPolicy's, at this bucket only
     accepted: list[float] = field(default_factory=list)
@@ -132,6 +133,7 @@ class _BucketCosts:
     steps: int = 0
     probe_interval: int = 0
     next_probe: int = 0
+    last_probe: int = 0  # steps when the last probe began (the bucket's start before any)
     last_best: int = -1
     decided: tuple[int, int, bool] | None = None  # (steps when the choice was made, the choice, the drafter behind)
     probes: int = 0  # probes so far: they rotate over plain decoding and the choice's two neighbours
@@ -152,7 +154,14 @@ class _BucketCosts:
         if not recent:  # nothing just before to compare with: the speed is what this step says
             self.log_speed = log_t - self.log_s[k]
         self.last_timed = (step, k)
-        self.step_s = {m: math.exp(self.log_speed + log_s) for m, log_s in self.log_s.items()}
+        self._step_s = None
+
+    @property
+    def step_s(self) -> dict[int, float]:
+        """S(k) per measured k at the speed now (seconds); built when a decision reads it, not at every step."""
+        if self._step_s is None:
+            self._step_s = {m: math.exp(self.log_speed + log_s) for m, log_s in self.log_s.items()}
+        return self._step_s
 
 
 @dataclass
@@ -203,33 +212,41 @@ class GammaPolicy:
         if self._probe_steps:
             return self._probe_steps.pop()
         costs = self._costs(batch_size)
-        if len(costs.step_s) <= 1 and self._neighbour_decodes_plainly(batch_bucket(batch_size)):
-            best = 0  # no exploring here either, but probes as any choice does
-        elif 0 not in costs.step_s:
-            return 0  # measure plain decoding first
-        elif len(costs.step_s) == 1:
-            return min(self.first_gamma, self.max_gamma)  # then a speculative step
-        elif (costs.decided is not None and costs.steps - costs.decided[0] < REDECIDE and costs.steps < costs.next_probe
-              and costs.decided[2] == self._drafter_behind(prefill_waits)):
+        behind = self._drafter_behind(prefill_waits)
+        if (costs.decided is not None and costs.steps - costs.decided[0] < REDECIDE and costs.steps < costs.next_probe
+                and costs.decided[2] == behind):
             best = costs.decided[1]
+        elif len(costs.log_s) <= 1 and self._neighbour_decodes_plainly(batch_bucket(batch_size)):
+            best = 0  # no exploring here either, but probes as any choice does
+            costs.decided = (costs.steps, best, behind)
+        elif 0 not in costs.log_s:
+            return 0  # measure plain decoding first
+        elif len(costs.log_s) == 1:
+            return min(self.first_gamma, self.max_gamma)  # then a speculative step
         else:
             best = self.best_gamma(batch_size, prefill_waits, emitted)
-            costs.decided = (costs.steps, best, self._drafter_behind(prefill_waits))
-        if best not in costs.step_s:
+            costs.decided = (costs.steps, best, behind)
+        if best not in costs.log_s:
             return best  # a neighbour that promises more: measure it
         if best != costs.last_best:  # the choice moved: watch more closely again
             costs.last_best, costs.probe_interval = best, self.probe_every
         if costs.steps >= costs.next_probe and not self._after_prefill:  # keep the neighbours' times fresh (a step
             # after a prefill is not timed: a probe there would measure nothing)
-            costs.probes += 1
             # plain decoding too: the rate every choice must beat, kept fresh like the neighbours'
             targets = sorted({0, best - 1, best + 1} & set(range(self.max_gamma + 1)) - {best})
-            probe = targets[(costs.probes - 1) % len(targets)]  # plain decoding first
+            probe = targets[costs.probes % len(targets)]  # plain decoding first
             # until a step is timed: plain decoding after drafting SETTLE + 1 steps, drafting after plain decoding 2
             # (the first one catches up)
-            self._probe_steps = [0] * SETTLE if probe == 0 else [probe] if best == 0 else []
-            loss = self._probe_loss(batch_size, best, probe, 1 + len(self._probe_steps), prefill_waits)
-            costs.next_probe = costs.steps + max(costs.probe_interval, math.ceil(loss / self.exploration))
+            probe_steps = [0] * SETTLE if probe == 0 else [probe] if best == 0 else []
+            loss = self._probe_loss(batch_size, best, probe, 1 + len(probe_steps), prefill_waits)
+            spacing = max(costs.probe_interval, math.ceil(loss / self.exploration))
+            if costs.steps < costs.last_probe + spacing:  # its cost is known better now than when it was set: wait
+                costs.next_probe = costs.last_probe + spacing
+                return best
+            costs.probes += 1
+            self._probe_steps = probe_steps
+            costs.last_probe, costs.next_probe = costs.steps, costs.steps + costs.probe_interval  # (the next one's
+            # cost may differ: it is checked when due)
             costs.probe_interval = min(2 * costs.probe_interval, self.max_probe_every)
             return probe
         return best
@@ -260,7 +277,7 @@ class GammaPolicy:
         text-only at batch 32 0.86x -> 0.92x plain decoding (its best fixed gamma 0.81x); with probes at most 64 steps
         apart (256 before) the worst of batch 1 and 8 against the best fixed gamma 0.96 -> 0.98."""
         for near in (bucket + 1, bucket - 1):
-            if near in self.buckets and len(self.buckets[near].step_s) >= 2:
+            if near in self.buckets and len(self.buckets[near].log_s) >= 2:
                 return self.best_gamma(2 ** (near - 1)) == 0
         return False
 
