@@ -133,7 +133,6 @@ class _BucketCosts:
     steps: int = 0
     probe_interval: int = 0
     next_probe: int = 0
-    last_probe: int = 0  # steps when the last probe began (the bucket's start before any)
     last_best: int = -1
     decided: tuple[int, int, bool] | None = None  # (steps when the choice was made, the choice, the drafter behind)
     probes: int = 0  # probes so far: they rotate over plain decoding and the choice's two neighbours
@@ -234,19 +233,13 @@ class GammaPolicy:
             # after a prefill is not timed: a probe there would measure nothing)
             # plain decoding too: the rate every choice must beat, kept fresh like the neighbours'
             targets = sorted({0, best - 1, best + 1} & set(range(self.max_gamma + 1)) - {best})
-            probe = targets[costs.probes % len(targets)]  # plain decoding first
+            costs.probes += 1
+            probe = targets[(costs.probes - 1) % len(targets)]  # plain decoding first
             # until a step is timed: plain decoding after drafting SETTLE + 1 steps, drafting after plain decoding 2
             # (the first one catches up)
-            probe_steps = [0] * SETTLE if probe == 0 else [probe] if best == 0 else []
-            loss = self._probe_loss(batch_size, best, probe, 1 + len(probe_steps), prefill_waits)
-            spacing = max(costs.probe_interval, math.ceil(loss / self.exploration))
-            if costs.steps < costs.last_probe + spacing:  # its cost is known better now than when it was set: wait
-                costs.next_probe = costs.last_probe + spacing
-                return best
-            costs.probes += 1
-            self._probe_steps = probe_steps
-            costs.last_probe, costs.next_probe = costs.steps, costs.steps + costs.probe_interval  # (the next one's
-            # cost may differ: it is checked when due)
+            self._probe_steps = [0] * SETTLE if probe == 0 else [probe] if best == 0 else []
+            loss = self._probe_loss(batch_size, best, probe, 1 + len(self._probe_steps), prefill_waits)
+            costs.next_probe = costs.steps + max(costs.probe_interval, math.ceil(loss / self.exploration))
             costs.probe_interval = min(2 * costs.probe_interval, self.max_probe_every)
             return probe
         return best
