@@ -55,8 +55,8 @@ class RaggedKVCache(Cache):
         self.device = torch.device(device)
         self.lengths = lengths.to("cpu", torch.long).clone()  # [B] committed slots per row, on the host
         # [B] rotary position minus slot, per row, on the host (0 for one-axis families)
-        self.position_offsets = (torch.zeros_like(self.lengths) if position_offsets is None
-                                 else position_offsets.to("cpu", torch.long).clone())
+        self._set_offsets(torch.zeros_like(self.lengths) if position_offsets is None
+                          else position_offsets.to("cpu", torch.long).clone())
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self._write_slots: torch.Tensor | None = None  # [B, q] on device: slots of the forward in flight
@@ -92,6 +92,15 @@ class RaggedKVCache(Cache):
         self._write_slots = slots.to(self.device, non_blocking=True)
         return self._write_slots
 
+    @property
+    def position_bound(self) -> int:
+        """Every position of the forward in flight is below this (a rotary table that long covers them)."""
+        return self.kv_len + self._max_offset
+
+    def _set_offsets(self, offsets: torch.Tensor) -> None:
+        self.position_offsets = offsets
+        self._max_offset = int(offsets.max()) if len(offsets) else 0
+
     def end_forward(self, num_new: torch.Tensor | int) -> None:
         """Append the first num_new[i] tokens of the forward in flight to row i (host tensor; an int: all rows)."""
         self.lengths += num_new if isinstance(num_new, int) else num_new.to("cpu", torch.long)
@@ -107,7 +116,7 @@ class RaggedKVCache(Cache):
         new end copies only those (the running batch removes rows that way)."""
         rows = rows.cpu()
         self.lengths = self.lengths[rows]
-        self.position_offsets = self.position_offsets[rows]
+        self._set_offsets(self.position_offsets[rows])
         moved = (rows != torch.arange(len(rows))).nonzero().squeeze(1)
         if not len(moved):
             return
@@ -128,7 +137,7 @@ class RaggedKVCache(Cache):
         the buffers must grow."""
         rows, new = len(self.lengths), len(other.lengths) - start
         self.lengths = torch.cat([self.lengths, other.lengths[start:]])
-        self.position_offsets = torch.cat([self.position_offsets, other.position_offsets[start:]])
+        self._set_offsets(torch.cat([self.position_offsets, other.position_offsets[start:]]))
         for buffers, incoming in ((self.keys, other.keys), (self.values, other.values)):
             for i, (buffer, states) in enumerate(zip(buffers, incoming)):
                 if states is None:
