@@ -40,16 +40,18 @@ class Row:
         return self.finish_reason == FINISH_STOP or len(self.tokens) >= self.budget
 
     def emit(self, tokens: list[int]) -> int:
-        """Append tokens up to an EOS token or the budget; returns how many were taken."""
-        taken = 0
-        for token in tokens:
-            if self.finished:
-                break
-            self.tokens.append(token)
-            taken += 1
+        """Append tokens up to an EOS token or the budget; returns how many were taken (every row, every step:
+        kept short)."""
+        if self.finish_reason == FINISH_STOP:
+            return 0
+        taken = tokens[: max(self.budget - len(self.tokens), 0)]
+        for i, token in enumerate(taken):
             if token in self.eos_token_ids:
+                taken = taken[: i + 1]
                 self.finish_reason = FINISH_STOP
-        return taken
+                break
+        self.tokens += taken
+        return len(taken)
 
 
 class RunningBatch:

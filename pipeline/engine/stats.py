@@ -35,12 +35,18 @@ class SpecDecodeCounts:
     def observe_step(self, num_drafted: int, num_accepted: int) -> None:
         """One verification step that drafted `num_drafted` tokens and accepted the first `num_accepted`."""
         self.num_steps += 1
+        if not num_drafted:  # a plain step (every row, every step: kept short)
+            return
         self.num_drafted += num_drafted
         self.num_accepted += num_accepted
-        self.drafted_per_position = _add_lists(self.drafted_per_position, [1] * num_drafted)
-        self.accepted_per_position = _add_lists(
-            self.accepted_per_position, [1] * num_accepted + [0] * (num_drafted - num_accepted)
-        )
+        drafted, accepted = self.drafted_per_position, self.accepted_per_position
+        if len(drafted) < num_drafted:
+            drafted += [0] * (num_drafted - len(drafted))
+            accepted += [0] * (num_drafted - len(accepted))
+        for i in range(num_drafted):
+            drafted[i] += 1
+        for i in range(num_accepted):
+            accepted[i] += 1
 
     def observe_tokens(self, num_tokens: int) -> None:
         self.num_generated_tokens += num_tokens
