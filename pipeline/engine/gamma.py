@@ -123,7 +123,7 @@ class _BucketCosts:
     relative: dict[int, deque] = field(default_factory=dict)  # drafts k -> its last steps' log times, relative
     log_speed: float = 0.0  # log of how much slower than usual the machine runs now
     last_timed: tuple[int, int] | None = None  # (step, k) of the last timed step
-    _step_s: dict[int, float] | None = None  # step_s, until a step is observed
+    _step_s: dict[int, float] | None = None  # step_s as last built (None: a step was observed since)
     verify_s: dict[int, float] = field(default_factory=dict)  # tokens verified per row -> besides_drafting_s
     reached: list[float] = field(default_factory=list)  # acceptance counts as GammaPolicy's, at this bucket only
     accepted: list[float] = field(default_factory=list)

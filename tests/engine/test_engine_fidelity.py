@@ -212,11 +212,17 @@ def test_a_drafter_that_puts_its_prefill_off_drafts_as_one_that_does_not(world, 
         assert 0.3 < counts.num_accepted / counts.num_drafted < 1, counts.report()
 
     never = load_drafter(world["llava"][drafter_kind], target)
+    shared = {id(module) for module in target.model.modules()}  # an MSD head reads the target's embeddings
+    ran = []
+    for module in never.model.modules():
+        if id(module) not in shared:
+            module.register_forward_hook(lambda module, *_: ran.append(type(module).__name__))
     engine = SpecDecodeEngine(target, never, EngineConfig(max_new_tokens=MAX_NEW))
     engine.gamma_policy = Schedule([0])
     plain = SpecDecodeEngine(target, None, EngineConfig(max_new_tokens=MAX_NEW)).generate(prompts)
     assert [r.tokens for r in engine.generate(prompts, max_batch_size=4)] == [r.tokens for r in plain]
     assert never.decoder.ragged.cache is None  # its prefill never ran
+    assert ran == []  # nor was its prefill's input built (embedding, projector, fuse)
     assert engine.gamma_policy.drafter_prefills == []
 
 
