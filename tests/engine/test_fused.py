@@ -22,13 +22,13 @@ def _language_model(target_family: str, seed: int = 0):
     return model
 
 
-def _decode(decoder: RaggedDecoder, prompts: list[list[int]]) -> list[torch.Tensor]:
+def _decode(decoder: RaggedDecoder, prompts: list[list[int]], first_position: int = 0) -> list[torch.Tensor]:
     """Logits of a ragged prefill, then of steps appending 1 and 3 tokens (rows keeping fewer) and a rollback."""
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
-    positions = (mask.cumsum(1) - 1).clamp_min(0)
-    decoder.prefill(mask, positions, torch.zeros(len(prompts), dtype=torch.long), input_ids=ids)
+    positions = (mask.cumsum(1) - 1).clamp_min(0) + first_position
+    decoder.prefill(mask, positions, torch.full((len(prompts),), first_position), input_ids=ids)
     logits = [decoder.forward(input_ids=torch.tensor([[5], [7], [9]])).logits]
     logits.append(decoder.forward(input_ids=torch.tensor([[11, 12, 13]] * 3), num_new=torch.tensor([3, 1, 2])).logits)
     decoder.rollback(torch.tensor([1, 0, 2]))
@@ -72,6 +72,18 @@ def test_exact_logits_are_the_models_own_bit_for_bit(family):
     hf = _decode(RaggedDecoder(model, stack=HF_FORWARD), prompts)
     for ours, theirs in zip(_decode(exact, prompts), hf, strict=True):
         assert torch.equal(ours, theirs)
+
+
+def test_the_rotary_table_grows_with_the_positions_and_keeps_the_models_numbers():
+    """cos and sin are read from a table of the rotary embedding's own values, grown when positions pass its end."""
+    model = _language_model("llava")
+    model.config._attn_implementation = "sdpa"
+    prompts = [[3, 4, 5, 6, 7, 8], [9, 10], [11, 12, 13, 14]]
+    exact, hf = RaggedDecoder(model), RaggedDecoder(model, stack=HF_FORWARD)
+    for first_position in (0, 700, 5):  # a table of 256 positions, then grown past 700
+        for ours, theirs in zip(_decode(exact, prompts, first_position), _decode(hf, prompts, first_position)):
+            assert torch.equal(ours, theirs)
+    assert exact.fused_stack.rotary_table[0].shape[0] > 700
 
 
 @pytest.mark.parametrize("family", LLAMA_ARCHITECTURE)
