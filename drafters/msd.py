@@ -205,10 +205,10 @@ class MsdDrafter:
     @torch.no_grad()
     def prefill(self, prompts: list[PreparedPrompt], target: TargetPrefill, first_tokens: torch.Tensor,
                 append: bool = False) -> None:
-        # The target's prompts left-padded as its prefill padded them, so columns line up with its hidden states.
         hidden = target.hidden_states  # [B, L, H]
 
         def inputs() -> tuple[torch.Tensor, list[list[int]]]:  # built when the decoder prefills (put_off.py)
+            # the prompts left-padded as the target's prefill padded them: columns line up with its hidden states
             ids, _ = left_pad([p.input_ids for p in prompts], 0, self.device)
             with torch.no_grad():  # pairs (h_t, x_{t+1}), each at the target's position of x_{t+1}
                 return (self.model.fuse(hidden[:, :-1], ids[:, 1:], target.image_features),

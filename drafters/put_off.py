@@ -81,9 +81,7 @@ class PutOffDecoder:
             parts.append(embeds[torch.tensor(group.rows, device=embeds.device)])
             positions += [group_positions[i] for i in group.rows]
         positions_padded, mask = left_pad(positions, 0, self.device)
-        width = mask.shape[1]  # each group's left padding cut or widened to the longest row's
-        embeds = torch.cat([part[:, -width:] if part.shape[1] >= width else torch.cat(
-            [part.new_zeros((part.shape[0], width - part.shape[1], part.shape[2])), part], dim=1) for part in parts])
+        embeds = torch.cat([_left_padded_to(part, mask.shape[1]) for part in parts])
         offsets = torch.tensor([row[-1] + 1 - len(row) for row in positions])  # where each row continues
         self.ragged.prefill(mask, positions_padded, offsets, append=append, inputs_embeds=embeds)
 
@@ -122,6 +120,14 @@ class PutOffDecoder:
                 self.prefill_put_off()
             self.ragged.adopt_rows(other.ragged, count, append)
             self.put_off = None
+
+
+def _left_padded_to(embeds: torch.Tensor, width: int) -> torch.Tensor:
+    """Left-padded embeddings [B, W, H] as [B, width, H]: padding columns cut or added on the left (the widest row
+    fits width)."""
+    if embeds.shape[1] >= width:
+        return embeds[:, embeds.shape[1] - width :]
+    return torch.cat([embeds.new_zeros((embeds.shape[0], width - embeds.shape[1], embeds.shape[2])), embeds], dim=1)
 
 
 def _select(groups: list[_PutOffGroup], rows) -> list[_PutOffGroup]:
