@@ -27,7 +27,17 @@ def two_nodes():
     cluster.shutdown()
 
 
-def test_one_actor_per_gpu_on_each_node(two_nodes, world, tmp_path):
+@pytest.fixture
+def both_actors_before_rows():
+    """Rows go out once the pool's two actors are up: the first actor up could otherwise decode all 60 short rows
+    before the other has imported its modules (it did, once, on a fresh clone), and the test would not see a node."""
+    context = ray.data.DataContext.get_current()
+    before, context.wait_for_min_actors_s = context.wait_for_min_actors_s, 120
+    yield
+    context.wait_for_min_actors_s = before
+
+
+def test_one_actor_per_gpu_on_each_node(two_nodes, both_actors_before_rows, world, tmp_path):
     data = tmp_path / "data"
     expected = write_caption_dataset(data, num_good=60, parts=2)
     # gpus_per_actor unset: the cluster has GPUs, so each actor takes one, and two actors need both nodes
