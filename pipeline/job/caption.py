@@ -50,6 +50,14 @@ BATCHES_PER_BLOCK = 4
 MIN_BLOCKS_IN_FLIGHT = 3
 MIN_ROWS_IN_FLIGHT = 256
 
+# Ray Data shapes a map task's output into blocks of up to the dataset's target_max_block_size (128 MB by default), and a
+# read task reads a file's rows and prepares them in one fused task: at the default, no prepared row of a file reached
+# an engine actor before 128 MB of them (or the whole file) had been prepared (2048 demo rows in one file, 26 MB: the
+# actor idled 2.2 s, waiting for the read task to finish). The job's blocks hold about one actor block's rows instead
+# (from the size of a probe row prepared at preflight), at least MIN_BLOCK_BYTES (a block is a Ray object: tiny
+# ones cost more to hand on than to carry) and at most Ray's default.
+MIN_BLOCK_BYTES = 1 << 20
+
 
 def actor_blocks(config: CaptionConfig) -> tuple[int, int]:
     """(rows per block handed to an engine actor, blocks in flight per actor)."""
@@ -57,6 +65,13 @@ def actor_blocks(config: CaptionConfig) -> tuple[int, int]:
         return config.batch_size, 1  # one static batch per block
     rows = max(config.batch_size, min(BATCHES_PER_BLOCK * config.batch_size, BLOCK_ROWS))
     return rows, max(MIN_BLOCKS_IN_FLIGHT, -(-MIN_ROWS_IN_FLIGHT // rows))
+
+
+def block_bytes(config: CaptionConfig, prepared_row_bytes: int | None, ray_default: int | None) -> int | None:
+    """The job's target_max_block_size: about one actor block of prepared rows (see MIN_BLOCK_BYTES)."""
+    if not prepared_row_bytes or ray_default is None:
+        return ray_default
+    return min(max(actor_blocks(config)[0] * prepared_row_bytes, MIN_BLOCK_BYTES), ray_default)
 
 
 def run_caption(config: CaptionConfig) -> dict:
@@ -86,6 +101,9 @@ def run_caption(config: CaptionConfig) -> dict:
 def build_dataset(config: CaptionConfig, plan: JobPlan) -> ray.data.Dataset:
     reads = plan.source.reads
     files = ray.data.from_items([{"relatives": r} for r in reads], override_num_blocks=min(len(reads), 1000))
+    # the job's own datasets only: from_items copied the driver's DataContext
+    files.context.target_max_block_size = block_bytes(config, plan.prepared_row_bytes,
+                                                      files.context.target_max_block_size)
     rows = files.map_batches(
         read_task, batch_size=1, batch_format="pyarrow",
         # the finished ids go to the object store once; each read task maps them, zero-copy

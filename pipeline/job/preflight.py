@@ -23,6 +23,7 @@ from pipeline.engine.families import context_length, family_for
 from pipeline.engine.processors import load_processor
 from pipeline.job.config import CaptionConfig, JobConfigError
 from pipeline.job.output import existing_ids, remove_parts
+from pipeline.job.preprocess import prepared_row_bytes
 from pipeline.job.resume import FinishedIds
 from pipeline.job.sources import SourcePlan, plan_source
 from pipeline.job.storage import check_writable, is_hub_id, join, localize, model_files, safetensors_header
@@ -34,6 +35,7 @@ class JobPlan:
     processor: object  # the target's processor, shipped to the CPU preprocessing tasks
     context_length: int | None
     skip_ids: FinishedIds  # ids already in the output (--resume)
+    prepared_row_bytes: int | None = None  # about one prepared row's size (None: not known)
 
 
 def preflight(config: CaptionConfig) -> JobPlan:
@@ -50,7 +52,8 @@ def preflight(config: CaptionConfig) -> JobPlan:
             "that run, or choose an empty output."
         )
     remove_parts(config.output, incomplete)
-    return JobPlan(source, processor, context_length(text_config), skip_ids)
+    context = context_length(text_config)
+    return JobPlan(source, processor, context, skip_ids, prepared_row_bytes(processor, context))
 
 
 def plan_resources(config: CaptionConfig, cluster_resources: dict[str, float]) -> float:

@@ -21,6 +21,11 @@ from pipeline.engine.prompts import PreparedPrompt, PromptError, prepare_prompt
 from pipeline.job.output import row_error
 from pipeline.job.sources import image_from_row
 
+# The probe row of prepared_row_bytes: a mid-sized image (processors that resize to a fixed size give its exact bytes,
+# those that keep an image's size, as Qwen-VL's do, about a middling one's).
+PROBE_IMAGE_SIDE = 448
+PROBE_PROMPT = "Describe the image."
+
 # Image fetches in flight per prepare call. A read from object storage waits tens of milliseconds on the network,
 # and the rows of one input file are prepared by one task: fetched one after another, they would cap a file's rows
 # at a few dozen a second, whatever the engine could take.
@@ -47,6 +52,16 @@ def decode_prepared(data: bytes) -> PreparedPrompt:
         vision_inputs={k.removeprefix("vision."): v for k, v in tensors.items() if k.startswith("vision.")},
         token_inputs={k.removeprefix("token."): v.tolist() for k, v in tensors.items() if k.startswith("token.")},
     )
+
+
+def prepared_row_bytes(processor, context_length: int | None) -> int | None:
+    """About how many bytes one prepared row takes (a probe row with a PROBE_IMAGE_SIDE-pixel square image); None when
+    the probe cannot be prepared (a context too short for it, say)."""
+    image = Image.new("RGB", (PROBE_IMAGE_SIDE, PROBE_IMAGE_SIDE), (127, 127, 127))
+    try:
+        return len(encode_prepared(prepare_prompt(processor, PROBE_PROMPT, image, context_length)))
+    except PromptError:
+        return None
 
 
 def prepare_batch(batch: pa.Table, processor, context_length: int | None, keep_images: bool = False,

@@ -1,4 +1,5 @@
-"""The job's CPU stage: images behind URLs are fetched concurrently; a row whose fetch fails fails alone."""
+"""The job's CPU stage: images behind URLs are fetched concurrently; a row whose fetch fails fails alone; the probe
+row that sizes the job's blocks is as large as a prepared row."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import pyarrow as pa
 import pytest
 from test_sources import png
 
-from pipeline.job.preprocess import PREPARED_SCHEMA, decode_prepared, prepare_batch
+from pipeline.job.caption import MIN_BLOCK_BYTES, actor_blocks, block_bytes
+from pipeline.job.config import CaptionConfig
+from pipeline.job.preprocess import PREPARED_SCHEMA, decode_prepared, prepare_batch, prepared_row_bytes
 from pipeline.job.sources import SOURCE_SCHEMA
 
 ROWS = 8
@@ -59,3 +62,22 @@ def test_images_behind_urls_are_fetched_concurrently(targets, image_server):
     assert all(prepared[f"r{i}"]["error"] is None for i in range(ROWS)), [r["error"] for r in prepared.values()]
     assert all(decode_prepared(prepared[f"r{i}"]["prepared"]).vision_inputs for i in range(ROWS))
     assert prepared["gone"]["prepared"] is None and "missing.png" in prepared["gone"]["error"]
+
+
+def test_blocks_hold_about_an_actor_block_of_prepared_rows(targets):
+    """The probe row (preflight's) is as large as a row prepared from a real image, to a few token ids (LLaVA's
+    processor resizes every image to one size); the job's blocks hold one actor block of such rows, within bounds."""
+    target = targets["llava"]
+    row = {"id": "r", "prompt": "What colour is the shape in this picture?", "image": png(size=(40, 30)),
+           "image_url": None, "error": None}
+    prepared = prepare_batch(pa.Table.from_pylist([row], schema=SOURCE_SCHEMA), target.processor,
+                             target.context_length).to_pylist()[0]
+    probe = prepared_row_bytes(target.processor, target.context_length)
+    assert prepared["error"] is None and abs(probe - len(prepared["prepared"])) <= 8 * 16
+
+    config = CaptionConfig(input="unused", output="unused", target="unused", batch_size=32)
+    ray_default = 128 * 2**20
+    assert block_bytes(config, 100_000, ray_default) == actor_blocks(config)[0] * 100_000
+    assert block_bytes(config, 10, ray_default) == MIN_BLOCK_BYTES  # tiny blocks cost more to hand on than to carry
+    assert block_bytes(config, 10 * 2**20, ray_default) == ray_default  # never above Ray's own
+    assert block_bytes(config, None, ray_default) == ray_default  # a probe that could not be prepared
