@@ -52,10 +52,10 @@ MIN_ROWS_IN_FLIGHT = 256
 
 # Ray Data shapes a map task's output into blocks of up to the dataset's target_max_block_size (128 MB by default),
 # and a read task reads a file's rows and prepares them in one fused task: at the default, no prepared row of a file
-# reached an engine actor before 128 MB of them (or the whole file) had been prepared (2048 demo rows in one file, 26 MB: the
-# actor idled 2.2 s, waiting for the read task to finish). The job's blocks hold about one actor block's rows instead
-# (from the size of a probe row prepared at preflight), at least MIN_BLOCK_BYTES (a block is a Ray object: tiny
-# ones cost more to hand on than to carry) and at most Ray's default.
+# reached an engine actor before 128 MB of them (or the whole file) had been prepared (2048 demo rows in one file,
+# 26 MB: the actor idled 2.2 s, waiting for the read task to finish). The job's blocks hold about one actor block's
+# rows instead (from the size of a probe row prepared at preflight), at least MIN_BLOCK_BYTES (a block is a Ray
+# object: tiny ones cost more to hand on than to carry) and at most Ray's default.
 MIN_BLOCK_BYTES = 1 << 20
 
 
