@@ -122,7 +122,9 @@ def caption(dataset: ray.data.Dataset, config: CaptionConfig) -> ray.data.Datase
     config.image_column ("image": bytes, a path or URL, a data: URL, or {bytes, path}; relative paths
     resolve against config.input). config.output is not used: the caller decides where rows go. The
     models are checked first, as the job checks them (JobConfigError, one sentence); every row, whatever
-    is wrong with it, comes out once, with its error.
+    is wrong with it, comes out once, with its error. Ray Data hands rows on in blocks of up to your Dataset's
+    context.target_max_block_size (128 MB by default), so where prepared rows are small, lower it before the
+    engine waits for 128 MB of them: the job sets its own to `block_bytes` (about one actor block of rows).
     """
     processor, text_config = check_models(config)
     plan = SourcePlan("rows", config.input, [], config.id_column or "id", config.prompt_column or "prompt",

@@ -56,11 +56,11 @@ def decode_prepared(data: bytes) -> PreparedPrompt:
 
 def prepared_row_bytes(processor, context_length: int | None) -> int | None:
     """About how many bytes one prepared row takes (a probe row with a PROBE_IMAGE_SIDE-pixel square image); None when
-    the probe cannot be prepared (a context too short for it, say)."""
+    the probe cannot be prepared (a context too short for it, say): only a size is at stake, never the job."""
     image = Image.new("RGB", (PROBE_IMAGE_SIDE, PROBE_IMAGE_SIDE), (127, 127, 127))
     try:
         return len(encode_prepared(prepare_prompt(processor, PROBE_PROMPT, image, context_length)))
-    except PromptError:
+    except Exception:
         return None
 
 
