@@ -1,12 +1,13 @@
 """Input datasets as rows {id, prompt, image, image_url, error}: Parquet, JSONL, image folders, WebDataset tars.
 
 The driver plans the reads (`plan_source`: list files, detect the format, check
-the columns, failing at once with one sentence); Ray tasks then read one file or
-chunk each (`read_rows`). Every input row becomes exactly one row here: a row
-that is bad (invalid JSON line, missing image) carries `error` onward instead of
-being dropped. Ids come from the id column, else from the source itself
-(`<file>#<row>` for tables, the relative path for images, `<shard>/<key>` for
-WebDataset), so they are stable across runs and `--resume` can skip them.
+the columns, failing at once with one sentence); Ray tasks then read one file, a
+chunk of image files, or a run of a Parquet file's row groups each (`read_rows`).
+Every input row becomes exactly one row here: a row that is bad (invalid JSON
+line, missing image) carries `error` onward instead of being dropped. Ids come
+from the id column, else from the source itself (`<file>#<row>` for tables, the
+relative path for images, `<shard>/<key>` for WebDataset), so they are stable
+across runs and `--resume` can skip them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import hashlib
 import json
 import os
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Callable
@@ -38,6 +40,13 @@ EXTENSIONS = {
 }
 IMAGES_PER_READ = 256
 ROWS_PER_BATCH = 1024
+# A read task reads its rows and prepares them (Ray Data fuses the two), so a file read whole is prepared by one
+# task, on one core, however large the cluster: split_parquet_reads splits a Parquet file's row groups into reads of
+# about PARQUET_READ_ROWS rows (merged up to it), where the input has at most SPLIT_FILES_UP_TO files (more files
+# spread over the cluster by themselves, and each split costs the driver a read of the file's footer).
+PARQUET_READ_ROWS = 2048
+SPLIT_FILES_UP_TO = 64
+FOOTER_READS = 16  # footers read at once (object storage answers each in tens of milliseconds)
 
 SOURCE_SCHEMA = pa.schema(
     [
@@ -50,13 +59,33 @@ SOURCE_SCHEMA = pa.schema(
 )
 
 
+@dataclass(frozen=True)
+class Read:
+    """What one read task reads: files whole, or one Parquet file's row groups [start, stop), whose first row is
+    the file's row first_row (ids are `<file>#<row>` whichever task reads the row)."""
+
+    files: tuple[str, ...]
+    row_groups: tuple[int, int] | None = None
+    first_row: int = 0
+
+    @classmethod
+    def of(cls, record: dict) -> Read:
+        """From its dict (dataclasses.asdict), as a read task gets it: lists where the tuples were."""
+        groups = record["row_groups"]
+        return cls(tuple(record["files"]), tuple(groups) if groups else None, record["first_row"])
+
+    def where(self, url: str) -> str:
+        """The file's URL, with the row groups when this read has part of it."""
+        return url if self.row_groups is None else f"{url} (row groups {self.row_groups[0]}-{self.row_groups[1] - 1})"
+
+
 @dataclass
 class SourcePlan:
     """What to read and how: made once by the driver, shipped to the read tasks."""
 
     format: str
     root: str  # dataset location; relative image paths resolve against it
-    reads: list[list[str]]  # each entry: the relative paths one read task handles
+    reads: list[Read]  # one per read task
     id_column: str | None
     prompt_column: str | None
     image_column: str | None
@@ -85,9 +114,9 @@ def plan_source(config: CaptionConfig) -> SourcePlan:
     if not files:
         raise JobConfigError(f"input {config.input} holds no {fmt} files ({', '.join(EXTENSIONS[fmt])}).")
     if fmt == "images":
-        reads = [files[i : i + IMAGES_PER_READ] for i in range(0, len(files), IMAGES_PER_READ)]
+        reads = [Read(tuple(files[i : i + IMAGES_PER_READ])) for i in range(0, len(files), IMAGES_PER_READ)]
     else:
-        reads = [[f] for f in files]
+        reads = [Read((f,)) for f in files]
     plan = SourcePlan(fmt, root, reads, None, None, None, config.prompt)
     plan.columns = _columns(plan)
     not_applicable = {"images": ("--id-column", "--prompt-column", "--image-column"), "webdataset": ("--image-column",)}
@@ -105,7 +134,18 @@ def plan_source(config: CaptionConfig) -> SourcePlan:
     return plan
 
 
-def read_rows(plan: SourcePlan, relatives: list[str], skip_ids: FinishedIds | None = None,
+def split_parquet_reads(plan: SourcePlan) -> list[Read]:
+    """The plan's reads, a Parquet file's row groups split into runs of about PARQUET_READ_ROWS rows where the
+    input has at most SPLIT_FILES_UP_TO files (a file of one run, or whose footer cannot be read, stays whole)."""
+    files = [read.files[0] for read in plan.reads]
+    if plan.format != "parquet" or len(files) > SPLIT_FILES_UP_TO:
+        return plan.reads
+    with ThreadPoolExecutor(FOOTER_READS) as pool:
+        sizes = list(pool.map(lambda relative: _row_group_sizes(plan.url(relative)), files))
+    return [read for relative, groups in zip(files, sizes) for read in _row_group_reads(relative, groups)]
+
+
+def read_rows(plan: SourcePlan, read: Read, skip_ids: FinishedIds | None = None,
               on_unreadable: Callable[[str, Exception, int], None] | None = None):
     """Yield pyarrow tables (SOURCE_SCHEMA) for one read task's files, leaving out ids in `skip_ids`.
 
@@ -113,13 +153,14 @@ def read_rows(plan: SourcePlan, relatives: list[str], skip_ids: FinishedIds | No
     error, rows read from it)` and the task goes on with the next file; without a callback it raises.
     """
     reader = {"parquet": _parquet_rows, "jsonl": _jsonl_rows, "webdataset": _tar_rows, "images": _image_rows}
+    part = {} if read.row_groups is None else {"row_groups": read.row_groups, "first_row": read.first_row}
     skip_ids = skip_ids if skip_ids is not None else FinishedIds()
     rows = []
-    for relative in relatives:
-        read = 0
+    for relative in read.files:
+        count = 0
         try:
-            for row in reader[plan.format](plan, [relative]):
-                read += 1
+            for row in reader[plan.format](plan, [relative], **part):
+                count += 1
                 rows.append(row)
                 if len(rows) == ROWS_PER_BATCH:
                     yield from _unfinished(rows, skip_ids)
@@ -127,7 +168,7 @@ def read_rows(plan: SourcePlan, relatives: list[str], skip_ids: FinishedIds | No
         except Exception as exc:
             if on_unreadable is None:
                 raise
-            on_unreadable(plan.url(relative), exc, read)
+            on_unreadable(read.where(plan.url(relative)), exc, count)
     yield from _unfinished(rows, skip_ids)
 
 
@@ -136,8 +177,8 @@ def read_task(batch: pa.Table, plan: SourcePlan, skip: ray.ObjectRef, output: st
     (mapped from the object store, zero-copy); a file that cannot be read is recorded for the summary, not fatal.
     It lives here, not with the job's stages, so a read task's process imports no model code."""
     finished = ray.get(skip)
-    for relatives in batch.column("relatives").to_pylist():
-        yield from read_rows(plan, relatives, finished, on_unreadable=partial(record_unreadable, output))
+    for read in batch.column("read").to_pylist():
+        yield from read_rows(plan, Read.of(read), finished, on_unreadable=partial(record_unreadable, output))
 
 
 def source_rows(batch: pa.Table, plan: SourcePlan) -> pa.Table:
@@ -170,7 +211,7 @@ def _detect_format(names: list[str], where: str) -> str:
 
 def _columns(plan: SourcePlan) -> list[str]:
     """Column names of the first file (tables) or the first sample's JSON metadata (WebDataset)."""
-    first = plan.url(plan.reads[0][0])
+    first = plan.url(plan.reads[0].files[0])
     fs, path = url_to_fs(first)
     if plan.format == "parquet":
         with fs.open(path, "rb") as f:
@@ -197,7 +238,7 @@ def _column(plan: SourcePlan, flag: str, requested: str | None, default: str) ->
     if requested not in plan.columns:
         where = "the JSON metadata of" if plan.format == "webdataset" else "the columns of"
         raise JobConfigError(
-            f"{flag} {requested!r} is not in {where} {plan.url(plan.reads[0][0])} "
+            f"{flag} {requested!r} is not in {where} {plan.url(plan.reads[0].files[0])} "
             f"(found: {', '.join(plan.columns) or 'none'}): pass one of those."
         )
     return requested
@@ -249,13 +290,40 @@ def _checked_row(plan: SourcePlan, derived_id: str, record: dict, image_column: 
     return row
 
 
-def _parquet_rows(plan: SourcePlan, relatives: list[str]):
+def _row_group_sizes(url: str) -> list[int] | None:
+    """Rows per row group of a Parquet file, from its footer; None when it cannot be read (its read task says why)."""
+    try:
+        fs, path = url_to_fs(url)
+        with fs.open(path, "rb") as f:
+            metadata = pq.ParquetFile(f).metadata
+        return [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+    except Exception:
+        return None
+
+
+def _row_group_reads(relative: str, sizes: list[int] | None) -> list[Read]:
+    """A Parquet file's reads: runs of its row groups of about PARQUET_READ_ROWS rows (the whole file when it is
+    one run, or its footer could not be read)."""
+    reads, start, first_row, rows = [], 0, 0, 0
+    for group, size in enumerate(sizes or []):
+        if rows and rows + size > PARQUET_READ_ROWS:
+            reads.append(Read((relative,), (start, group), first_row))
+            start, first_row, rows = group, first_row + rows, 0
+        rows += size
+    if not reads:
+        return [Read((relative,))]
+    return reads + [Read((relative,), (start, len(sizes)), first_row)]
+
+
+def _parquet_rows(plan: SourcePlan, relatives: list[str], row_groups: tuple[int, int] | None = None,
+                  first_row: int = 0):
     wanted = [c for c in (plan.id_column, plan.prompt_column, plan.image_column) if c]
+    groups = None if row_groups is None else list(range(*row_groups))
     for relative in relatives:
         fs, path = url_to_fs(plan.url(relative))
-        index = 0
+        index = first_row
         with fs.open(path, "rb") as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BATCH, columns=wanted):
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BATCH, columns=wanted, row_groups=groups):
                 for record in batch.to_pylist():
                     yield _row(plan, f"{relative}#{index}", record, plan.image_column)
                     index += 1

@@ -256,6 +256,40 @@ def test_an_unreadable_input_file_is_listed_and_the_rest_is_written(local_ray, w
     check_exactly_once(read_output(output), expected)
 
 
+def test_one_parquet_file_is_read_by_several_tasks(local_ray, world, tmp_path, monkeypatch):
+    """One file of 40 rows in row groups of 4, split into reads of 8 rows (PARQUET_READ_ROWS lowered, in the driver
+    that plans the reads, so that a small file makes several), its sixth row group corrupt: the other reads' rows
+    are written once, each with the id its place in the file gives it, and the summary names the lost read's row
+    groups (read whole, the file gave no row at all)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.job import sources
+
+    monkeypatch.setattr(sources, "PARQUET_READ_ROWS", 8)
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    records = []
+    for i, (prompt, image) in enumerate(ragged_rows(40, text_only_every=0)):
+        image.save(data / f"images/{i}.png")
+        records.append({"prompt": prompt, "image": f"images/{i}.png"})
+    path = data / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist(records), path, row_group_size=4)
+    metadata, content = pq.ParquetFile(path).metadata, bytearray(path.read_bytes())
+    for column in range(metadata.num_columns):  # page headers that cannot be parsed
+        offset = metadata.row_group(5).column(column).data_page_offset
+        content[offset : offset + 24] = b"\xff" * 24
+    path.write_bytes(bytes(content))
+    config = job(world, data, tmp_path / "out", tmp_path, num_actors=1)
+    assert len(sources.split_parquet_reads(sources.plan_source(config))) == 5  # 4 CPUs: 3 beside the engine actor
+
+    summary = run_caption(config)
+    [record] = summary["unreadable_files"]
+    assert record["file"].endswith("rows.parquet (row groups 4-5)") and record["rows_read_before_the_error"] == 0
+    written = {f"rows.parquet#{i}": None for i in range(40) if not 16 <= i < 24}
+    check_exactly_once(read_output(tmp_path / "out"), written)
+
+
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_qwen_targets_through_the_job(local_ray, world, targets, family, tmp_path):
     """The caption job on M-RoPE targets with a MASSV drafter: every row once, each answer the target's own."""

@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline.job.config import CaptionConfig, JobConfigError
 from pipeline.job.resume import FinishedIds
-from pipeline.job.sources import plan_source, read_rows
+from pipeline.job.sources import PARQUET_READ_ROWS, Read, plan_source, read_rows, split_parquet_reads
 
 
 def png(colour=(200, 30, 30), size=(8, 6)) -> bytes:
@@ -54,6 +54,27 @@ def test_parquet_image_forms_and_derived_ids(tmp_path):
     assert rows["missing"]["error"] == "image is missing"
     assert rows["empty"]["error"] == "image is empty"
     assert sum(row["error"] is None for row in rows.values()) == 4
+
+
+def test_a_parquet_files_row_groups_are_split_into_reads_with_the_whole_files_ids(tmp_path):
+    """A file of many row groups is read by several tasks, each a run of about PARQUET_READ_ROWS rows; the rows and
+    their ids (from their place in the file) are the file's read whole; a file of one row group is read whole."""
+    rows = 2 * PARQUET_READ_ROWS + PARQUET_READ_ROWS // 2
+    table = pa.table({"prompt": [f"p{i}" for i in range(rows)], "image": [png()] * rows})
+    pq.write_table(table, tmp_path / "big.parquet", row_group_size=PARQUET_READ_ROWS // 8)
+    pq.write_table(table.slice(0, 10), tmp_path / "small.parquet")
+    plan = plan_source(config(tmp_path))
+    assert plan.reads == [Read(("big.parquet",)), Read(("small.parquet",))]  # planned whole; split where it pays
+    reads = split_parquet_reads(plan)
+    assert [(read.row_groups, read.first_row) for read in reads if read.files == ("big.parquet",)] == [
+        ((0, 8), 0), ((8, 16), PARQUET_READ_ROWS), ((16, 20), 2 * PARQUET_READ_ROWS)]
+    assert [read for read in reads if read.files == ("small.parquet",)] == [Read(("small.parquet",))]
+
+    split = [row for read in reads for table in read_rows(plan, read) for row in table.to_pylist()]
+    whole = [row for read in plan.reads for table in read_rows(plan, read) for row in table.to_pylist()]
+    assert sorted(split, key=lambda r: r["id"]) == sorted(whole, key=lambda r: r["id"])
+    assert len({row["id"] for row in split}) == rows + 10
+    assert {row["id"] for row in split if row["prompt"] == f"p{rows - 1}"} == {f"big.parquet#{rows - 1}"}
 
 
 def test_parquet_id_and_columns_by_flag(tmp_path):
