@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pipeline.engine.stats import StepTimes
 
 AUTO = "auto"
-# S(k) relative to the machine's speed now. A VM's speed drifts by up to +-40% over seconds (the same row's plain steps
+# S(k) relative to the machine's speed now (one speed for every bucket: _MachineSpeed). A VM's speed drifts by up to +-40% over seconds (the same row's plain steps
 # averaged 1.05 ms in one pass over the demo prompts and 1.88 ms in the next), so steps of different k timed at
 # different moments do not compare: the least of each k's last 3 steps (used before) set a probe's time, taken hundreds
 # of steps apart, against the choice's own recent steps: text-only at batch 1, auto decoded plainly on most steps and
@@ -116,14 +116,24 @@ class RowLengths:
 
 
 @dataclass
+class _MachineSpeed:
+    """How much slower than usual the machine runs now, one figure for every bucket: a bucket's cost measured against
+    it has a reference even when the bucket's own last timed step is hundreds of steps old (a static batch spends its
+    first steps at its top bucket, then drains through the others: the top bucket's times, set against its own
+    speed of the batch before, mixed two moments of a VM whose speed drifts by tens of percent)."""
+
+    log: float = 0.0  # log of how much slower than usual
+    last_timed: tuple[int, int, int] | None = None  # (step, bucket, k) of the last timed step
+
+
+@dataclass
 class _BucketCosts:
     """Measured costs at one batch-size bucket, and when to probe around the choice there."""
 
+    speed: _MachineSpeed = field(default_factory=_MachineSpeed)  # the policy's, shared by its buckets
     log_s: dict[int, float] = field(default_factory=dict)  # drafts k -> log S(k) at the machine's usual speed
     relative: dict[int, deque] = field(default_factory=dict)  # drafts k -> its last steps' log times, relative
-    log_speed: float = 0.0  # log of how much slower than usual the machine runs now
-    last_timed: tuple[int, int] | None = None  # (step, k) of the last timed step
-    _step_s: dict[int, float] | None = None  # step_s as last built (None: a step was observed since)
+    _step_s: tuple[float, dict[int, float]] | None = None  # (the speed it was built at, step_s); None: a step since
     verify_s: dict[int, float] = field(default_factory=dict)  # tokens verified per row -> besides_drafting_s
     reached: list[float] = field(default_factory=list)  # acceptance counts as GammaPolicy's, at this bucket only
     accepted: list[float] = field(default_factory=list)
@@ -137,30 +147,32 @@ class _BucketCosts:
     decided: tuple[int, int, bool] | None = None  # (steps when the choice was made, the choice, the drafter behind)
     probes: int = 0  # probes so far: they rotate over plain decoding and the choice's two neighbours
 
-    def observe_step(self, k: int, seconds: float, step: int) -> None:
-        """A whole step with k drafts, the policy's step number `step` (over every bucket), took `seconds`."""
-        log_t = math.log(max(seconds, 1e-9))
-        recent = self.last_timed is not None and step - self.last_timed[0] <= PAIR_GAP
-        steady = recent and self.last_timed[1] == k
-        if steady:  # the machine's speed now
-            self.log_speed += SPEED_SMOOTHING * (log_t - self.log_s[k] - self.log_speed)
-        elif recent or k not in self.log_s:  # a change of k: its cost against the speed just before
+    def observe_step(self, bucket: int, k: int, seconds: float, step: int) -> None:
+        """A whole step with k drafts at this bucket, the policy's step number `step` (over every bucket), took
+        `seconds`."""
+        log_t, speed = math.log(max(seconds, 1e-9)), self.speed
+        recent = speed.last_timed is not None and step - speed.last_timed[0] <= PAIR_GAP
+        if recent and speed.last_timed[1:] == (bucket, k) and k in self.log_s:  # steady: the machine's speed now
+            speed.log += SPEED_SMOOTHING * (log_t - self.log_s[k] - speed.log)
+        elif recent or speed.last_timed is None:  # a change of k or of bucket: this cost against the speed just
+            # before (the first timed step of all sets the scale)
             samples = self.relative.setdefault(k, deque(maxlen=STEP_SAMPLES))
-            samples.append(log_t - self.log_speed)
+            samples.append(log_t - speed.log)
             least = min(samples)
             usual = [r for r in samples if r <= least + math.log(STALL)]
             self.log_s[k] = sum(usual) / len(usual)
-        if not recent:  # nothing just before to compare with: the speed is what this step says
-            self.log_speed = log_t - self.log_s[k]
-        self.last_timed = (step, k)
+        elif k in self.log_s:  # nothing just before to compare with: the speed is what this step says
+            speed.log = log_t - self.log_s[k]
+        # (neither: a first timing here with nothing just before to set it against; the next step will have this one)
+        speed.last_timed = (step, bucket, k)
         self._step_s = None
 
     @property
     def step_s(self) -> dict[int, float]:
         """S(k) per measured k at the speed now (seconds); built when a decision reads it, not at every step."""
-        if self._step_s is None:
-            self._step_s = {m: math.exp(self.log_speed + log_s) for m, log_s in self.log_s.items()}
-        return self._step_s
+        if self._step_s is None or self._step_s[0] != self.speed.log:
+            self._step_s = self.speed.log, {m: math.exp(self.speed.log + log_s) for m, log_s in self.log_s.items()}
+        return self._step_s[1]
 
 
 @dataclass
@@ -192,6 +204,7 @@ class GammaPolicy:
     _drafter_prefilled: bool = field(default=False, init=False, repr=False)  # just now: the next step catches up
     _steps: int = field(default=0, init=False, repr=False)  # over every bucket
     _after_prefill: bool = field(default=False, init=False, repr=False)
+    _speed: _MachineSpeed = field(default_factory=_MachineSpeed, init=False, repr=False)
 
     def __post_init__(self):
         self.gamma = parse_gamma(self.gamma)
@@ -393,7 +406,7 @@ class GammaPolicy:
         self._plain_run = self._plain_run + 1 if k == 0 else 0
         catching_up = k > 0 and (self._last_k == 0 or self._drafter_prefilled)
         if (self._plain_run > SETTLE if k == 0 else not catching_up) and not self._after_prefill:
-            costs.observe_step(k, step.draft_s + step.besides_drafting_s, self._steps)
+            costs.observe_step(batch_bucket(len(num_accepted)), k, step.draft_s + step.besides_drafting_s, self._steps)
             if k > 0:
                 costs.draft_s = self._average(costs.draft_s, step.draft_s / k)
         elif catching_up and costs.draft_s is not None:
@@ -435,8 +448,9 @@ class GammaPolicy:
     def _costs(self, batch_size: int) -> _BucketCosts:
         bucket = batch_bucket(batch_size)
         if bucket not in self.buckets:
-            self.buckets[bucket] = _BucketCosts(probe_interval=self.probe_every, next_probe=self.probe_every,
-                                                reached=[0.0] * self.max_gamma, accepted=[0.0] * self.max_gamma)
+            self.buckets[bucket] = _BucketCosts(self._speed, probe_interval=self.probe_every,
+                                                next_probe=self.probe_every, reached=[0.0] * self.max_gamma,
+                                                accepted=[0.0] * self.max_gamma)
         return self.buckets[bucket]
 
     def _average(self, old: float | None, new: float) -> float:

@@ -358,3 +358,20 @@ def test_a_choice_holds_a_few_steps_unless_the_drafter_falls_behind():
     assert held[:REDECIDE - 1] == [k] * (REDECIDE - 1) and held[-1] == 0
     set_acceptance(policy, [0.8] * 8)  # drafting pays again, and the drafter is behind now: chosen at once
     assert policy.choose(1) >= 4
+
+
+def test_a_bucket_is_timed_against_the_machines_speed_just_before_whichever_bucket_set_it():
+    """A static batch times its top bucket (32 rows) at its start, drains through the others, and the next batch comes
+    back to the top: its first timing there of 2 drafts is set against the speed the 16-row steps just measured (the
+    machine now runs twice as slow), not the top bucket's own speed of a whole batch before; set against that, 2 drafts
+    looked 2.6 times a plain step where they cost 1.3 times one."""
+    policy = GammaPolicy(gamma="auto", max_gamma=8)
+    observe_plain(policy, 32, 1.0)  # the first batch: plain decoding at 32 rows, 1 s a step
+    for _ in range(2):  # 3 drafts (the first step catches up, the second is timed)
+        policy.observe(3, [1] * 32, StepTimes(0.3, 1.2))
+    observe_plain(policy, 16, 0.8)  # it drains to 16 rows: 0.8 s a plain step there
+    for _ in range(20):  # then the machine runs twice as slow
+        policy.observe(0, [0] * 16, StepTimes(0.0, 1.6))
+    for _ in range(2):  # the next batch at 32 rows: 2 drafts, 1.3 s a step at the usual speed, 2.6 s now
+        policy.observe(2, [1] * 32, StepTimes(0.4, 2.2))
+    assert policy.step_seconds(2, 32) / policy.step_seconds(0, 32) == pytest.approx(1.3, rel=0.02)
