@@ -39,8 +39,9 @@ from dataclasses import dataclass, field
 from pipeline.engine.stats import StepTimes
 
 AUTO = "auto"
-# S(k) relative to the machine's speed now (one speed for every bucket: _MachineSpeed). A VM's speed drifts by up to +-40% over seconds (the same row's plain steps
-# averaged 1.05 ms in one pass over the demo prompts and 1.88 ms in the next), so steps of different k timed at
+# S(k) relative to the machine's speed now (one speed for every bucket: _MachineSpeed). A VM's speed drifts by up to
+# +-40% over seconds (the same row's plain steps averaged 1.05 ms in one pass over the demo prompts and 1.88 ms in the
+# next), so steps of different k timed at
 # different moments do not compare: the least of each k's last 3 steps (used before) set a probe's time, taken hundreds
 # of steps apart, against the choice's own recent steps: text-only at batch 1, auto decoded plainly on most steps and
 # drafted 4-6 on the rest where 2-3 were 1.1x faster (0.96x plain decoding). So the steady steps (the same k as the
