@@ -41,15 +41,15 @@ from pipeline.engine.stats import StepTimes
 AUTO = "auto"
 # S(k) relative to the machine's speed now (one speed for every bucket: _MachineSpeed). A VM's speed drifts by up to
 # +-40% over seconds (the same row's plain steps averaged 1.05 ms in one pass over the demo prompts and 1.88 ms in the
-# next), so steps of different k timed at
-# different moments do not compare: the least of each k's last 3 steps (used before) set a probe's time, taken hundreds
-# of steps apart, against the choice's own recent steps: text-only at batch 1, auto decoded plainly on most steps and
-# drafted 4-6 on the rest where 2-3 were 1.1x faster (0.96x plain decoding). So the steady steps (the same k as the
-# timed step before) track the machine's speed, and each timed step is measured against the speed just before it: log
-# S(k) is the mean of its last STEP_SAMPLES relative log times, those more than STALL times the least left out (a stall
-# is interference, not the cost of k drafts; the least alone rated speculation too well, since a step that drafts
-# spreads wider than a plain one: text-only, batch 32, least 6.0 ms and mean 8.2 with 3 drafts, 2.7 and 3.3 plain). A
-# probe needs no anchor in time: it is set against the choice's steps around it.
+# next), so steps of different k timed at different moments do not compare: the least of each k's last 3 steps (used
+# before) set a probe's time, taken hundreds of steps apart, against the choice's own recent steps: text-only at batch
+# 1, auto decoded plainly on most steps and drafted 4-6 on the rest where 2-3 were 1.1x faster (0.96x plain decoding).
+# So the steady steps (the same bucket and k as the timed step before) track the machine's speed, and each timed step
+# is measured against the speed just before it: log S(k) is the mean of its last STEP_SAMPLES relative log times, those
+# more than STALL times the least left out (a stall is interference, not the cost of k drafts; the least alone rated
+# speculation too well, since a step that drafts spreads wider than a plain one: text-only, batch 32, least 6.0 ms and
+# mean 8.2 with 3 drafts, 2.7 and 3.3 plain). A probe needs no anchor in time: it is set against the choice's steps
+# around it.
 STEP_SAMPLES = 6
 STALL = 2.0
 SPEED_SMOOTHING = 0.3  # weight of a steady step in the machine's speed
