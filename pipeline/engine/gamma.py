@@ -146,7 +146,7 @@ class _BucketCosts:
     next_probe: int = 0
     last_best: int = -1
     decided: tuple[int, int, bool] | None = None  # (steps when the choice was made, the choice, the drafter behind)
-    probes: int = 0  # probes so far: they rotate over plain decoding and the choice's two neighbours
+    probes: int = 0  # probes so far: they rotate over plain decoding and the choice's two neighbours (see choose)
 
     def observe_step(self, bucket: int, k: int, seconds: float, step: int) -> None:
         """A whole step with k drafts at this bucket, the policy's step number `step` (over every bucket), took
@@ -246,9 +246,12 @@ class GammaPolicy:
         if costs.steps >= costs.next_probe and not self._after_prefill:  # keep the neighbours' times fresh (a step
             # after a prefill is not timed: a probe there would measure nothing)
             # plain decoding too: the rate every choice must beat, kept fresh like the neighbours'
-            targets = sorted({0, best - 1, best + 1} & set(range(self.max_gamma + 1)) - {best})
+            if best == 0:  # the draft length that came closest: its standard error is what holds drafting back
+                probe = self._contender(batch_size, prefill_waits, emitted)[0]
+            else:
+                targets = sorted({0, best - 1, best + 1} & set(range(self.max_gamma + 1)) - {best})
+                probe = targets[costs.probes % len(targets)]  # plain decoding first
             costs.probes += 1
-            probe = targets[(costs.probes - 1) % len(targets)]  # plain decoding first
             # until a step is timed: plain decoding after drafting SETTLE + 1 steps, drafting after plain decoding 2
             # (the first one catches up)
             self._probe_steps = [0] * SETTLE if probe == 0 else [probe] if best == 0 else []
@@ -296,17 +299,27 @@ class GammaPolicy:
         it, text-only at batch 32 on the demo world drafted in the batches' tails on one or two timings, where no
         gamma beats plain decoding (0.92x plain decoding, 0.94x with it, three bench runs each in turn; MSD there
         0.88x and 0.92x). Candidates: the measured k and their neighbours."""
+        contender, gain, standard_error = self._contender(batch_size, prefill_waits, emitted)
+        return contender if gain > self.margin + standard_error else 0
+
+    def _contender(self, batch_size: int, prefill_waits: bool,
+                   emitted: Sequence[int] | None) -> tuple[int, float, float]:
+        """The candidate k > 0 with the best predicted rate, what it is predicted to gain over plain decoding (0.2:
+        20% faster), and the standard error of the step times compared (see best_gamma). While plain decoding is the
+        choice, probes time the contender, each probe shrinking the standard error that holds it back, until its mean
+        says whether it pays. Probes of one draft instead (plain decoding's neighbour) could leave a contender timed
+        once on a slow step held back for good, where one draft does not pay and more do (a drafting step's fixed
+        costs: MSD's step with one draft took 1.8 plain steps at 4-7 rows on the demo world)."""
         costs = self._costs(batch_size)
         candidates = {c for k in costs.step_s or {0} for c in (k - 1, k, k + 1) if 1 <= c <= self.max_gamma}
         if not candidates:
-            return 0
+            return 0, 0.0, 0.0
         switch_per_token = self.switch_per_token(batch_size, prefill_waits, emitted)
         rates = self._rates(sorted(candidates | {0}), batch_size, switch_per_token, costs)
         plain = rates.pop(0)
         best = max(rates, key=rates.get)
         samples = [max(len(costs.relative.get(k, ())), 1) for k in (0, best)]
-        standard_error = self.step_spread * math.sqrt(sum(1 / n for n in samples))
-        return best if rates[best] > (1 + self.margin + standard_error) * plain else 0
+        return best, rates[best] / plain - 1.0, self.step_spread * math.sqrt(sum(1 / n for n in samples))
 
     def acceptance_per_position(self, batch_size: int | None = None, upto: int | None = None) -> list[float]:
         """a_i (for the first `upto` positions), measured where drafts reached position i, else the last measured
@@ -377,7 +390,8 @@ class GammaPolicy:
         return getattr(self.buckets[min(measured, key=lambda b: (abs(b - bucket), -b))], cost)
 
     def step_seconds(self, k: int, batch_size: int) -> float:
-        """S(k): measured, or predicted from the nearest measured k (the lower one on a tie) plus, per draft more
+        """S(k): measured, or predicted from the nearest measured k (the lower one on a tie; for k > 0 the nearest
+        measured with drafts, where one is, since a drafting step's fixed costs are in it) plus, per draft more
         (or less), one drafter forward and the verification's growth per token (never negative), and never below a
         measured shorter draft's. A measured S(k) is never below plain decoding's (a step that drafts does more
         work: timing noise must not say otherwise), but not floored by other drafts' (one unlucky measurement of a
@@ -391,8 +405,9 @@ class GammaPolicy:
             return 0.0
         if k in step_s:
             return max(step_s[k], step_s.get(0, 0.0), 1e-9)
-        nearest = min(step_s, key=lambda m: (abs(m - k), m))
-        seconds = step_s[nearest] + (k - nearest) * ((costs.draft_s or 0.0) + self._verify_growth(costs))
+        drafting = [m for m in step_s if m > 0] if k > 0 else []  # a drafting step's fixed costs are in these
+        nearest = min(drafting or step_s, key=lambda m: (abs(m - k), m))
+        seconds = step_s[nearest] + (k - nearest) * ((costs.draft_s or 0.0) + self._verify_growth(costs, k == 0))
         return max([seconds, 1e-9, *(step_s[m] for m in step_s if m < k)])
 
     def observe(self, k: int, num_accepted: list[int], step: StepTimes) -> None:
@@ -458,9 +473,13 @@ class GammaPolicy:
         return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
 
     @staticmethod
-    def _verify_growth(costs: _BucketCosts) -> float:
-        """Seconds the verification grows per verified token, from the widest two widths measured (0 before)."""
-        widths = sorted(costs.verify_s)
+    def _verify_growth(costs: _BucketCosts, to_plain: bool) -> float:
+        """Seconds the verification grows per verified token, from the widest two widths measured (0 before); with
+        drafts only, unless a plain step's cost is what is predicted. A step that drafts does more than verify one
+        token more (the drafter's inputs, acceptance, rollback): MSD's step with one draft took 1.8 plain steps at 4-7
+        rows, and with that in the growth per token a second draft was predicted at 2.6 and never measured (a
+        prediction too kind is measured and corrected, one too harsh is not)."""
+        widths = sorted(w for w in costs.verify_s if to_plain or w > 1)
         if len(widths) < 2:
             return 0.0
         lo, hi = widths[-2], widths[-1]

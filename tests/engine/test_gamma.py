@@ -375,3 +375,22 @@ def test_a_bucket_is_timed_against_the_machines_speed_just_before_whichever_buck
     for _ in range(2):  # the next batch at 32 rows: 2 drafts, 1.3 s a step at the usual speed, 2.6 s now
         policy.observe(2, [1] * 32, StepTimes(0.4, 2.2))
     assert policy.step_seconds(2, 32) / policy.step_seconds(0, 32) == pytest.approx(1.3, rel=0.02)
+
+
+def test_while_plain_decoding_is_the_choice_its_probes_time_the_draft_length_that_came_closest():
+    """Drafting costs a fixed 0.6 of a plain step plus 0.1 a draft (MSD's head reads the target's features), with
+    acceptance falling along the draft: 1 draft is 1.06x plain decoding, 2 drafts 1.27x, 3 drafts 1.30x. The one timing
+    of 3 drafts came at a slow moment (15% slow: 1.13x, under the margin plus its standard error on one step), so plain
+    decoding is chosen. Probes of the choice's neighbour (1 draft, which does not pay) left it there for good; probes of
+    the draft length that came closest time it until its mean says it pays."""
+    policy = GammaPolicy(gamma="auto", max_gamma=8)
+    acceptance = [0.8, 0.6, 0.4] + [0.4] * 5
+    choices = []
+    for _ in range(400):
+        set_acceptance(policy, acceptance)
+        k = policy.choose(8)
+        choices.append(k)
+        slow_moment = 1.15 if k == 3 and choices.count(3) <= 2 else 1.0  # the first two steps with 3 drafts
+        policy.observe(k, [min(k, 2)] * 8, StepTimes(0.1 * k, (1.6 if k else 1.0) * slow_moment))
+    assert choices[:16].count(0) >= 8  # plain decoding chosen first
+    assert sum(k in (2, 3, 4) for k in choices[100:]) >= 0.9 * 300
