@@ -78,6 +78,7 @@ class FusedStack:
         cache: RaggedKVCache,
         input_ids: torch.Tensor | None = None,  # [B, q]
         inputs_embeds: torch.Tensor | None = None,  # [B, q, H]
+        logits: bool = True,  # the output head's too (a prefill wants its last tokens' only: the caller's)
     ) -> SimpleNamespace:  # last_hidden_state [B, q, H] (after the final norm; also hidden_states[-1], as HF's)
         # and logits [B, q, V] or None
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -87,7 +88,7 @@ class FusedStack:
             hidden = layer(hidden, rotary, mask, cache)
         hidden = self.norm(hidden)
         return SimpleNamespace(last_hidden_state=hidden, hidden_states=(hidden,),
-                               logits=None if self.head is None else self.head(hidden))
+                               logits=None if self.head is None or not logits else self.head(hidden))
 
     def _rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor, bound: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,5 @@
 """The fused stacks compute the model's own logits (same rows, ragged appends and rollbacks, per family): the fused
-drafter forward up to rounding, the exact target forward bit for bit."""
+drafter forward (its prefill too) up to rounding, the exact target forward bit for bit."""
 
 import pytest
 import torch
@@ -23,13 +23,14 @@ def _language_model(target_family: str, seed: int = 0):
 
 
 def _decode(decoder: RaggedDecoder, prompts: list[list[int]], first_position: int = 0) -> list[torch.Tensor]:
-    """Logits of a ragged prefill, then of steps appending 1 and 3 tokens (rows keeping fewer) and a rollback."""
+    """Logits of a ragged prefill (each row's last token), then of steps appending 1 and 3 tokens (rows keeping fewer)
+    and a rollback."""
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
     positions = (mask.cumsum(1) - 1).clamp_min(0) + first_position
-    decoder.prefill(mask, positions, torch.full((len(prompts),), first_position), input_ids=ids)
-    logits = [decoder.forward(input_ids=torch.tensor([[5], [7], [9]])).logits]
+    logits = [decoder.prefill(mask, positions, torch.full((len(prompts),), first_position), input_ids=ids).logits]
+    logits.append(decoder.forward(input_ids=torch.tensor([[5], [7], [9]])).logits)
     logits.append(decoder.forward(input_ids=torch.tensor([[11, 12, 13]] * 3), num_new=torch.tensor([3, 1, 2])).logits)
     decoder.rollback(torch.tensor([1, 0, 2]))
     logits.append(decoder.forward(input_ids=torch.tensor([[20, 21]] * 3)).logits)
