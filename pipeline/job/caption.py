@@ -26,7 +26,7 @@ from pipeline.job.output import forget_unreadable, part_files, parts_dir
 from pipeline.job.preflight import JobPlan, check_models, plan_resources, preflight
 from pipeline.job.preprocess import prepare_batch
 from pipeline.job.ray_cluster import connect as connect_ray
-from pipeline.job.sources import SourcePlan, read_task, source_rows, split_parquet_reads
+from pipeline.job.sources import SourcePlan, read_task, source_rows, split_reads
 from pipeline.job.storage import url_to_fs
 from pipeline.job.summary import format_summary, summarize, write_summary
 
@@ -100,11 +100,11 @@ def run_caption(config: CaptionConfig) -> dict:
 
 
 def build_dataset(config: CaptionConfig, plan: JobPlan) -> ray.data.Dataset:
-    # Parquet files split by row groups prepare in parallel where two CPU tasks can run at once; where one can (a
-    # 2-CPU machine with one engine actor), splitting only adds tasks: the job on 8192 demo rows in one file of
-    # 512-row groups, four runs each in turn, took 41.3 s split into 4 reads against 39.7 s whole.
+    # A large Parquet or JSONL file split into several reads prepares in parallel where two CPU tasks can run at once;
+    # where one can (a 2-CPU machine with one engine actor), splitting only adds tasks: the job on 8192 demo rows in
+    # one file of 512-row groups, four runs each in turn, took 41.3 s split into 4 reads against 39.7 s whole.
     spare = ray.cluster_resources().get("CPU", 0) - config.num_actors[1] * config.cpus_per_actor
-    reads = split_parquet_reads(plan.source) if spare >= 2 else plan.source.reads
+    reads = split_reads(plan.source) if spare >= 2 else plan.source.reads
     files = ray.data.from_items([{"read": asdict(r)} for r in reads], override_num_blocks=min(len(reads), 1000))
     # the job's own datasets only: from_items copied the driver's DataContext
     files.context.target_max_block_size = block_bytes(config, plan.prepared_row_bytes,

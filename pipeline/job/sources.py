@@ -2,7 +2,8 @@
 
 The driver plans the reads (`plan_source`: list files, detect the format, check
 the columns, failing at once with one sentence); Ray tasks then read one file, a
-chunk of image files, or a run of a Parquet file's row groups each (`read_rows`).
+chunk of image files, or part of a large file each: a run of a Parquet file's row
+groups, or of a JSONL file's lines (`Read`, `split_reads`, `read_rows`).
 Every input row becomes exactly one row here: a row that is bad (invalid JSON
 line, missing image) carries `error` onward instead of being dropped. Ids come
 from the id column, else from the source itself (`<file>#<row>` for tables, the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import os
 import tarfile
@@ -41,12 +43,15 @@ EXTENSIONS = {
 IMAGES_PER_READ = 256
 ROWS_PER_BATCH = 1024
 # A read task reads its rows and prepares them (Ray Data fuses the two), so a file read whole is prepared by one
-# task, on one core, however large the cluster: split_parquet_reads splits a Parquet file's row groups into reads of
-# about PARQUET_READ_ROWS rows (merged up to it), where the input has at most SPLIT_FILES_UP_TO files (more files
-# spread over the cluster by themselves, and each split costs the driver a read of the file's footer).
-PARQUET_READ_ROWS = 2048
+# task, on one core, however large the cluster: split_reads splits a large file into reads of about READ_ROWS rows
+# (merged up to it), where the input has at most SPLIT_FILES_UP_TO files (more files spread over the cluster by
+# themselves). A Parquet file splits by its row groups, at the cost of a read of its footer; a JSONL file has no
+# index, so the driver reads it once, in pieces of JSONL_PIECE_BYTES from one line's start to another's, counting
+# the lines that start in each (a row's id is its place among the file's rows, whichever task reads it).
+READ_ROWS = 2048
 SPLIT_FILES_UP_TO = 64
-FOOTER_READS = 16  # footers read at once (object storage answers each in tens of milliseconds)
+PLAN_READS = 16  # footers or JSONL pieces read at once (object storage answers each in tens of milliseconds)
+JSONL_PIECE_BYTES = 1 << 20
 
 SOURCE_SCHEMA = pa.schema(
     [
@@ -61,22 +66,38 @@ SOURCE_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class Read:
-    """What one read task reads: files whole, or one Parquet file's row groups [start, stop), whose first row is
-    the file's row first_row (ids are `<file>#<row>` whichever task reads the row)."""
+    """What one read task reads: files whole, or part of one file, whose first row is the file's row first_row
+    (ids are `<file>#<row>` whichever task reads the row): a Parquet file's row groups [start, stop), or a JSONL
+    file's bytes [start, stop), from one line's start to another's, whose first line is the file's line first_line
+    (an error names the line)."""
 
     files: tuple[str, ...]
     row_groups: tuple[int, int] | None = None
+    byte_range: tuple[int, int] | None = None
     first_row: int = 0
+    first_line: int = 1
 
     @classmethod
     def of(cls, record: dict) -> Read:
         """From its dict (dataclasses.asdict), as a read task gets it: lists where the tuples were."""
-        groups = record["row_groups"]
-        return cls(tuple(record["files"]), tuple(groups) if groups else None, record["first_row"])
+        groups, byte_range = record["row_groups"], record["byte_range"]
+        return cls(tuple(record["files"]), tuple(groups) if groups else None,
+                   tuple(byte_range) if byte_range else None, record["first_row"], record["first_line"])
 
     def where(self, url: str) -> str:
-        """The file's URL, with the row groups when this read has part of it."""
-        return url if self.row_groups is None else f"{url} (row groups {self.row_groups[0]}-{self.row_groups[1] - 1})"
+        """The file's URL, with which part of it when this read has part of it."""
+        if self.row_groups is not None:
+            return f"{url} (row groups {self.row_groups[0]}-{self.row_groups[1] - 1})"
+        return url if self.byte_range is None else f"{url} (lines from {self.first_line})"
+
+    @property
+    def part(self) -> dict:
+        """What the format's reader is told of the part of the file this read has (nothing: all of it)."""
+        if self.row_groups is not None:
+            return {"row_groups": self.row_groups, "first_row": self.first_row}
+        if self.byte_range is not None:
+            return {"byte_range": self.byte_range, "first_row": self.first_row, "first_line": self.first_line}
+        return {}
 
 
 @dataclass
@@ -134,15 +155,17 @@ def plan_source(config: CaptionConfig) -> SourcePlan:
     return plan
 
 
-def split_parquet_reads(plan: SourcePlan) -> list[Read]:
-    """The plan's reads, a Parquet file's row groups split into runs of about PARQUET_READ_ROWS rows where the
-    input has at most SPLIT_FILES_UP_TO files (a file of one run, or whose footer cannot be read, stays whole)."""
+def split_reads(plan: SourcePlan) -> list[Read]:
+    """The plan's reads, a large Parquet or JSONL file split into reads of about READ_ROWS rows where the input has
+    at most SPLIT_FILES_UP_TO files (a file of one read, or whose footer or lines cannot be read, stays whole)."""
     files = [read.files[0] for read in plan.reads]
-    if plan.format != "parquet" or len(files) > SPLIT_FILES_UP_TO:
+    if plan.format not in ("parquet", "jsonl") or len(files) > SPLIT_FILES_UP_TO:
         return plan.reads
-    with ThreadPoolExecutor(FOOTER_READS) as pool:
-        sizes = list(pool.map(lambda relative: _row_group_sizes(plan.url(relative)), files))
-    return [read for relative, groups in zip(files, sizes) for read in _row_group_reads(relative, groups)]
+    with ThreadPoolExecutor(PLAN_READS) as pool:
+        if plan.format == "parquet":
+            sizes = list(pool.map(lambda relative: _row_group_sizes(plan.url(relative)), files))
+            return [read for relative, groups in zip(files, sizes) for read in _row_group_reads(relative, groups)]
+        return [read for relative in files for read in _jsonl_reads(relative, plan.url(relative), pool)]
 
 
 def read_rows(plan: SourcePlan, read: Read, skip_ids: FinishedIds | None = None,
@@ -153,7 +176,7 @@ def read_rows(plan: SourcePlan, read: Read, skip_ids: FinishedIds | None = None,
     error, rows read from it)` and the task goes on with the next file; without a callback it raises.
     """
     reader = {"parquet": _parquet_rows, "jsonl": _jsonl_rows, "webdataset": _tar_rows, "images": _image_rows}
-    part = {} if read.row_groups is None else {"row_groups": read.row_groups, "first_row": read.first_row}
+    part = read.part
     skip_ids = skip_ids if skip_ids is not None else FinishedIds()
     rows = []
     for relative in read.files:
@@ -217,8 +240,8 @@ def _columns(plan: SourcePlan) -> list[str]:
         with fs.open(path, "rb") as f:
             return pq.read_schema(f).names
     if plan.format == "jsonl":
-        with fs.open(path, "rt") as f:
-            for line in f:
+        with fs.open(path, "rb") as f:  # bytes that are not UTF-8 fail their read task, not the plan
+            for line in _text_lines(f, errors="replace"):
                 if line.strip():
                     try:
                         return list(json.loads(line))
@@ -302,17 +325,90 @@ def _row_group_sizes(url: str) -> list[int] | None:
 
 
 def _row_group_reads(relative: str, sizes: list[int] | None) -> list[Read]:
-    """A Parquet file's reads: runs of its row groups of about PARQUET_READ_ROWS rows (the whole file when it is
-    one run, or its footer could not be read)."""
-    reads, start, first_row, rows = [], 0, 0, 0
-    for group, size in enumerate(sizes or []):
-        if rows and rows + size > PARQUET_READ_ROWS:
-            reads.append(Read((relative,), (start, group), first_row))
-            start, first_row, rows = group, first_row + rows, 0
-        rows += size
-    if not reads:
+    """A Parquet file's reads: runs of its row groups of about READ_ROWS rows (the whole file when it is one run,
+    or its footer could not be read)."""
+    runs = _runs(sizes or [])
+    if len(runs) <= 1:
         return [Read((relative,))]
-    return reads + [Read((relative,), (start, len(sizes)), first_row)]
+    return [Read((relative,), row_groups=(start, stop), first_row=first_row) for start, stop, first_row in runs]
+
+
+def _runs(sizes: list[int]) -> list[tuple[int, int, int]]:
+    """Consecutive parts of these sizes (rows) gathered into runs of about READ_ROWS rows: (first part, stop, rows
+    before the run)."""
+    runs, start, before, rows = [], 0, 0, 0
+    for part, size in enumerate(sizes):
+        if rows and rows + size > READ_ROWS:
+            runs.append((start, part, before))
+            start, before, rows = part, before + rows, 0
+        rows += size
+    return runs + [(start, len(sizes), before)] if sizes else []
+
+
+def _jsonl_reads(relative: str, url: str, pool: ThreadPoolExecutor) -> list[Read]:
+    """A JSONL file's reads: runs of its pieces of about READ_ROWS rows (the whole file when it is one run, or its
+    pieces could not be read: its read task says why)."""
+    try:
+        fs, path = url_to_fs(url)
+        size = fs.size(path)
+        pieces = [p for p in pool.map(partial(_jsonl_piece, fs, path, size), range(-(-size // JSONL_PIECE_BYTES)))
+                  if p is not None]
+    except Exception:
+        return [Read((relative,))]
+    runs = _runs([rows for _, _, _, rows in pieces])
+    if len(runs) <= 1:
+        return [Read((relative,))]
+    lines_before = [0]
+    for _, _, lines, _ in pieces:
+        lines_before.append(lines_before[-1] + lines)
+    return [Read((relative,), byte_range=(pieces[start][0], pieces[stop - 1][1]), first_row=first_row,
+                 first_line=1 + lines_before[start]) for start, stop, first_row in runs]
+
+
+def _jsonl_piece(fs, path: str, size: int, index: int) -> tuple[int, int, int, int] | None:
+    """Piece `index` of a JSONL file: (start, stop, lines, rows) of the lines that start in its JSONL_PIECE_BYTES
+    (bytes from a line's start to another's; rows: the lines that are not blank), None when none starts there."""
+    begin, end = index * JSONL_PIECE_BYTES, min((index + 1) * JSONL_PIECE_BYTES, size)
+    base = max(begin - 1, 0)  # the byte before the piece: a line starts at `begin` when it is a newline
+    with fs.open(path, "rb") as f:
+        f.seek(base)
+        data = f.read(end - base)
+        while end < size and data.find(b"\n", end - 1 - base) < 0:  # the last line goes on past the piece
+            more = f.read(JSONL_PIECE_BYTES)
+            if not more:
+                break
+            data += more
+    start = 0 if begin == 0 else data.find(b"\n") + 1
+    stop = len(data) if end == size else data.find(b"\n", end - 1 - base) + 1
+    if begin and not start or stop <= start:  # no line starts here (a line longer than the piece)
+        return None
+    lines = _text_lines(io.BytesIO(data[start:stop]), errors="replace")  # its read task says what is wrong
+    count = rows = 0
+    for line in lines:
+        count, rows = count + 1, rows + bool(line.strip())
+    return base + start, base + stop, count, rows
+
+
+def _text_lines(binary, errors: str = "strict"):
+    """The lines of UTF-8 text open for bytes (universal newlines, as a file open for text splits them)."""
+    return io.TextIOWrapper(binary, encoding="utf-8", errors=errors, newline="")
+
+
+class _Range(io.RawIOBase):
+    """`length` bytes of a file open for bytes, from where it stands, and not a byte further (text decoding reads
+    ahead: past a read's range, it failed on another read's bytes)."""
+
+    def __init__(self, file, length: int):
+        self.file, self.left = file, length
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.file.read(min(len(buffer), self.left))
+        buffer[: len(data)] = data
+        self.left -= len(data)
+        return len(data)
 
 
 def _parquet_rows(plan: SourcePlan, relatives: list[str], row_groups: tuple[int, int] | None = None,
@@ -329,12 +425,16 @@ def _parquet_rows(plan: SourcePlan, relatives: list[str], row_groups: tuple[int,
                     index += 1
 
 
-def _jsonl_rows(plan: SourcePlan, relatives: list[str]):
+def _jsonl_rows(plan: SourcePlan, relatives: list[str], byte_range: tuple[int, int] | None = None,
+                first_row: int = 0, first_line: int = 1):
     for relative in relatives:
         fs, path = url_to_fs(plan.url(relative))
-        with fs.open(path, "rt", encoding="utf-8") as f:
-            index = 0
-            for number, line in enumerate(f, start=1):
+        with fs.open(path, "rb") as f:
+            if byte_range:
+                f.seek(byte_range[0])
+            index = first_row
+            lines = _text_lines(io.BufferedReader(_Range(f, byte_range[1] - byte_range[0])) if byte_range else f)
+            for number, line in enumerate(lines, start=first_line):
                 if not line.strip():
                     continue
                 derived = f"{relative}#{index}"

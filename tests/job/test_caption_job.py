@@ -257,7 +257,7 @@ def test_an_unreadable_input_file_is_listed_and_the_rest_is_written(local_ray, w
 
 
 def test_one_parquet_file_is_read_by_several_tasks(local_ray, world, tmp_path, monkeypatch):
-    """One file of 40 rows in row groups of 4, split into reads of 8 rows (PARQUET_READ_ROWS lowered, in the driver
+    """One file of 40 rows in row groups of 4, split into reads of 8 rows (READ_ROWS lowered, in the driver
     that plans the reads, so that a small file makes several), its sixth row group corrupt: the other reads' rows
     are written once, each with the id its place in the file gives it, and the summary names the lost read's row
     groups (read whole, the file gave no row at all)."""
@@ -266,7 +266,7 @@ def test_one_parquet_file_is_read_by_several_tasks(local_ray, world, tmp_path, m
 
     from pipeline.job import sources
 
-    monkeypatch.setattr(sources, "PARQUET_READ_ROWS", 8)
+    monkeypatch.setattr(sources, "READ_ROWS", 8)
     data = tmp_path / "data"
     (data / "images").mkdir(parents=True)
     records = []
@@ -281,12 +281,43 @@ def test_one_parquet_file_is_read_by_several_tasks(local_ray, world, tmp_path, m
         content[offset : offset + 24] = b"\xff" * 24
     path.write_bytes(bytes(content))
     config = job(world, data, tmp_path / "out", tmp_path, num_actors=1)
-    assert len(sources.split_parquet_reads(sources.plan_source(config))) == 5  # 4 CPUs: 3 beside the engine actor
+    assert len(sources.split_reads(sources.plan_source(config))) == 5  # 4 CPUs: 3 beside the engine actor
 
     summary = run_caption(config)
     [record] = summary["unreadable_files"]
     assert record["file"].endswith("rows.parquet (row groups 4-5)") and record["rows_read_before_the_error"] == 0
     written = {f"rows.parquet#{i}": None for i in range(40) if not 16 <= i < 24}
+    check_exactly_once(read_output(tmp_path / "out"), written)
+
+
+def test_one_jsonl_file_is_read_by_several_tasks(local_ray, world, tmp_path, monkeypatch):
+    """One JSONL file of 40 rows split into reads of about 8 rows (its pieces and READ_ROWS lowered in the driver
+    that plans the reads), one line's bytes not UTF-8: the other reads' rows are written once, each with the id its
+    place in the file gives it, and the summary names the lost read by its first line (read whole, the file gave no
+    row at all)."""
+    from pipeline.job import sources
+
+    monkeypatch.setattr(sources, "JSONL_PIECE_BYTES", 128)
+    monkeypatch.setattr(sources, "READ_ROWS", 8)
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    lines = []
+    for i, (prompt, image) in enumerate(ragged_rows(40, text_only_every=0)):
+        image.save(data / f"images/{i}.png")
+        lines.append(json.dumps({"prompt": prompt, "image": f"images/{i}.png"}).encode())
+    lines[19] = lines[19].replace(b'"prompt": "', b'"prompt": "\xff')  # not UTF-8
+    (data / "rows.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    config = job(world, data, tmp_path / "out", tmp_path, num_actors=1)
+    reads = sources.split_reads(sources.plan_source(config))  # 4 CPUs: 3 beside the engine actor
+    bad = sum(len(line) + 1 for line in lines[:19])  # where line 20 starts
+    [lost] = [i for i, read in enumerate(reads) if read.byte_range[0] <= bad < read.byte_range[1]]
+    assert len(reads) >= 4 and 0 < lost < len(reads) - 1
+    lost_rows = range(reads[lost].first_row, reads[lost + 1].first_row)
+
+    summary = run_caption(config)
+    [record] = summary["unreadable_files"]
+    assert record["file"].endswith(f"rows.jsonl (lines from {reads[lost].first_line})")
+    written = {f"rows.jsonl#{i}": None for i in range(40) if i not in lost_rows}
     check_exactly_once(read_output(tmp_path / "out"), written)
 
 

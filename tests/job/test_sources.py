@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline.job.config import CaptionConfig, JobConfigError
 from pipeline.job.resume import FinishedIds
-from pipeline.job.sources import PARQUET_READ_ROWS, Read, plan_source, read_rows, split_parquet_reads
+from pipeline.job.sources import READ_ROWS, Read, plan_source, read_rows, split_reads
 
 
 def png(colour=(200, 30, 30), size=(8, 6)) -> bytes:
@@ -57,17 +57,17 @@ def test_parquet_image_forms_and_derived_ids(tmp_path):
 
 
 def test_a_parquet_files_row_groups_are_split_into_reads_with_the_whole_files_ids(tmp_path):
-    """A file of many row groups is read by several tasks, each a run of about PARQUET_READ_ROWS rows; the rows and
+    """A file of many row groups is read by several tasks, each a run of about READ_ROWS rows; the rows and
     their ids (from their place in the file) are the file's read whole; a file of one row group is read whole."""
-    rows = 2 * PARQUET_READ_ROWS + PARQUET_READ_ROWS // 2
+    rows = 2 * READ_ROWS + READ_ROWS // 2
     table = pa.table({"prompt": [f"p{i}" for i in range(rows)], "image": [png()] * rows})
-    pq.write_table(table, tmp_path / "big.parquet", row_group_size=PARQUET_READ_ROWS // 8)
+    pq.write_table(table, tmp_path / "big.parquet", row_group_size=READ_ROWS // 8)
     pq.write_table(table.slice(0, 10), tmp_path / "small.parquet")
     plan = plan_source(config(tmp_path))
     assert plan.reads == [Read(("big.parquet",)), Read(("small.parquet",))]  # planned whole; split where it pays
-    reads = split_parquet_reads(plan)
+    reads = split_reads(plan)
     assert [(read.row_groups, read.first_row) for read in reads if read.files == ("big.parquet",)] == [
-        ((0, 8), 0), ((8, 16), PARQUET_READ_ROWS), ((16, 20), 2 * PARQUET_READ_ROWS)]
+        ((0, 8), 0), ((8, 16), READ_ROWS), ((16, 20), 2 * READ_ROWS)]
     assert [read for read in reads if read.files == ("small.parquet",)] == [Read(("small.parquet",))]
 
     split = [row for read in reads for table in read_rows(plan, read) for row in table.to_pylist()]
@@ -75,6 +75,37 @@ def test_a_parquet_files_row_groups_are_split_into_reads_with_the_whole_files_id
     assert sorted(split, key=lambda r: r["id"]) == sorted(whole, key=lambda r: r["id"])
     assert len({row["id"] for row in split}) == rows + 10
     assert {row["id"] for row in split if row["prompt"] == f"p{rows - 1}"} == {f"big.parquet#{rows - 1}"}
+
+
+def test_a_jsonl_file_is_split_into_reads_with_the_whole_files_ids_and_line_numbers(tmp_path, monkeypatch):
+    """A JSONL file larger than a piece is read by several tasks, each a run of its lines (cut at lines' starts:
+    pieces of 512 bytes here, runs of about 40 rows); the rows, their ids and the line numbers in their errors are
+    the file's read whole, through blank lines, lines that are not JSON, lines longer than a piece, the three line
+    endings and no newline at the end; a file smaller than a piece is read whole."""
+    from pipeline.job import sources
+
+    monkeypatch.setattr(sources, "JSONL_PIECE_BYTES", 512)
+    monkeypatch.setattr(sources, "READ_ROWS", 40)
+    endings, lines = ["\n", "\r\n", "\r"], []
+    for i in range(400):
+        kind = i % 23
+        line = ("   " if kind == 5 else "not json" if kind == 7 else
+                json.dumps({"prompt": f"p{i} \u00e9" + "x" * (900 if kind == 11 else i % 50), "image": "a.png"}))
+        lines.append(line + endings[i % 3])
+    (tmp_path / "big.jsonl").write_bytes("".join(lines).rstrip().encode())
+    (tmp_path / "small.jsonl").write_text('{"prompt": "s"}\n')
+    plan = plan_source(config(tmp_path, image_column="image"))
+    reads = split_reads(plan)
+    big = [read for read in reads if read.files == ("big.jsonl",)]
+    assert len(big) > 5 and all(read.byte_range for read in big)
+    assert [read.byte_range[0] for read in big[1:]] == [read.byte_range[1] for read in big[:-1]]  # end to end
+    assert [read for read in reads if read.files == ("small.jsonl",)] == [Read(("small.jsonl",))]
+
+    split = [row for read in reads for table in read_rows(plan, read) for row in table.to_pylist()]
+    whole = [row for read in plan.reads for table in read_rows(plan, read) for row in table.to_pylist()]
+    assert split == whole and len(whole) == 400 - 18 + 1  # blank lines are no rows
+    assert {row["error"] for row in whole if row["id"] == "big.jsonl#6"} == {"line 8 is not a JSON object"}
+    assert [row["id"] for row in whole if row["prompt"] == "p399 \u00e9" + "x" * 49] == ["big.jsonl#381"]
 
 
 def test_parquet_id_and_columns_by_flag(tmp_path):
