@@ -256,6 +256,17 @@ def test_an_unreadable_input_file_is_listed_and_the_rest_is_written(local_ray, w
     check_exactly_once(read_output(output), expected)
 
 
+def forty_rows(tmp_path):
+    """A dataset folder with 40 images, and 40 records {prompt, image (its relative path)} for a table of them."""
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    records = []
+    for i, (prompt, image) in enumerate(ragged_rows(40, text_only_every=0)):
+        image.save(data / f"images/{i}.png")
+        records.append({"prompt": prompt, "image": f"images/{i}.png"})
+    return data, records
+
+
 def test_one_parquet_file_is_read_by_several_tasks(local_ray, world, tmp_path, monkeypatch):
     """One file of 40 rows in row groups of 4, split into reads of 8 rows (READ_ROWS lowered, in the driver
     that plans the reads, so that a small file makes several), its sixth row group corrupt: the other reads' rows
@@ -267,12 +278,7 @@ def test_one_parquet_file_is_read_by_several_tasks(local_ray, world, tmp_path, m
     from pipeline.job import sources
 
     monkeypatch.setattr(sources, "READ_ROWS", 8)
-    data = tmp_path / "data"
-    (data / "images").mkdir(parents=True)
-    records = []
-    for i, (prompt, image) in enumerate(ragged_rows(40, text_only_every=0)):
-        image.save(data / f"images/{i}.png")
-        records.append({"prompt": prompt, "image": f"images/{i}.png"})
+    data, records = forty_rows(tmp_path)
     path = data / "rows.parquet"
     pq.write_table(pa.Table.from_pylist(records), path, row_group_size=4)
     metadata, content = pq.ParquetFile(path).metadata, bytearray(path.read_bytes())
@@ -299,12 +305,8 @@ def test_one_jsonl_file_is_read_by_several_tasks(local_ray, world, tmp_path, mon
 
     monkeypatch.setattr(sources, "JSONL_PIECE_BYTES", 128)
     monkeypatch.setattr(sources, "READ_ROWS", 8)
-    data = tmp_path / "data"
-    (data / "images").mkdir(parents=True)
-    lines = []
-    for i, (prompt, image) in enumerate(ragged_rows(40, text_only_every=0)):
-        image.save(data / f"images/{i}.png")
-        lines.append(json.dumps({"prompt": prompt, "image": f"images/{i}.png"}).encode())
+    data, records = forty_rows(tmp_path)
+    lines = [json.dumps(record).encode() for record in records]
     lines[19] = lines[19].replace(b'"prompt": "', b'"prompt": "\xff')  # not UTF-8
     (data / "rows.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     config = job(world, data, tmp_path / "out", tmp_path, num_actors=1)

@@ -77,6 +77,19 @@ def test_a_parquet_files_row_groups_are_split_into_reads_with_the_whole_files_id
     assert {row["id"] for row in split if row["prompt"] == f"p{rows - 1}"} == {f"big.parquet#{rows - 1}"}
 
 
+def write_mixed_jsonl(directory) -> None:
+    """big.jsonl: 400 lines, blank ones, lines that are not JSON and lines of 900+ bytes among them, the three line
+    endings, no newline at the end; small.jsonl: one line."""
+    endings, lines = ["\n", "\r\n", "\r"], []
+    for i in range(400):
+        kind = i % 23
+        line = ("   " if kind == 5 else "not json" if kind == 7 else
+                json.dumps({"prompt": f"p{i} \u00e9" + "x" * (900 if kind == 11 else i % 50), "image": "a.png"}))
+        lines.append(line + endings[i % 3])
+    (directory / "big.jsonl").write_bytes("".join(lines).rstrip().encode())
+    (directory / "small.jsonl").write_text('{"prompt": "s"}\n')
+
+
 def test_a_jsonl_file_is_split_into_reads_with_the_whole_files_ids_and_line_numbers(tmp_path, monkeypatch):
     """A JSONL file larger than a piece is read by several tasks, each a run of its lines (cut at lines' starts:
     pieces of 512 bytes here, runs of about 40 rows); the rows, their ids and the line numbers in their errors are
@@ -86,14 +99,7 @@ def test_a_jsonl_file_is_split_into_reads_with_the_whole_files_ids_and_line_numb
 
     monkeypatch.setattr(sources, "JSONL_PIECE_BYTES", 512)
     monkeypatch.setattr(sources, "READ_ROWS", 40)
-    endings, lines = ["\n", "\r\n", "\r"], []
-    for i in range(400):
-        kind = i % 23
-        line = ("   " if kind == 5 else "not json" if kind == 7 else
-                json.dumps({"prompt": f"p{i} \u00e9" + "x" * (900 if kind == 11 else i % 50), "image": "a.png"}))
-        lines.append(line + endings[i % 3])
-    (tmp_path / "big.jsonl").write_bytes("".join(lines).rstrip().encode())
-    (tmp_path / "small.jsonl").write_text('{"prompt": "s"}\n')
+    write_mixed_jsonl(tmp_path)
     plan = plan_source(config(tmp_path, image_column="image"))
     reads = split_reads(plan)
     big = [read for read in reads if read.files == ("big.jsonl",)]
@@ -106,6 +112,31 @@ def test_a_jsonl_file_is_split_into_reads_with_the_whole_files_ids_and_line_numb
     assert split == whole and len(whole) == 400 - 18 + 1  # blank lines are no rows
     assert {row["error"] for row in whole if row["id"] == "big.jsonl#6"} == {"line 8 is not a JSON object"}
     assert [row["id"] for row in whole if row["prompt"] == "p399 \u00e9" + "x" * 49] == ["big.jsonl#381"]
+
+
+def test_a_jsonl_file_in_object_storage_splits_as_on_disk(s3_server, tmp_path, monkeypatch):
+    """The same file in S3 (moto's server, s3fs): the same reads, and through them the file's rows (their images
+    resolved against the bucket's folder)."""
+    import s3fs
+
+    from pipeline.job import sources
+
+    monkeypatch.setattr(sources, "JSONL_PIECE_BYTES", 512)
+    monkeypatch.setattr(sources, "READ_ROWS", 40)
+    write_mixed_jsonl(tmp_path)
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("sources-bucket")
+    fs.put(str(tmp_path / "big.jsonl"), "sources-bucket/rows/big.jsonl")
+    local, remote = plan_source(config(tmp_path)), plan_source(config("s3://sources-bucket/rows"))
+    reads = split_reads(remote)
+    assert reads == [read for read in split_reads(local) if read.files == ("big.jsonl",)] and len(reads) > 5
+    split = [row for read in reads for table in read_rows(remote, read) for row in table.to_pylist()]
+    whole = [row for read in local.reads if read.files == ("big.jsonl",) for table in read_rows(local, read)
+             for row in table.to_pylist()]
+    for row in whole:
+        if row["image_url"]:
+            row["image_url"] = "s3://sources-bucket/rows/" + row["image_url"].rsplit("/", 1)[1]
+    assert split == whole
 
 
 def test_parquet_id_and_columns_by_flag(tmp_path):
