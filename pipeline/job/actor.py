@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from concurrent.futures import Future
 
 import pyarrow as pa
@@ -61,6 +62,9 @@ class CaptionActor:
     async def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         pending = {i: self._submit(row) for i, row in enumerate(rows) if row["error"] is None}
+        finished_at = {}  # set by the engine's thread as each row's result is (rows finish out of order)
+        for i, future in pending.items():
+            future.add_done_callback(lambda _, i=i: finished_at.__setitem__(i, time.time()))
         self.work.set()
         out = []
         for i, row in enumerate(rows):
@@ -71,7 +75,8 @@ class CaptionActor:
                 except Exception as exc:
                     log.warning("generation failed for row %s: %s: %s", row["id"], type(exc).__name__, exc)
                     error = f"generation failed: {type(exc).__name__}: {exc}"
-            out.append(output_row(row["id"], row["prompt"], result, error, self.run_columns, row["image"]))
+            out.append(output_row(row["id"], row["prompt"], result, error, self.run_columns, row["image"],
+                                  finished_at.get(i)))
         return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
 
     def _submit(self, row: dict) -> Future:

@@ -78,7 +78,7 @@ def block_bytes(config: CaptionConfig, prepared_row_bytes: int | None, ray_defau
 def run_caption(config: CaptionConfig) -> dict:
     """Run the job to completion on the current Ray cluster (a local one when none is running); returns the summary."""
     print(f"caption job config:\n{config.to_json()}", flush=True)
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     plan = preflight(config)
     if plan.skip_ids:
         print(f"resuming: {len(plan.skip_ids)} rows already in {config.output} are skipped", flush=True)
@@ -90,7 +90,7 @@ def run_caption(config: CaptionConfig) -> dict:
                                               ray_remote_args={"num_cpus": WRITE_CPUS},
                                               concurrency=config.num_actors[1])
     run_parts = set(part_files(config.output)) - parts_before
-    summary = summarize(config.output, config.to_dict(), time.perf_counter() - start, run_parts)
+    summary = summarize(config.output, config.to_dict(), time.perf_counter() - start, run_parts, started_at)
     summary["rows_skipped_by_resume"] = len(plan.skip_ids)
     summary["rows_in"] = summary["this_run"]["rows"] + len(plan.skip_ids)  # every row read is written once
     where = write_summary(config.output, summary)

@@ -42,6 +42,7 @@ OUTPUT_SCHEMA = pa.schema(
         ("gamma", pa.string()),  # the configured draft length: an integer or "auto"
         ("finish_reason", pa.string()),  # "stop" (EOS) or "length"
         ("latency_s", pa.float64()),  # from the start of the row's engine batch to its last token
+        ("finished_at", pa.float64()),  # when the engine finished the row (Unix seconds; null where it did not)
         ("target", pa.string()),
         ("drafter", pa.string()),  # null without a drafter
         ("node_id", pa.string()),  # the Ray node whose actor decoded the row
@@ -54,7 +55,7 @@ UNREADABLE_DIR = "_unreadable"
 
 
 def output_row(row_id: str, prompt: str | None, result: GenerationResult | None, error: str | None,
-               run: dict, image: bytes | None = None) -> dict:
+               run: dict, image: bytes | None = None, finished_at: float | None = None) -> dict:
     """One OUTPUT_SCHEMA row; `run` holds the per-job columns (gamma, target, drafter, node_id)."""
     row = {name: None for name in OUTPUT_SCHEMA.names}
     row.update(run, id=row_id, prompt=prompt, error=error, image=image)
@@ -72,6 +73,7 @@ def output_row(row_id: str, prompt: str | None, result: GenerationResult | None,
             accepted_per_position=counts.accepted_per_position,
             finish_reason=result.finish_reason,
             latency_s=counts.latency_s,
+            finished_at=finished_at,
         )
     return row
 

@@ -38,19 +38,25 @@ def part_counts(table: pa.Table) -> SpecDecodeCounts:
     )
 
 
-def summarize(output: str, config_dict: dict, wall_time_s: float, run_parts: set[str]) -> dict:
-    """Totals over every part of the output, plus this run's throughput (over the parts it wrote)."""
+def summarize(output: str, config_dict: dict, wall_time_s: float, run_parts: set[str],
+              started_at: float | None = None) -> dict:
+    """Totals over every part of the output, plus this run's throughput (over the parts it wrote) and, given when
+    the run started (Unix seconds), its start-up apart from its decoding (see decoding_phase)."""
     fs, _ = url_to_fs(output)
     tables, total, this_run = [], SpecDecodeCounts(), SpecDecodeCounts()
-    run_rows = 0
+    run_rows, finished = 0, []
     for part in part_files(output):
+        ours = part in run_parts  # (earlier runs' parts may predate the finished_at column)
         with fs.open(part, "rb") as f:
             table = pq.read_table(f, columns=["id", "error", "node_id", *_COUNT_COLUMNS, "drafted_per_position",
-                                              "accepted_per_position"])
+                                              "accepted_per_position", *(["finished_at"] if ours else [])])
+        if ours:
+            finished.append(table["finished_at"])
+            table = table.drop_columns(["finished_at"])
         tables.append(table)
         counts = part_counts(table)
         total.observe(counts)
-        if part in run_parts:
+        if ours:
             run_rows += table.num_rows
             this_run.observe(counts)
     table = pa.concat_tables(tables) if tables else OUTPUT_SCHEMA.empty_table()
@@ -76,6 +82,7 @@ def summarize(output: str, config_dict: dict, wall_time_s: float, run_parts: set
             "wall_time_s": wall_time_s,
             "rows_per_s": run_rows / wall_time_s if wall_time_s else 0.0,
             "tokens_per_s": this_run.num_generated_tokens / wall_time_s if wall_time_s else 0.0,
+            **decoding_phase(finished, started_at),
         },
         "nodes": {
             str(n): {"rows": r, "generated_tokens": t}
@@ -83,6 +90,17 @@ def summarize(output: str, config_dict: dict, wall_time_s: float, run_parts: set
         },
         "config": config_dict,
     }
+
+
+def decoding_phase(finished: list[pa.ChunkedArray], started_at: float | None) -> dict:
+    """When this run's first row finished, in seconds after the run started (its start-up: Ray Data's, the actors'
+    model loads, the first rows' preparation and decoding), and its rows per second from then to its last row: what
+    a longer run's rate tends to. Empty without a start time or two finished rows."""
+    times = pc.drop_null(pa.chunked_array(finished, pa.float64())).to_numpy() if finished else np.zeros(0)
+    if started_at is None or len(times) < 2 or times.max() <= times.min():
+        return {}
+    return {"first_row_s": float(times.min() - started_at),
+            "rows_per_s_after_first_row": float((len(times) - 1) / (times.max() - times.min()))}
 
 
 def write_summary(output: str, summary: dict) -> str:
@@ -109,6 +127,8 @@ def format_summary(summary: dict) -> str:
         f"{'generated tokens':<26}{summary['generated_tokens']}",
         f"{'wall time (this run)':<26}{run['wall_time_s']:.1f} s",
         f"{'throughput (this run)':<26}{run['rows_per_s']:.2f} rows/s, {run['tokens_per_s']:.1f} tokens/s",
+        *([f"{'first row finished after':<26}{run['first_row_s']:.1f} s; "
+           f"{run['rows_per_s_after_first_row']:.2f} rows/s after it"] if "first_row_s" in run else []),
         f"{'mean accepted length':<26}{summary['mean_accepted_length']:.2f}",
         f"{'acceptance rate':<26}{summary['acceptance_rate']:.1%}",
         f"{'acceptance by position':<26}"

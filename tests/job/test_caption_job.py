@@ -57,8 +57,10 @@ def test_local_job_every_row_once_and_drafter_lossless(local_ray, world, tmp_pat
     data = tmp_path / "data"
     expected = write_caption_dataset(data, num_good=100)
     plain = run_caption(job(world, data, tmp_path / "plain", tmp_path, drafter="none", continuous_batching=False))
+    started = time.time()
     drafted = run_caption(job(world, data, tmp_path / "drafted", tmp_path, drafter=str(world["llava"]["massv"]),
                               gamma=3))
+    ended = time.time()
     without, with_drafter = read_output(tmp_path / "plain"), read_output(tmp_path / "drafted")
     check_exactly_once(without, expected)
     check_exactly_once(with_drafter, expected)
@@ -80,6 +82,13 @@ def test_local_job_every_row_once_and_drafter_lossless(local_ray, world, tmp_pat
     assert on_disk["config"]["drafter"] == str(world["llava"]["massv"])
     assert plain["acceptance_rate"] == 0.0 and plain["this_run"]["rows"] == len(expected)
     assert sum(node["rows"] for node in on_disk["nodes"].values()) == len(expected)
+    # when each decoded row finished, and the run's start-up apart from its decoding
+    finished = with_drafter["finished_at"]
+    assert (finished.notna() == with_drafter["error"].isna()).all() and finished.dropna().between(started, ended).all()
+    run = on_disk["this_run"]
+    assert 0 < run["first_row_s"] <= finished.min() - started + 0.5 and run["first_row_s"] < run["wall_time_s"]
+    assert run["rows_per_s_after_first_row"] == pytest.approx(
+        (finished.count() - 1) / (finished.max() - finished.min()))
     chart = Image.open(tmp_path / "drafted" / "acceptance.png")
     assert chart.format == "PNG" and chart.size == (WIDTH, HEIGHT)
     assert not (tmp_path / "plain" / "acceptance.png").exists()  # nothing drafted, nothing to chart
