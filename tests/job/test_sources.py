@@ -115,8 +115,8 @@ def test_a_jsonl_file_is_split_into_reads_with_the_whole_files_ids_and_line_numb
 
 
 def test_a_jsonl_file_in_object_storage_splits_as_on_disk(s3_server, tmp_path, monkeypatch):
-    """The same file in S3 (moto's server, s3fs): the same reads, and through them the file's rows (their images
-    resolved against the bucket's folder)."""
+    """The same file in S3 (moto's server, s3fs): the same reads, and through them, as read whole, the file's rows
+    (their images resolved against the bucket's folder)."""
     import s3fs
 
     from pipeline.job import sources
@@ -137,6 +137,7 @@ def test_a_jsonl_file_in_object_storage_splits_as_on_disk(s3_server, tmp_path, m
         if row["image_url"]:
             row["image_url"] = "s3://sources-bucket/rows/" + row["image_url"].rsplit("/", 1)[1]
     assert split == whole
+    assert [row for read in remote.reads for table in read_rows(remote, read) for row in table.to_pylist()] == whole
 
 
 def test_parquet_id_and_columns_by_flag(tmp_path):
