@@ -77,7 +77,8 @@ class RaggedDecoder:
         hidden_states: bool = False,  # also return the last hidden states [B, L, H] (left-padded)
         **model_inputs,  # the left-padded prompts as the family feeds them: inputs_embeds [B, L, H] or input_ids
     ):  # the model's output: logits [B, 1, V] of each row's last prompt token (a feature model: its features)
-        if self.fused_prefill and not hidden_states and position_ids.dim() == 2:
+        if (self.fused_prefill and not hidden_states and position_ids.dim() == 2
+                and len(model_inputs) == 1 and model_inputs.keys() <= {"input_ids", "inputs_embeds"}):
             return self._fused_prefill(attention_mask, position_ids, offsets, append, **model_inputs)
         lengths = attention_mask.sum(dim=1)
         out = self.model(
