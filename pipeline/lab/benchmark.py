@@ -615,7 +615,7 @@ def goals(measurements: list[Measurement], massv: str | None) -> list[dict]:
              f"with static batches {_fmt(jobs[STATIC].against_engine if STATIC in jobs else None)}x"
              + (f"; its first row finished after {job.first_row_s:.1f} s, then {job.rows_per_s_after_first_row:.1f} "
                 f"rows/s ({job.rows_per_s_after_first_row / direct[CONTINUOUS].rows_per_s:.2f}x the engine's)"
-                if job.first_row_s is not None else ""))
+                if job.rows_per_s_after_first_row is not None else ""))
     if len(jobs) == len(direct) == 2:
         gains = {where: runs[CONTINUOUS].rows_per_s / runs[STATIC].rows_per_s
                  for where, runs in (("engine", direct), ("caption job", jobs))}
