@@ -372,16 +372,18 @@ def _jsonl_piece(fs, path: str, size: int, index: int) -> tuple[int, int, int, i
     base = max(begin - 1, 0)  # the byte before the piece: a line starts at `begin` when it is a newline
     with fs.open(path, "rb") as f:
         f.seek(base)
-        data = f.read(end - base)
-        while end < size and data.find(b"\n", end - 1 - base) < 0:  # the last line goes on past the piece
+        data = bytearray(f.read(end - base))
+        start = 0 if begin == 0 else data.find(b"\n", 0, len(data) - 1) + 1
+        if begin and not start:  # no line starts here: the piece lies inside a longer line, which its piece counts
+            return None
+        stop = len(data) if end == size else data.find(b"\n", end - 1 - base) + 1
+        while not stop:  # the piece's last line goes on past it: read on to its end, or to the file's
             more = f.read(JSONL_PIECE_BYTES)
-            if not more:
-                break
+            if not more:  # the file ends without a newline
+                stop = len(data)
+            elif (newline := more.find(b"\n")) >= 0:
+                stop = len(data) + newline + 1
             data += more
-    start = 0 if begin == 0 else data.find(b"\n") + 1
-    stop = len(data) if end == size else data.find(b"\n", end - 1 - base) + 1
-    if begin and not start or stop <= start:  # no line starts here (a line longer than the piece)
-        return None
     lines = _text_lines(io.BytesIO(data[start:stop]), errors="replace")  # its read task says what is wrong
     count = rows = 0
     for line in lines:

@@ -114,6 +114,23 @@ def test_a_jsonl_file_is_split_into_reads_with_the_whole_files_ids_and_line_numb
     assert [row["id"] for row in whole if row["prompt"] == "p399 \u00e9" + "x" * 49] == ["big.jsonl#381"]
 
 
+def test_a_jsonl_files_last_line_past_its_piece_without_a_newline_is_read(tmp_path, monkeypatch):
+    """The last line starts in one piece, runs through the next and ends the file without a newline: its piece
+    reads on to the end of the file (before, it counted nothing there, and the split reads lost the row)."""
+    from pipeline.job import sources
+
+    monkeypatch.setattr(sources, "JSONL_PIECE_BYTES", 512)
+    monkeypatch.setattr(sources, "READ_ROWS", 20)
+    lines = [json.dumps({"prompt": f"p{i}"}) for i in range(100)] + [json.dumps({"prompt": "x" * 3000})]
+    (tmp_path / "rows.jsonl").write_text("\n".join(lines))
+    plan = plan_source(config(tmp_path))
+    reads = split_reads(plan)
+    assert len(reads) > 3
+    split = [row for read in reads for table in read_rows(plan, read) for row in table.to_pylist()]
+    assert split == [row for table in read_rows(plan, plan.reads[0]) for row in table.to_pylist()]
+    assert split[-1]["id"] == "rows.jsonl#100" and split[-1]["prompt"] == "x" * 3000
+
+
 def test_a_jsonl_file_in_object_storage_splits_as_on_disk(s3_server, tmp_path, monkeypatch):
     """The same file in S3 (moto's server, s3fs): the same reads, and through them, as read whole, the file's rows
     (their images resolved against the bucket's folder)."""
