@@ -85,7 +85,8 @@ def summarize(output: str, config_dict: dict, wall_time_s: float, run_parts: set
             "wall_time_s": wall_time_s,
             "rows_per_s": run_rows / wall_time_s if wall_time_s else 0.0,
             "tokens_per_s": this_run.num_generated_tokens / wall_time_s if wall_time_s else 0.0,
-            **decoding_phase(finished, started_at, _batch_rows(config_dict)),
+            # rows in one engine batch on every actor at once (the most actors the job may run)
+            **decoding_phase(finished, started_at, config_dict["batch_size"] * max(config_dict["num_actors"])),
         },
         "nodes": {
             str(n): {"rows": r, "generated_tokens": t}
@@ -107,12 +108,6 @@ def decoding_phase(finished: list[pa.ChunkedArray], started_at: float | None, ba
     if len(times) >= RATE_BATCHES * batch_rows and times.max() > times.min():
         phase["rows_per_s_after_first_row"] = float((len(times) - 1) / (times.max() - times.min()))
     return phase
-
-
-def _batch_rows(config_dict: dict) -> int:
-    """Rows in one engine batch on every actor at once (the most actors the job may run)."""
-    actors = config_dict.get("num_actors") or 1
-    return int(config_dict.get("batch_size") or 1) * int(max(actors) if isinstance(actors, (list, tuple)) else actors)
 
 
 def write_summary(output: str, summary: dict) -> str:
