@@ -62,6 +62,11 @@ SETTLE = 2
 REDECIDE = 4  # steps a bucket's choice holds before it is made again (unless a probe falls due or the drafter's state
 # changes): made every step it cost 48 us a step at batch 32 on the demo world, 2% of a plain step (15 us in a loop);
 # so does the choice to decode plainly like a neighbouring bucket (made every step, it cost 34 us a step with MSD)
+# A probe of drafting while plain decoding is the choice times this many steps when drafting is predicted to gain but
+# not by enough to trust (see best_gamma): what it costs is the switch (the drafter's put-off prefill, a catch-up), which
+# more steps share, and each timed step shrinks the standard error that holds drafting back. With one timed step a
+# probe, MSD at batch 8 on the demo world (drafting worth 1.2x plain decoding there) decoded plainly in 3 of 4 bench runs.
+CONTENDER_STEPS = 3
 PAIR_GAP = SETTLE + 1  # steps apart that are still "just before" (steps after a change to or from plain are not timed)
 LENGTHS_KEPT = 512  # finished rows' lengths kept: their distribution says how many tokens a row has left
 
@@ -144,6 +149,7 @@ class _BucketCosts:
     steps: int = 0
     probe_interval: int = 0
     next_probe: int = 0
+    probe_losses: float = 0.0  # what the probes so far were predicted to lose, in steps (see _probe)
     last_best: int = -1
     decided: tuple[int, int, bool] | None = None  # (steps when the choice was made, the choice, the drafter behind)
     probes: int = 0  # probes so far: they rotate over plain decoding and the choice's two neighbours (see choose)
@@ -245,29 +251,57 @@ class GammaPolicy:
             costs.last_best, costs.probe_interval = best, self.probe_every
         if costs.steps >= costs.next_probe and not self._after_prefill:  # keep the neighbours' times fresh (a step
             # after a prefill is not timed: a probe there would measure nothing)
-            # plain decoding too: the rate every choice must beat, kept fresh like the neighbours'
-            if best == 0:  # the draft length that came closest: its standard error is what holds drafting back
-                probe = self._contender(batch_size, prefill_waits, emitted)[0]
-            else:
-                targets = sorted({0, best - 1, best + 1} & set(range(self.max_gamma + 1)) - {best})
-                probe = targets[costs.probes % len(targets)]  # plain decoding first
-            costs.probes += 1
-            # until a step is timed: plain decoding after drafting SETTLE + 1 steps, drafting after plain decoding 2
-            # (the first one catches up)
-            self._probe_steps = [0] * SETTLE if probe == 0 else [probe] if best == 0 else []
-            loss = self._probe_loss(batch_size, best, probe, 1 + len(self._probe_steps), prefill_waits)
-            costs.next_probe = costs.steps + max(costs.probe_interval, math.ceil(loss / self.exploration))
-            costs.probe_interval = min(2 * costs.probe_interval, self.max_probe_every)
-            return probe
+            probe = self._probe(costs, batch_size, best, prefill_waits, emitted)
+            if probe is not None:
+                return probe
         return best
+
+    def _probe(self, costs: _BucketCosts, batch_size: int, best: int, prefill_waits: bool,
+               emitted: Sequence[int] | None) -> int | None:
+        """The probe to make now, if one is affordable: probes may lose `exploration` of the steps at the bucket in
+        all (what each is predicted to lose: _probe_loss), and one is made when what is left covers it. Candidates:
+        while plain decoding is the choice, the draft length that came closest (its standard error is what holds
+        drafting back); else plain decoding (the rate every choice must beat, kept fresh like the neighbours') and
+        the choice's neighbours, in turn, a cheap one going first while a dear one waits (a neighbour's probe loses a
+        tenth of a step where plain decoding's loses two: waiting behind it, the climb to a longer draft stalled). A k
+        timed once is probed at no charge: its one timing may have been a stall (the VM's), and the choice, and the
+        price of probing plain decoding again, rest on it (text-only at batch 32 on the demo world timed plain decoding
+        once at 2x its cost there, and drafted at 0.80-0.85x plain decoding for six passes: a probe of plain decoding
+        looked too dear to be made)."""
+        if best == 0:
+            probe, gain, _ = self._contender(batch_size, prefill_waits, emitted)
+            candidates = [(probe, [probe] * (CONTENDER_STEPS if gain > 0 else 1))]
+        else:
+            targets = sorted({0, best - 1, best + 1} & set(range(self.max_gamma + 1)) - {best})
+            turn = costs.probes % len(targets)
+            candidates = [(k, [0] * SETTLE if k == 0 else []) for k in targets[turn:] + targets[:turn]]
+        # each probe lasts until a step is timed: plain decoding after drafting SETTLE + 1 steps, drafting after plain
+        # decoding one more (the first one catches up)
+        credit = self.exploration * costs.steps - costs.probe_losses
+        losses = []
+        for probe, rest in candidates:
+            once = len(costs.relative.get(probe, ())) == 1  # its one timing may have been a stall: checked for free
+            losses.append(0.0 if once else self._probe_loss(batch_size, best, probe, 1 + len(rest), prefill_waits))
+            if losses[-1] <= credit:
+                self._probe_steps = rest
+                costs.probe_losses += losses[-1]
+                costs.probes = (targets.index(probe) + 1) if best else costs.probes + 1
+                costs.next_probe = costs.steps + costs.probe_interval
+                costs.probe_interval = min(2 * costs.probe_interval, self.max_probe_every)
+                return probe
+        costs.next_probe = costs.steps + math.ceil((min(losses) - credit) / self.exploration)
+        return None
 
     def _probe_loss(self, batch_size: int, best: int, probe: int, steps: int, prefill_waits: bool) -> float:
         """What a probe of `steps` steps with k = probe instead of the choice is predicted to cost, in steps of the
         choice: the steps' lower rate, and a switch to drafting and back (the drafter's put-off prefill, catch-ups).
-        The next probe waits until this is `exploration` of the steps between them. A probe of drafting in a static
-        batch pays the drafter's prefill of the whole batch and a catch-up on what the rows emitted (text-only at batch
-        32 on the demo world: 2.2 and 0.5 ms, with two steps of one draft at 2.0x a plain step's 2.4 ms: 3.3 plain
-        steps' time for 3.2 rows' tokens), and probes every 16 to 64 steps there cost 5-8% of the time."""
+        Probes are made while what they lose in all stays within `exploration` of the bucket's steps (see _probe). A
+        probe of drafting in a static batch pays the drafter's prefill of the whole batch and a catch-up on what the
+        rows emitted (text-only at batch 32 on the demo world: 2.2 and 0.5 ms, with two steps of one draft at 2.0x a
+        plain step's 2.4 ms: 3.3 plain steps' time for 3.2 rows' tokens), and probes every 16 to 64 steps there cost
+        5-8% of the time. Priced only after it (the next probe waiting on the last one's cost), each bucket's first
+        probe came at its 16th step whatever it cost: MSD at batch 32 (its head's prefill of the batch 4.6 ms, two
+        plain steps) lost 10% in the passes its buckets' first probes fell in."""
         rates = self._rates(sorted({best, probe}), batch_size, switch_per_token=0.0)  # the switch is counted below
         best_s = self.step_seconds(best, batch_size)
         slower = steps * max(1.0 - rates[probe] / rates[best], 0.0) * self.step_seconds(probe, batch_size) / best_s
