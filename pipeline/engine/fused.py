@@ -73,7 +73,7 @@ class FusedStack:
 
     def __call__(
         self,
-        attention_mask: torch.Tensor | dict[str, torch.Tensor],  # [B, 1, q, kv] additive, or one per layer type
+        attention_mask: torch.Tensor | dict[str, torch.Tensor] | None,  # [B, 1, q, kv] additive (a dict: per type)
         position_ids: torch.Tensor,  # [B, q], or [3, B, q] (M-RoPE)
         cache: RaggedKVCache,
         input_ids: torch.Tensor | None = None,  # [B, q]
