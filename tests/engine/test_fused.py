@@ -1,5 +1,6 @@
 """The fused stacks compute the model's own logits (same rows, ragged appends and rollbacks, per family): the fused
-drafter forward (its prefill too) up to rounding, the exact target forward bit for bit."""
+drafter forward (its prefill too) up to rounding, the exact target forward bit for bit (at batch 1 as HF's own forward
+runs it, without a mask)."""
 
 import pytest
 import torch
@@ -73,6 +74,36 @@ def test_exact_logits_are_the_models_own_bit_for_bit(family):
     hf = _decode(RaggedDecoder(model, stack=HF_FORWARD), prompts)
     for ours, theirs in zip(_decode(exact, prompts), hf, strict=True):
         assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("family", LLAMA_ARCHITECTURE)
+def test_one_rows_one_token_runs_without_a_mask_as_hfs_own_forward_does(family):
+    """At batch 1 a token attends to every slot its row holds, so the stacks run it without a mask, as HF's own forward
+    does (generate at batch 1): the exact stack gives its logits bit for bit, before and after a rollback leaves stale
+    slots past the row's end (HF's cache cropped instead)."""
+    from transformers import DynamicCache
+
+    model = _language_model(family)
+    model.config._attn_implementation = "sdpa"
+    prompt, tokens = [3, 4, 5, 6], [7, 8, 9, 10, 11, 12]
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True)
+        hf = [model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True).logits for t in tokens[:3]]
+        cache.crop(-2)  # the last two steps rolled back
+        hf += [model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True).logits for t in tokens[3:]]
+    for stack in (EXACT, FUSED):
+        decoder = RaggedDecoder(model, stack=stack)
+        decoder.prefill(torch.ones(1, 4, dtype=torch.long), torch.arange(4)[None], torch.zeros(1, dtype=torch.long),
+                        input_ids=torch.tensor([prompt]))
+        ours = [decoder.forward(input_ids=torch.tensor([[t]])).logits for t in tokens[:3]]
+        decoder.rollback(torch.tensor([2]))
+        ours += [decoder.forward(input_ids=torch.tensor([[t]])).logits for t in tokens[3:]]
+        for mine, theirs in zip(ours, hf, strict=True):
+            if stack == EXACT:
+                assert torch.equal(mine, theirs)
+            else:
+                torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
 
 
 def test_the_rotary_table_grows_with_the_positions_and_keeps_the_models_numbers():
