@@ -151,6 +151,7 @@ class _BucketCosts:
     probe_interval: int = 0
     next_probe: int = 0
     probe_losses: float = 0.0  # what the probes so far were predicted to lose, in steps (see _probe)
+    checked: set[int] = field(default_factory=set)  # draft lengths timed once and probed for free since (see _probe)
     last_best: int = -1
     decided: tuple[int, int, bool] | None = None  # (steps when the choice was made, the choice, the drafter behind)
     probes: int = 0  # probes so far: they rotate over plain decoding and the choice's two neighbours (see choose)
@@ -281,9 +282,12 @@ class GammaPolicy:
         credit = self.exploration * costs.steps - costs.probe_losses
         losses = []
         for probe, rest in candidates:
-            once = len(costs.relative.get(probe, ())) == 1  # its one timing may have been a stall: checked for free
+            # timed once, its one timing may have been a stall: checked once for free
+            once = len(costs.relative.get(probe, ())) == 1 and probe not in costs.checked
             losses.append(0.0 if once else self._probe_loss(batch_size, best, probe, 1 + len(rest), prefill_waits))
             if losses[-1] <= credit:
+                if once:  # (a probe whose steps were timed at another bucket, the rows having finished, is not again)
+                    costs.checked.add(probe)
                 self._probe_steps = rest
                 costs.probe_losses += losses[-1]
                 costs.probes = (targets.index(probe) + 1) if best else costs.probes + 1

@@ -345,6 +345,29 @@ def test_a_probe_of_drafting_from_plain_decoding_lasts_until_it_is_timed():
     assert policy.step_seconds(1, 1) == pytest.approx(2.1)  # measured (the neighbour of plain decoding probed)
 
 
+def test_a_draft_length_timed_once_is_probed_for_free_once():
+    """Its one timing may have been a stall, so its first probe costs nothing from the probes' budget; only the first:
+    a probe whose steps were timed at another bucket (rows finished meanwhile) leaves it timed once here, and probing
+    it for free again and again cost what the budget is there to bound."""
+    policy = GammaPolicy(gamma="auto", max_gamma=8, probe_every=4)
+    observe_plain(policy, 32, 1.0)
+    for _ in range(2):  # the first catches up: 3 drafts timed once, a drafting step's fixed costs making it 4.1 s
+        policy.observe(3, [3] * 32, StepTimes(0.6, 3.5))
+    observe_plain(policy, 32, 1.0)
+    acceptance = [0.9, 0.9, 0.9] + [0.1] * 5
+    choices = []
+    for _ in range(300):
+        set_acceptance(policy, acceptance)
+        choices.append(policy.choose(32))
+        k, rows = choices[-1], 31 if choices[-1] else 32  # drafting steps land at 16-31 rows
+        policy.observe(k, [min(k, 3)] * rows, StepTimes(0.2 * k, 3.5 if k else 1.0))
+    assert policy.best_gamma(32) == 0 and policy._contender(32, False, None)[0] == 3
+    assert len(policy.buckets[6].relative[3]) == 1
+    probes = [m.start() for m in re.finditer("d+", "".join("p" if k == 0 else "d" for k in choices))]
+    # for free at once; then each loses 1.3 steps (2 steps at 0.84 of plain decoding's rate, each 4.1 plain steps)
+    assert probes[0] == 0 and min(b - a for a, b in zip(probes, probes[1:])) > 100
+
+
 def test_a_choice_holds_a_few_steps_unless_the_drafter_falls_behind():
     """Choosing costs tens of microseconds a step: a bucket's choice is made again every REDECIDE steps, or at once
     when the last step decoded plainly where it drafted before (the drafter fell behind: a switch back costs)."""
