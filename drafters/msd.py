@@ -302,8 +302,9 @@ class PendingPairs:
             self._queued.append((hidden, tokens))
             return
         self._write_queued()
-        if int(self.counts.max()) + width > self.tokens.shape[1]:
-            self._widen(2 * (int(self.counts.max()) + width))
+        needed = int(self.counts.max()) + width
+        if needed > self.tokens.shape[1]:
+            self._widen(2 * needed)
         index = (self.counts[:, None] + torch.arange(width)).to(tokens.device)  # [B, q]
         self.hidden.scatter_(1, index[..., None].expand(-1, -1, hidden.shape[-1]), hidden.to(self.hidden.dtype))
         self.tokens.scatter_(1, index, tokens)  # entries past a row's count are overwritten by its next pairs
@@ -314,8 +315,7 @@ class PendingPairs:
         """Write the queued plain steps' pairs after every row's `level` pairs, in one slice."""
         if not self._queued:
             return
-        hidden = torch.cat([h for h, _ in self._queued], dim=1) if len(self._queued) > 1 else self._queued[0][0]
-        tokens = torch.cat([t for _, t in self._queued], dim=1) if len(self._queued) > 1 else self._queued[0][1]
+        hidden, tokens = (torch.cat(parts, dim=1) for parts in zip(*self._queued))
         self._queued, width = [], tokens.shape[1]
         if self.level + width > self.tokens.shape[1]:
             self._widen(2 * (self.level + width))

@@ -154,7 +154,8 @@ class _BucketCosts:
     checked: set[int] = field(default_factory=set)  # draft lengths timed once and probed for free since (see _probe)
     last_best: int = -1
     decided: tuple[int, int, bool] | None = None  # (steps when the choice was made, the choice, the drafter behind)
-    probes: int = 0  # probes so far: they rotate over plain decoding and the choice's two neighbours (see choose)
+    probe_turn: int = 0  # where the rotation over plain decoding and the choice's neighbours starts (see _probe):
+    # after the last of them probed; a probe of drafting from plain decoding moves it on by one
 
     def observe_step(self, bucket: int, k: int, seconds: float, step: int) -> None:
         """A whole step with k drafts at this bucket, the policy's step number `step` (over every bucket), took
@@ -275,7 +276,7 @@ class GammaPolicy:
             candidates = [(probe, [probe] * (CONTENDER_STEPS if gain > 0 else 1))]
         else:
             targets = sorted({0, best - 1, best + 1} & set(range(self.max_gamma + 1)) - {best})
-            turn = costs.probes % len(targets)
+            turn = costs.probe_turn % len(targets)
             candidates = [(k, [0] * SETTLE if k == 0 else []) for k in targets[turn:] + targets[:turn]]
         # each probe lasts until a step is timed: plain decoding after drafting SETTLE + 1 steps, drafting after plain
         # decoding one more (the first one catches up)
@@ -290,7 +291,7 @@ class GammaPolicy:
                     costs.checked.add(probe)
                 self._probe_steps = rest
                 costs.probe_losses += losses[-1]
-                costs.probes = (targets.index(probe) + 1) if best else costs.probes + 1
+                costs.probe_turn = (targets.index(probe) + 1) if best else costs.probe_turn + 1
                 costs.next_probe = costs.steps + costs.probe_interval
                 costs.probe_interval = min(2 * costs.probe_interval, self.max_probe_every)
                 return probe
