@@ -64,9 +64,10 @@ REDECIDE = 4  # steps a bucket's choice holds before it is made again (unless a 
 # so does the choice to decode plainly like a neighbouring bucket (made every step, it cost 34 us a step with MSD)
 # A probe of drafting while plain decoding is the choice times this many steps when drafting is predicted to gain but
 # not by enough to trust (see best_gamma): what it costs is the switch (the drafter's put-off prefill, a catch-up),
-# which more steps share, and each timed step shrinks the standard error that holds drafting back. With one timed step
-# a probe, MSD at batch 8 on the demo world (drafting worth 1.2x plain decoding there) decoded plainly in 3 of 4 bench
-# runs.
+# which more steps share. It adds one timing of drafting, as a one-step probe does (its later steps are steady ones:
+# they track the machine's speed), but leaves the drafter prefilled and caught up, so the next choice rates drafting
+# without the switch. With one step a probe, MSD at batch 8 on the demo world (drafting worth 1.2x plain decoding
+# there) decoded plainly in 3 of 4 bench runs.
 CONTENDER_STEPS = 3
 PAIR_GAP = SETTLE + 1  # steps apart that are still "just before" (steps after a change to or from plain are not timed)
 LENGTHS_KEPT = 512  # finished rows' lengths kept: their distribution says how many tokens a row has left
