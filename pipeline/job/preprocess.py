@@ -1,4 +1,4 @@
-"""The job's CPU stage: fetch and decode each row's image, then the engine's `prepare_prompt`, serialised.
+"""The job's CPU stage: fetch and decode each row's image, then the engine's `prepare_prompts`, serialised.
 
 Runs in Ray Data CPU tasks. `prepare_batch` takes source rows (see sources.py) and
 returns rows with the PreparedPrompt as safetensors bytes (no pickles cross the
@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from pipeline.engine.prompts import PreparedPrompt, PromptError, prepare_prompt
+from pipeline.engine.prompts import PreparedPrompt, PromptError, prepare_prompt, prepare_prompts
 from pipeline.job.output import row_error
 from pipeline.job.sources import image_from_row
 
@@ -74,23 +74,35 @@ def prepare_batch(batch: pa.Table, processor, context_length: int | None, keep_i
     they are decoded.
     """
     rows = batch.to_pylist()
-    out = []
-    for row, fetched in zip(rows, _fetch_images(rows)):
-        prepared, data, error = None, None, row["error"]
-        if error is None:
+    errors = [row["error"] for row in rows]
+    images: list[bytes | None] = [None] * len(rows)
+    to_prepare = []  # (row index, prompt, decoded image)
+    for i, (row, fetched) in enumerate(zip(rows, _fetch_images(rows))):
+        if errors[i] is None:
             try:
                 if isinstance(fetched, Exception):
                     raise fetched
-                data = fetched
-                image = _decode(data, max_image_pixels)
-                prepared = encode_prepared(prepare_prompt(processor, row["prompt"], image, context_length))
-            except PromptError as exc:
-                error = str(exc)
-            except Exception as exc:  # anything else: this row's error, never the job's
-                error = row_error(exc)
-        out.append({"id": row["id"], "prompt": row["prompt"], "prepared": prepared,
-                    "image": data if keep_images else None, "error": error})
-    return pa.Table.from_pylist(out, schema=PREPARED_SCHEMA)
+                images[i] = fetched
+                to_prepare.append((i, row["prompt"], _decode(fetched, max_image_pixels)))
+            except Exception as exc:  # whatever it is: this row's error, never the job's
+                errors[i] = _error_text(exc)
+    prepared: list[bytes | None] = [None] * len(rows)
+    results = prepare_prompts(processor, [(prompt, image) for _, prompt, image in to_prepare], context_length)
+    for (i, _, _), result in zip(to_prepare, results):
+        try:
+            if isinstance(result, Exception):
+                raise result
+            prepared[i] = encode_prepared(result)
+        except Exception as exc:
+            errors[i] = _error_text(exc)
+    return pa.Table.from_pylist(
+        [{"id": row["id"], "prompt": row["prompt"], "prepared": prepared[i],
+          "image": images[i] if keep_images else None, "error": errors[i]} for i, row in enumerate(rows)],
+        schema=PREPARED_SCHEMA)
+
+
+def _error_text(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, PromptError) else row_error(exc)
 
 
 def _fetch_images(rows: list[dict]) -> list:
