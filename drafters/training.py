@@ -41,7 +41,7 @@ from drafters.msd import MsdDraftModel
 from drafters.registry import drafter_kind
 from drafters.text_only import TextOnlyDraftModel
 from pipeline.engine.padding import right_pad
-from pipeline.engine.prompts import prepare_prompt
+from pipeline.engine.prompts import prepare_prompts
 from pipeline.engine.target import Target
 from pipeline.job.cli import flag
 from pipeline.job.ray_cluster import connect as connect_ray
@@ -164,11 +164,15 @@ def encode_batch(rows: list[dict], config: TrainConfig, target: Target, model: n
     with_images = image_probability(config, config.steps) if with_images is None else with_images
     sequences, labels, positions = [], [], []
     eos = min(target.eos_token_ids) if target.eos_token_ids else None
-    prompts = []
+    images = []
     for row in rows:
         keep = row.get("image") and (with_images >= 1 or float(torch.rand(())) < with_images)
-        image = Image.open(io.BytesIO(row["image"])) if keep else None
-        prompts.append(prepare_prompt(target.processor, row["prompt"], image, target.context_length))
+        images.append(Image.open(io.BytesIO(row["image"])) if keep else None)
+    prompts = prepare_prompts(target.processor, [(row["prompt"], image) for row, image in zip(rows, images)],
+                              target.context_length)
+    failed = next((p for p in prompts if isinstance(p, Exception)), None)
+    if failed is not None:  # a corpus row that cannot be prepared stops training, as one prepared alone did
+        raise failed
     for row, prompt, target_positions in zip(rows, prompts, target.prompt_positions(prompts)):
         # what the drafter reads, where (text-only: no placeholders, numbered from 0); answers continue after
         prompt_ids, prompt_positions = model.prompt_tokens(prompt.input_ids, target_positions)

@@ -14,7 +14,7 @@ from importlib import import_module
 _EXPORTS = {
     "SamplingConfig": "acceptance", "Drafter": "drafter", "EngineConfig": "engine", "GenerationResult": "engine",
     "SpecDecodeEngine": "engine", "PreparedPrompt": "prompts", "PromptError": "prompts", "prepare_prompt": "prompts",
-    "EngineTimes": "stats", "SpecDecodeCounts": "stats", "Target": "target",
+    "prepare_prompts": "prompts", "EngineTimes": "stats", "SpecDecodeCounts": "stats", "Target": "target",
 }
 __all__ = sorted(_EXPORTS)
 
