@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
-
 from test_qwen_families import transformers_processor
 
 from pipeline.engine.prompts import BATCHED_PROCESSORS, _prepared_together, _templated, prepare_prompt, prepare_prompts
