@@ -8,7 +8,14 @@ import torch
 from PIL import Image
 from test_qwen_families import transformers_processor
 
-from pipeline.engine.prompts import BATCHED_PROCESSORS, _prepared_together, _templated, prepare_prompt, prepare_prompts
+from pipeline.engine.prompts import (
+    BATCHED_PROCESSORS,
+    _prepared_together,
+    _templated,
+    prepare_prompt,
+    prepare_prompts,
+    special_token_texts,
+)
 from pipeline.lab import tiny_models
 
 
@@ -69,7 +76,8 @@ def check_processor(processor, context_length):
         processor.tokenizer.padding_side = side
 
     # the image rows did share one call (a group whose call fails falls back to one call a row, silently)
-    members = [(i, *_templated(processor, p, im)) for i, (p, im) in enumerate(rows[:10]) if im is not None]
+    specials = special_token_texts(processor)
+    members = [(i, *_templated(processor, specials, p, im)) for i, (p, im) in enumerate(rows[:10]) if im is not None]
     shared = _prepared_together(processor, members, 1)
     assert shared is not None and len(shared) == len(members) > 1
     for prepared, (i, _, _) in zip(shared, members):
