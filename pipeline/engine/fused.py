@@ -1,4 +1,5 @@
-"""The decoder stack of a Llama-architecture model without its module calls, for decode steps: fused or exact.
+"""The decoder stack of a Llama-architecture model without its module calls, for decode steps and prefills: fused or
+exact.
 
 A small model on a CPU (or a GPU at small batch) is bound by the number of calls per forward, not by its
 arithmetic: on the demo world one forward of the MASSV drafter's single layer cost a third of the whole
@@ -15,7 +16,9 @@ of two ways:
 
 Model types: those whose decoder layer is Llama's (pre-norm attention + gated MLP, rotary positions),
 optionally with q/k/v biases (Qwen2) or per-head q/k norms (Qwen3), alone or as a VLM's language model (LLaVA's,
-Qwen2.5-VL's and Qwen3-VL's; DeepStack only touches prefill, which keeps HF's forward).
+Qwen2.5-VL's and Qwen3-VL's). A target's prefill runs the exact stack where HF's prefill forward is the stack over
+the prompt's embeddings (LLaVA's); Qwen-VL's, which hands the model the ids and the image encoder's outputs (DeepStack
+adds features inside early layers), keeps HF's forward.
 `FusedStack.of(model, kind)` is None for any other (and, exact, for attention other than sdpa), and the decoder
 keeps the model's own forward.
 """

@@ -133,6 +133,30 @@ def test_a_target_decodes_through_the_exact_stack_with_hf_numbers(targets, famil
     assert torch.equal(ours.hidden_states[-1], theirs.hidden_states[-1])
 
 
+def test_a_targets_prefill_over_embeddings_runs_the_exact_stack_with_hf_numbers(targets):
+    """LLaVA's prefill forward is its language model over the prompt's embeddings (the images filled in): the exact
+    stack runs it on the same left-padded batch with HF's mask, giving HF's logits, last hidden states and cache bit
+    for bit (the decode steps after it read that cache)."""
+    target = targets["llava"]
+    prompts = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = (ids != 0).long()
+    positions = (mask.cumsum(1) - 1).clamp_min(0)
+    noise = torch.randn(3, width, 1, generator=torch.Generator().manual_seed(0))  # as image features would differ
+    embeds = target.model.get_input_embeddings()(ids) + noise
+    exact, hf = RaggedDecoder(target.model, target.family), RaggedDecoder(target.model, target.family, HF_FORWARD)
+    assert exact.exact_prefill and not hf.exact_prefill
+    outputs = []
+    for decoder in (exact, hf):
+        prefill = decoder.prefill(mask, positions, torch.zeros(3, dtype=torch.long), hidden_states=True,
+                                  inputs_embeds=embeds)
+        step = decoder.forward(input_ids=torch.tensor([[30, 31], [32, 33], [34, 35]]), hidden_states=True)
+        outputs.append([prefill.logits, prefill.hidden_states[-1], step.logits, step.hidden_states[-1]])
+    for ours, theirs in zip(*outputs, strict=True):
+        assert torch.equal(ours, theirs)
+
+
 def test_other_architectures_keep_the_models_forward(targets):
     gemma3 = _language_model("gemma3")
     assert FusedStack.of(gemma3, FUSED) is None and FusedStack.of(gemma3, EXACT) is None  # sandwich norms
