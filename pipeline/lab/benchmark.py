@@ -543,7 +543,7 @@ def goals(measurements: list[Measurement], massv: str | None) -> list[dict]:
 
     def goal(text: str, figure: float | None, threshold: float, detail: str = "") -> None:
         if figure is not None:
-            results.append({"goal": text, "figure": round(figure, 3), "met": figure >= threshold, "detail": detail})
+            results.append({"goal": text, "figure": round(figure, 6), "met": figure >= threshold, "detail": detail})
 
     batch_sizes = sorted({m.batch_size for m in measurements if m.method == ENGINE})
     for batch_size, threshold in ((1, 2.0), (8, 1.3)):
