@@ -2,8 +2,8 @@
 
 A family says
   - what the model's prefill forward takes: the prompt embeddings with the image features filled
-    in, or (multi-axis families) the ids plus the encoder outputs, so the model's own forward does
-    what it does with them (Qwen3-VL's DeepStack adds visual features inside early layers);
+    in, or (Qwen3-VL) the ids plus the encoder outputs, so the model's own forward does what it
+    does with them (DeepStack adds visual features inside early layers);
   - how prefill positions are computed on the left-padded batch, and how each row's decode
     positions continue from its cache slots (a per-row offset: slot != position is allowed);
   - which extra per-token inputs the model takes in prefill (Gemma3: token_type_ids; Qwen:
@@ -105,19 +105,30 @@ class RotaryFamily:
 class MultiAxisRopeFamily(RotaryFamily):
     """Qwen2.5-VL, Qwen3-VL: M-RoPE positions [3, B, q] from the model's rope index, continued per row.
 
-    Prefill hands the model the ids and the image encoder's outputs (`mm_encoder_outputs`), so its own
-    forward fills the placeholders and, for Qwen3-VL, adds the DeepStack features inside its early
-    layers; the vision tower still runs once, and its merged features go on to the drafter.
+    The vision tower runs once, and its merged features go on to the drafter. With DeepStack (Qwen3-VL)
+    prefill hands the model the ids and the image encoder's outputs (`mm_encoder_outputs`), so its own
+    forward fills the placeholders and adds the DeepStack features inside its early layers; without
+    (Qwen2.5-VL) it hands the prompt's embeddings with the features filled in, as HF's forward fills them
+    (so its language model alone runs them, and a target's exact stack can: decoder.py). The per-token
+    type ids only shape the rope index, which prefill_positions computes, so they stay out.
     """
 
+    def __init__(self, deepstack: bool):
+        self.deepstack = deepstack
+
     def prefill_inputs(self, model, input_ids, image_token_id, vision_inputs, token_inputs) -> PrefillInputs:
+        encoded = None
+        if vision_inputs:
+            with torch.no_grad():
+                encoded = model.get_image_features(**_on_model(model, vision_inputs), return_dict=True)
+        features = _flat_features(encoded) if encoded is not None else None
+        if not self.deepstack:
+            embeds = embed_with_image_features(model.get_input_embeddings(), input_ids, image_token_id, features)
+            return PrefillInputs({"inputs_embeds": embeds}, features)
         model_inputs = {"input_ids": input_ids, **token_inputs}
-        if not vision_inputs:
-            return PrefillInputs(model_inputs, None)
-        with torch.no_grad():
-            encoded = model.get_image_features(**_on_model(model, vision_inputs), return_dict=True)
-        model_inputs["mm_encoder_outputs"] = {"image": encoded}
-        return PrefillInputs(model_inputs, _flat_features(encoded))
+        if encoded is not None:
+            model_inputs["mm_encoder_outputs"] = {"image": encoded}
+        return PrefillInputs(model_inputs, features)
 
     def prefill_positions(self, model, input_ids, attention_mask, token_inputs, vision_inputs):
         # [3, B, L]; per-row delta = (largest position + 1) - row length, so slot + delta continues the row
@@ -137,9 +148,9 @@ class MultiAxisRopeFamily(RotaryFamily):
 
 
 ROTARY = RotaryFamily()
-MULTI_AXIS_ROPE = MultiAxisRopeFamily()
 # model_type -> family; other 1-D rotary VLMs use ROTARY too
-FAMILIES = {"llava": ROTARY, "gemma3": ROTARY, "qwen2_5_vl": MULTI_AXIS_ROPE, "qwen3_vl": MULTI_AXIS_ROPE}
+FAMILIES = {"llava": ROTARY, "gemma3": ROTARY, "qwen2_5_vl": MultiAxisRopeFamily(deepstack=False),
+            "qwen3_vl": MultiAxisRopeFamily(deepstack=True)}
 UNTESTED_MULTI_AXIS_ROPE = (
     "uses multi-axis rotary positions (M-RoPE) in a way the engine has not been tested with: "
     "supported multi-axis families are Qwen2.5-VL and Qwen3-VL."

@@ -17,8 +17,8 @@ of two ways:
 Model types: those whose decoder layer is Llama's (pre-norm attention + gated MLP, rotary positions),
 optionally with q/k/v biases (Qwen2) or per-head q/k norms (Qwen3), alone or as a VLM's language model (LLaVA's,
 Qwen2.5-VL's and Qwen3-VL's). A target's prefill runs the exact stack where HF's prefill forward is the stack over
-the prompt's embeddings (LLaVA's); Qwen-VL's, which hands the model the ids and the image encoder's outputs (DeepStack
-adds features inside early layers), keeps HF's forward.
+the prompt's embeddings (LLaVA's, Qwen2.5-VL's); Qwen3-VL's, which hands the model the ids and the image encoder's
+outputs (DeepStack adds features inside early layers), keeps HF's forward.
 `FusedStack.of(model, kind)` is None for any other (and, exact, for attention other than sdpa), and the decoder
 keeps the model's own forward.
 """

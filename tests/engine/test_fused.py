@@ -133,28 +133,34 @@ def test_a_target_decodes_through_the_exact_stack_with_hf_numbers(targets, famil
     assert torch.equal(ours.hidden_states[-1], theirs.hidden_states[-1])
 
 
-def test_a_targets_prefill_over_embeddings_runs_the_exact_stack_with_hf_numbers(targets):
-    """LLaVA's prefill forward is its language model over the prompt's embeddings (the images filled in): the exact
-    stack runs it on the same left-padded batch with HF's mask, giving HF's logits, last hidden states and cache bit
-    for bit (the decode steps after it read that cache)."""
-    target = targets["llava"]
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_a_targets_prefill_over_embeddings_runs_the_exact_stack_with_hf_numbers(targets, family):
+    """LLaVA's and Qwen2.5-VL's prefill forward is the language model over the prompt's embeddings (the images filled
+    in): the exact stack runs it on the same left-padded batch with HF's mask, giving HF's logits, last hidden states
+    and cache bit for bit (the decode steps after it read that cache); M-RoPE positions included. Qwen3-VL's
+    (DeepStack) stays HF's forward."""
+    target = targets[family]
     prompts = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = (ids != 0).long()
     positions = (mask.cumsum(1) - 1).clamp_min(0)
+    if family == "qwen2_5_vl":  # [3, B, L]: as an image's grid does, height and width run ahead of time here
+        positions = torch.stack([positions, positions + 2 * mask, positions + 3 * mask])
     noise = torch.randn(3, width, 1, generator=torch.Generator().manual_seed(0))  # as image features would differ
     embeds = target.model.get_input_embeddings()(ids) + noise
     exact, hf = RaggedDecoder(target.model, target.family), RaggedDecoder(target.model, target.family, HF_FORWARD)
     assert exact.exact_prefill and not hf.exact_prefill
     outputs = []
     for decoder in (exact, hf):
-        prefill = decoder.prefill(mask, positions, torch.zeros(3, dtype=torch.long), hidden_states=True,
-                                  inputs_embeds=embeds)
+        offsets = torch.tensor([3, 3, 3]) if family == "qwen2_5_vl" else torch.zeros(3, dtype=torch.long)
+        prefill = decoder.prefill(mask, positions, offsets, hidden_states=True, inputs_embeds=embeds)
         step = decoder.forward(input_ids=torch.tensor([[30, 31], [32, 33], [34, 35]]), hidden_states=True)
         outputs.append([prefill.logits, prefill.hidden_states[-1], step.logits, step.hidden_states[-1]])
     for ours, theirs in zip(*outputs, strict=True):
         assert torch.equal(ours, theirs)
+    assert "inputs_embeds" not in targets["qwen3_vl"].family.prefill_inputs(
+        targets["qwen3_vl"].model, ids, targets["qwen3_vl"].image_token_id, {}, {}).model_inputs
 
 
 def test_other_architectures_keep_the_models_forward(targets):
