@@ -3,11 +3,11 @@
 A target's prefill goes through HF's own forward on a left-padded batch, so whatever
 a family does in prefill (Gemma3's bidirectional attention inside an image, say) stays
 HF's business; the resulting cache is converted once into right-padded rows. Where that
-forward is only the language model over the prompt embeddings (LLaVA's, Qwen2.5-VL's), the exact stack
-runs it instead, on the same left-padded batch with HF's own mask: HF's numbers bit for
-bit without HF's module calls. A drafter's (a causal Llama-architecture stack, its numbers
-only choosing proposals) goes through its fused stack, as one forward of many tokens per row. Every
-later forward appends tokens with explicit per-row positions (from the family
+forward is only the language model over the prompt embeddings (LLaVA's, Qwen2.5-VL's), the
+exact stack runs it instead, on the same left-padded batch with HF's own mask: HF's numbers
+bit for bit without HF's module calls. A drafter's (a causal Llama-architecture stack, its
+numbers only choosing proposals) goes through its fused stack, as one forward of many tokens
+per row. Every later forward appends tokens with explicit per-row positions (from the family
 seam) and masks (from `kv_cache`), through a FusedStack where the model has one
 (`fused.py`: exact for targets, HF's numbers bit for bit), else HF's forward;
 `rollback` discards them again. This module has no family-specific branches.
@@ -130,11 +130,11 @@ class RaggedDecoder:
         filled in by the family) with one causal mask: the exact stack over the same left-padded batch, with the mask
         HF's forward builds from it, gives HF's logits, hidden states and cache bit for bit (tested) without HF's
         module calls (LLaVA's and Qwen2.5-VL's prefill). On the demo world (LLaVA, prompts of 39 tokens) the
-        language model's prefill took 1.34 ms
-        against HF's 2.00 at batch 1, 4.0 against 4.9 at 8, 12.5 against 17.6 at 32; in the bench (two runs each,
-        in turn) prefill's share of MASSV's time at batch 1 fell from 0.27 to 0.24, MASSV at gamma 6 1.98-1.99x ->
-        2.01-2.02x HF generate, MSD 1.92-1.94x -> 1.98x; at batch 8 and 32 within the runs' spread. The tiny test
-        Qwen2.5-VL target's prefill of 13 rows with images: 15.0 ms against 16.9."""
+        language model's prefill took 1.34 ms against HF's 2.00 at batch 1, 4.0 against 4.9 at 8, 12.5 against 17.6
+        at 32; in the bench (two runs each, in turn) prefill's share of MASSV's time at batch 1 fell from 0.27 to
+        0.24, MASSV at gamma 6 1.98-1.99x -> 2.01-2.02x HF generate, MSD 1.92-1.94x -> 1.98x; at batch 8 and 32
+        within the runs' spread. The tiny test Qwen2.5-VL target's prefill of 13 rows with images: 15.0 ms against
+        16.9."""
         stack = self.fused_stack
         # as HF's forward builds it: multi-axis (M-RoPE) positions do not shape the mask (Qwen2.5-VL's text model)
         mask = create_causal_mask(config=self.model.get_decoder().config, inputs_embeds=inputs_embeds,
