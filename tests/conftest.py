@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny checkpoints of both families, built once per session, ragged prompts, and a Ray of our own.
+"""Shared fixtures: tiny checkpoints of every family, built once per session, ragged prompts, HF generate's output
+for them (the engine tests' reference), and a Ray of our own.
 
 Every Ray the suite starts (in-process clusters, `ray start --head`, the jobs' subprocesses)
 keeps its files and its "current cluster" record under one temporary RAY_TMPDIR of this
@@ -27,6 +28,8 @@ from pipeline.engine.prompts import prepare_prompt  # noqa: E402
 from pipeline.engine.target import Target  # noqa: E402
 from pipeline.lab import tiny_models  # noqa: E402
 from pipeline.lab.tiny_models import sample_rows as ragged_rows  # noqa: E402, F401  (tests import it from here)
+
+MAX_NEW = 24  # tokens per row in the engine's fidelity tests (`references`)
 
 RAY_ENVIRONMENT = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # for the subprocesses too
@@ -124,3 +127,14 @@ def write_caption_dataset(directory: Path, num_good: int, parts: int = 3) -> dic
     for p in range(parts):
         pq.write_table(pa.Table.from_pylist(records[p::parts], schema=schema), directory / f"part-{p}.parquet")
     return {r["id"]: BAD_ROWS.get(r["id"]) for r in records}
+
+
+@pytest.fixture(scope="module")
+def references(targets):
+    """family -> (13 prepared rows, HF greedy output of each row run alone). Qwen rows' images differ in size, so
+    their grids and image-token counts differ per row."""
+    out = {}
+    for family, target in targets.items():
+        prompts = prepare_rows(target, ragged_rows(13))
+        out[family] = (prompts, [hf_greedy(target, p, MAX_NEW) for p in prompts])
+    return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import hf_greedy, prepare_rows, ragged_rows
+from conftest import MAX_NEW, hf_greedy, prepare_rows, ragged_rows
 
 from drafters import load_drafter
 from pipeline.engine.acceptance import SamplingConfig
@@ -24,20 +24,8 @@ from pipeline.engine.stats import SpecDecodeCounts
 from pipeline.engine.target import Target
 from pipeline.lab import tiny_models
 
-MAX_NEW = 24
 NEAR_TIE = 1e-4
 ACCEPTED = ("massv-noisy", "msd-oracle")  # drafters the target accepts often, but not always
-
-
-@pytest.fixture(scope="module")
-def references(targets):
-    """family -> (13 prepared rows, HF greedy output of each row run alone). Qwen rows' images differ in size, so
-    their grids and image-token counts differ per row."""
-    out = {}
-    for family, target in targets.items():
-        prompts = prepare_rows(target, ragged_rows(13))
-        out[family] = (prompts, [hf_greedy(target, p, MAX_NEW) for p in prompts])
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,11 @@ import logging
 
 import pytest
 import torch
-from conftest import hf_greedy, prepare_rows, ragged_rows
+from conftest import MAX_NEW, hf_greedy, prepare_rows, ragged_rows
 from test_engine_fidelity import (
-    MAX_NEW,
     assert_accepted_and_rejected,
     assert_first_tokens_follow_the_target,
     assert_same_tokens,
-    references,  # noqa: F401  (the fixture: 13 rows per family, HF generate's output)
     total,
 )
 from transformers import Qwen2_5_VLProcessor, Qwen3VLProcessor
