@@ -63,8 +63,7 @@ class RaggedDecoder:
         # a drafter's prefill goes through its fused stack too (see _fused_prefill); a target's through its exact one
         # where HF's prefill forward is the stack over the prompt's embeddings and one causal mask (see _exact_prefill)
         self.fused_prefill = self.fused_stack is not None and stack == FUSED
-        self.exact_prefill = (self.fused_stack is not None and stack == EXACT and direct
-                              and self.layer_types == {FULL_ATTENTION})
+        self.exact_prefill = self.fused_stack is not None and stack == EXACT and self.layer_types == {FULL_ATTENTION}
         self.prefill_cache_name = _cache_name(model.forward)
         self.decode_cache_name = _cache_name((self.stack_and_head[0] if direct else model).forward)
 
@@ -137,7 +136,7 @@ class RaggedDecoder:
         16.9."""
         stack = self.fused_stack
         # as HF's forward builds it: multi-axis (M-RoPE) positions do not shape the mask (Qwen2.5-VL's text model)
-        mask = create_causal_mask(config=self.model.get_decoder().config, inputs_embeds=inputs_embeds,
+        mask = create_causal_mask(config=self.stack_and_head[0].config, inputs_embeds=inputs_embeds,
                                   attention_mask=attention_mask, cache=None,
                                   position_ids=position_ids if position_ids.dim() == 2 else None)
         prompt_kv = _PromptKV(int(position_ids.max()) + 1)
