@@ -10,7 +10,8 @@ object with its methods) decodes static batches of recorded rows, seeded:
   answer token is the next answer token (teacher-forced through the drafter's own catch-up forward). With greedy
   decoding a draft is accepted exactly while the drafter's predictions from the true prefix are right, so k drafts at
   a row's position t keep the run of right predictions from t, at most k: the engine's acceptance, row by row.
-  Causal-LM drafters only (an MSD head drafts from its own predicted features, which teacher forcing does not give);
+  an MSD head drafts from its own predicted features, which teacher forcing does not give: its traces are read off
+  the engine decoding each row at max_gamma (`decoded_traces`), an approximation;
 - costs: the median seconds of real engine steps with k drafts at batch sizes b (fitted linear in k per b, then
   interpolated in b), one drafter forward's share, and the drafter's put-off prefill;
 - the machine: a drifting speed, a step-to-step spread, stalls, and plain steps right after drafting ones run slow
@@ -54,12 +55,16 @@ class Traces:
     right: dict[str, list[list[bool]]]  # per drafter, per row: its prediction after answer token j is token j + 1
 
 
-def record_traces(target: Target, drafters: dict, prompts: list, max_new_tokens: int) -> Traces:
-    """The target's greedy answers and each drafter's teacher-forced predictions along them."""
+def record_traces(target: Target, drafters: dict, prompts: list, max_new_tokens: int, max_gamma: int = 8) -> Traces:
+    """The target's greedy answers and each drafter's teacher-forced predictions along them (an MSD head's read off
+    the engine's steps: `decoded_traces`)."""
     plain = SpecDecodeEngine(target, None, EngineConfig(gamma=0, max_new_tokens=max_new_tokens))
     answers = [r.tokens for r in plain.generate(prompts)]
     right = {}
     for name, drafter in drafters.items():
+        if drafter.reads_target_hidden_states:
+            right[name] = decoded_traces(target, drafter, prompts, answers, max_new_tokens, max_gamma)
+            continue
         rows = []
         for prompt, answer in zip(prompts, answers):
             batch = RunningBatch(target, drafter)
@@ -72,6 +77,29 @@ def record_traces(target: Target, drafters: dict, prompts: list, max_new_tokens:
             rows.append([predicted[j] == answer[j + 1] for j in range(len(answer) - 1)])
         right[name] = rows
     return Traces(answers, right)
+
+
+def decoded_traces(target: Target, drafter, prompts: list, answers: list[list[int]], max_new_tokens: int,
+                   gamma: int) -> list[list[bool]]:
+    """right[j] per row, read off the engine decoding each row alone with `gamma` drafts a step: a step's kept drafts
+    were right, the draft after them wrong. For an MSD head, which drafts from its own predicted features, teacher
+    forcing (its true features at every position) would rate its later drafts too well; read off decoding, a
+    position's rate is that of the draft that covered it in that run (any of 1..gamma), an approximation of what
+    other gammas would see."""
+    recorder = RecordingGamma(gamma)
+    engine = SpecDecodeEngine(target, drafter, EngineConfig(max_new_tokens=max_new_tokens))
+    engine.gamma_policy = recorder
+    rows = []
+    for prompt, answer in zip(prompts, answers):
+        recorder.kept = []
+        if engine.generate([prompt])[0].tokens != answer:
+            raise RuntimeError("greedy decoding with the drafter changed an answer: no trace can be read off it")
+        right, emitted = [False] * (len(answer) - 1), 1
+        for [kept] in recorder.kept:
+            right[emitted - 1 : emitted - 1 + kept] = [True] * kept
+            emitted += kept + 1
+        rows.append(right[: len(answer) - 1])
+    return rows
 
 
 @dataclass
@@ -180,6 +208,17 @@ class FixedGamma:
         pass
 
 
+class RecordingGamma(FixedGamma):
+    """FixedGamma that keeps each step's kept drafts per row."""
+
+    def __init__(self, k: int):
+        super().__init__(k)
+        self.kept: list[list[int]] = []
+
+    def observe(self, k, num_accepted, step) -> None:
+        self.kept.append(num_accepted)
+
+
 def replay(policy, answers: list[list[int]], right: list[list[bool]], costs: StepCosts, batch_size: int, seed: int,
            passes: int = 4, timed_from: int = 1) -> float:
     """Seconds the policy takes over the rows in static batches of batch_size, `passes` times (the policy learns
@@ -211,10 +250,10 @@ def replay(policy, answers: list[list[int]], right: list[list[bool]], costs: Ste
                 step_s, draft_s = (step + catch_up) * speed, (costs.draft(b, k) + catch_up) * speed if k else 0.0
                 kept, finished = [], []
                 for i in active:
-                    length = len(answers[i])
-                    accepted = kept_drafts(right[i], emitted[i], length, k)
-                    kept.append(accepted)
-                    emitted[i] += accepted + 1
+                    length, run = len(answers[i]), accepted_run(right[i], emitted[i], k)
+                    left = length - emitted[i]
+                    kept.append(min(run, left))  # as the engine tells the policy: a row's last token may be a draft
+                    emitted[i] += min(run + 1, left)
                     if emitted[i] >= length:
                         finished.append(length)
                 policy.observe(k, kept, StepTimes(draft_s, step_s - draft_s))
@@ -233,18 +272,18 @@ def steps_with(right: list[bool], length: int, k: int) -> int:
     """Steps a row of `length` tokens takes with k drafts a step (the prefill emits its first token)."""
     emitted, steps = 1, 0
     while emitted < length:
-        emitted += kept_drafts(right, emitted, length, k) + 1
+        emitted += min(accepted_run(right, emitted, k) + 1, length - emitted)
         steps += 1
     return steps
 
 
-def kept_drafts(right: list[bool], emitted: int, length: int, k: int) -> int:
-    """Drafts a row keeps in a step with k drafts, `emitted` of its `length` answer tokens out: the run of right
-    predictions from its last token on, at most k, and none past the answer's end (the step emits one more)."""
+def accepted_run(right: list[bool], emitted: int, k: int) -> int:
+    """The drafts the target accepts in a step with k drafts, `emitted` answer tokens out: the run of right
+    predictions from the row's last token on, at most k (the answer's last token the furthest)."""
     run = 0
     while run < k and emitted - 1 + run < len(right) and right[emitted - 1 + run]:
         run += 1
-    return min(run, length - emitted - 1)
+    return run
 
 
 def compare(make_policy, traces: Traces, costs: dict[str, StepCosts], batch_sizes: list[int], seeds: int,
@@ -277,7 +316,7 @@ def results_table(results: list[dict]) -> str:
 class ReplayConfig:
     target: str = field(default=DEMO_TARGET, metadata=flag("target VLM checkpoint directory (the demo world's)"))
     drafters: list[str] = field(default_factory=lambda: ["text-only", "massv"], metadata=flag(
-        "comma-separated causal-LM drafters of the demo world", parse=lambda v: v.split(",")))
+        "comma-separated drafters of the demo world (text-only, massv, msd)", parse=lambda v: v.split(",")))
     prompts: str = field(default=str(DEMO_WORLD / BENCH_PROMPTS), metadata=flag(
         "Parquet with prompt and image columns (the demo world's held-out captions)"))
     rows: int = field(default=64, metadata=flag("prompts replayed (the bench's)"))
@@ -293,10 +332,9 @@ class ReplayConfig:
                             ("--max-new-tokens", self.max_new_tokens), ("--batch-sizes", min(self.batch_sizes))):
             if value < 1:
                 raise JobConfigError(f"{name} must be at least 1, got {value}.")
-        unknown = [d for d in self.drafters if d not in demo_drafters() or d == "msd"]
+        unknown = [d for d in self.drafters if d not in demo_drafters()]
         if unknown:
-            raise JobConfigError(f"--drafters: {unknown} are not causal-LM drafters of the demo world (text-only, "
-                                 "massv).")
+            raise JobConfigError(f"--drafters: {unknown} are not drafters of the demo world ({', '.join(demo_drafters())}).")
 
 
 def run_replay(config: ReplayConfig, make_policy=None, log=print) -> list[dict]:
@@ -305,7 +343,7 @@ def run_replay(config: ReplayConfig, make_policy=None, log=print) -> list[dict]:
     target = Target.load(config.target)
     drafters = {name: load_drafter(demo_drafters()[name], target) for name in config.drafters}
     workload = Workload(target, config.prompts, config.rows)
-    traces = record_traces(target, drafters, workload.prompts, config.max_new_tokens)
+    traces = record_traces(target, drafters, workload.prompts, config.max_new_tokens, config.max_gamma)
     sizes = sorted({1, *[b for b in (2, 4, 8, 16, 32, 64) if b < max(config.batch_sizes)], max(config.batch_sizes)})
     costs = {}
     for name, drafter in drafters.items():

@@ -28,6 +28,22 @@ def test_replayed_steps_are_the_engines(name):
             steps_with(right, len(answer), k) for right, answer in zip(traces.right[name], traces.answers)]
 
 
+def test_an_msd_heads_traces_are_read_off_its_decoding():
+    """An MSD head drafts from its own predicted features, so its traces come from the engine decoding each row at
+    max_gamma: replayed at that gamma, each row takes the engine's own steps."""
+    target = Target.load(DEMO_TARGET)
+    drafter = load_drafter(demo_drafters()["msd"], target)
+    prompts = Workload(target, str(DEMO_WORLD / BENCH_PROMPTS), 6).prompts
+    traces = record_traces(target, {"msd": drafter}, prompts, max_new_tokens=24, max_gamma=4)
+    assert any(traces.right["msd"][0]) and not all(x for row in traces.right["msd"] for x in row)
+    engine = SpecDecodeEngine(target, drafter, EngineConfig(gamma=4, max_new_tokens=24))
+    results = [engine.generate([prompt])[0] for prompt in prompts]
+    assert [r.tokens for r in results] == traces.answers
+    assert [r.counts.num_steps for r in results] == [
+        steps_with(right, len(answer), 4) for right, answer in zip(traces.right["msd"], traces.answers)]
+    assert [r.counts.num_accepted for r in results] == [sum(right) for right in traces.right["msd"]]
+
+
 def costs(draft_s: float) -> StepCosts:
     """Made-up step costs: a plain step 1 ms at any batch size, each draft draft_s more."""
     step_s = {(b, k): 1e-3 + k * draft_s for b in (1, 8) for k in range(5)}
