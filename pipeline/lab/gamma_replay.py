@@ -334,7 +334,8 @@ class ReplayConfig:
                 raise JobConfigError(f"{name} must be at least 1, got {value}.")
         unknown = [d for d in self.drafters if d not in demo_drafters()]
         if unknown:
-            raise JobConfigError(f"--drafters: {unknown} are not drafters of the demo world ({', '.join(demo_drafters())}).")
+            raise JobConfigError(f"--drafters: {unknown} are not drafters of the demo world "
+                                 f"({', '.join(demo_drafters())}).")
 
 
 def run_replay(config: ReplayConfig, make_policy=None, log=print) -> list[dict]:
