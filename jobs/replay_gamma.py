@@ -1,6 +1,6 @@
 """Replay gamma's policy offline against the demo world's measured acceptance and this machine's step costs.
 
-    python jobs/replay_gamma.py                           # text-only and MASSV, batch 1/8/32, 8 seeds
+    python jobs/replay_gamma.py                           # text-only, MASSV and MSD, batch 1/8/32, 8 seeds
     python jobs/replay_gamma.py --seeds 16 --batch-sizes 32
 
 Prints, per drafter and batch size, the best fixed gamma and the policy (`auto`) against plain decoding and against

@@ -1,6 +1,6 @@
 """Replay: gamma's policy offline, against a drafter's measured acceptance and this machine's measured step costs.
 
-    python jobs/replay_gamma.py                 # the demo world's text-only and MASSV drafters, batch 1/8/32
+    python jobs/replay_gamma.py                 # the demo world's drafters (text-only, MASSV, MSD), batch 1/8/32
     python jobs/replay_gamma.py --seeds 16 --batch-sizes 32
 
 On a VM whose speed moves by 10% from run to run, two `make bench` runs of one policy differ by more than two
@@ -315,7 +315,7 @@ def results_table(results: list[dict]) -> str:
 @dataclass
 class ReplayConfig:
     target: str = field(default=DEMO_TARGET, metadata=flag("target VLM checkpoint directory (the demo world's)"))
-    drafters: list[str] = field(default_factory=lambda: ["text-only", "massv"], metadata=flag(
+    drafters: list[str] = field(default_factory=lambda: list(demo_drafters()), metadata=flag(
         "comma-separated drafters of the demo world (text-only, massv, msd)", parse=lambda v: v.split(",")))
     prompts: str = field(default=str(DEMO_WORLD / BENCH_PROMPTS), metadata=flag(
         "Parquet with prompt and image columns (the demo world's held-out captions)"))
