@@ -164,14 +164,13 @@ class RaggedDecoder:
         slots = self.cache.begin_forward(q)
         positions = self.family.decode_positions(slots, self.cache.position_offsets)
         if self.fused_stack is not None:
-            # one row's one token attends to every slot its row holds (within a sliding window shorter than the row:
+            # one row's one token attends to every slot its row holds (within a sliding window the row has reached:
             # not): no mask, as HF's own forward passes none there (generate at batch 1), so the exact stack gives its
             # numbers bit for bit (a mask of zeros moved them by rounding), and building it cost a tenth of a drafter's
             # forward at batch 1 on the demo world (36 of 350 us)
-            unmasked = q == 1 and len(slots) == 1 and (self.sliding_window is None
-                                                       or self.cache.kv_len < self.sliding_window)
-            masks = None if unmasked else attention_masks(slots, self.cache.kv_len, self.layer_types,
-                                                          self.sliding_window, self.dtype)
+            whole_rows = q == 1 and len(slots) == 1
+            masks = attention_masks(slots, self.cache.kv_len, self.layer_types, self.sliding_window, self.dtype,
+                                    whole_rows)
             out = self.fused_stack(masks, positions, self.cache, **model_inputs)
         else:
             masks = attention_masks(slots, self.cache.kv_len, self.layer_types, self.sliding_window, self.dtype)

@@ -16,9 +16,11 @@ of two ways:
 
 Model types: those whose decoder layer is Llama's (pre-norm attention + gated MLP, rotary positions),
 optionally with q/k/v biases (Qwen2) or per-head q/k norms (Qwen3), alone or as a VLM's language model (LLaVA's,
-Qwen2.5-VL's and Qwen3-VL's). A target's prefill runs the exact stack where HF's prefill forward is the stack over
-the prompt's embeddings (LLaVA's, Qwen2.5-VL's); Qwen3-VL's, which hands the model the ids and the image encoder's
-outputs (DeepStack adds features inside early layers), keeps HF's forward.
+Qwen2.5-VL's and Qwen3-VL's); and, exact only, Gemma3's (each block's output normed before its residual add, a
+rotary embedding per layer type, sliding-window layers through their masks). A target's prefill runs the exact stack
+where HF's prefill forward is the stack over the prompt's embeddings and one causal mask (LLaVA's, Qwen2.5-VL's);
+Qwen3-VL's, which hands the model the ids and the image encoder's outputs (DeepStack adds features inside early
+layers), and Gemma3's (sliding windows, bidirectional attention within an image) keep HF's forward.
 `FusedStack.of(model, kind)` is None for any other (and, exact, for attention other than sdpa), and the decoder
 keeps the model's own forward.
 """
@@ -40,6 +42,10 @@ from pipeline.engine.kv_cache import FULL_ATTENTION, RaggedKVCache
 # the Qwen-VL language models' layers are Qwen2's and Qwen3's; their M-RoPE lives in the rotary embedding, which the
 # stack calls as the model does, with the decoder's [3, B, q] positions (checked in transformers 5.24)
 FUSED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen2_5_vl_text", "qwen3_vl_text"})
+# Gemma3's language model: Llama's layer with each block's output normed before its residual add ("sandwich" norms),
+# a rotary embedding per layer type (local and global bases), scaled embeddings and (1 + weight) norms in float32:
+# exact only (a Gemma3 MSD head, whose numbers need not be HF's, keeps HF's forward)
+SANDWICH_MODEL_TYPES = frozenset({"gemma3_text"})
 # rope types whose frequencies change with the sequence's length (HF's dynamic_rope_update): not tabled
 POSITION_DEPENDENT_ROPE = ("dynamic", "longrope")
 EXACT_ATTENTION = "sdpa"  # the attention implementation Target.load asks for; others keep HF's forward
@@ -55,20 +61,28 @@ class FusedStack:
     def __init__(self, model: nn.Module, exact: bool = False):
         stack, self.head = model.get_decoder(), model.get_output_embeddings()
         self.embed_tokens, self.rotary_emb = stack.embed_tokens, stack.rotary_emb
-        # cos and sin [positions, head_dim] of every position so far, where they depend on the position alone
-        self.rotary_table: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.rotary_tabled = getattr(stack.rotary_emb, "rope_type", None) not in (None, *POSITION_DEPENDENT_ROPE)
-        layer_kind = _ExactLayer if exact else _FusedLayer
+        layer_kind = (_SandwichLayer if stack.config.model_type in SANDWICH_MODEL_TYPES
+                      else _ExactLayer if exact else _FusedLayer)
         self.norm = layer_kind.norm_of(stack.norm)
         layer_types = getattr(model.config.get_text_config(), "layer_types", None)
         self.layers = [layer_kind(layer, layer_types[i] if layer_types else FULL_ATTENTION)
                        for i, layer in enumerate(stack.layers)]
+        # a rotary embedding of its own per layer type (Gemma3's) is called with the type; others once for all layers
+        rope_types = getattr(stack.rotary_emb, "rope_type", None)
+        self.rotary_keys = sorted({layer.attention_type for layer in self.layers}) if isinstance(rope_types, dict) \
+            else [None]
+        # cos and sin [positions, head_dim] of every position so far (per rotary key), where they depend on the
+        # position alone
+        self.rotary_tables: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.rotary_tabled = all((rope_types[key] if key else rope_types) not in (None, *POSITION_DEPENDENT_ROPE)
+                                 for key in self.rotary_keys)
 
     @classmethod
     def of(cls, model: nn.Module, kind: str) -> FusedStack | None:
         """A FusedStack of this kind (FUSED or EXACT) for the model, or None (HF_FORWARD, or no such stack)."""
         stack = model.get_decoder()
-        if kind == HF_FORWARD or stack.config.model_type not in FUSED_MODEL_TYPES:
+        if kind == HF_FORWARD or stack.config.model_type not in (
+                FUSED_MODEL_TYPES | (SANDWICH_MODEL_TYPES if kind == EXACT else frozenset())):
             return None
         if kind == EXACT and stack.config._attn_implementation != EXACT_ATTENTION:
             return None
@@ -85,27 +99,30 @@ class FusedStack:
     ) -> SimpleNamespace:  # last_hidden_state [B, q, H] (after the final norm; also hidden_states[-1], as HF's)
         # and logits [B, q, V] or None
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        rotary = self._rotary(hidden, position_ids, cache.position_bound)  # cos, sin [B, q, head_dim]
+        rotary = {key: self._rotary(hidden, position_ids, cache.position_bound, key)  # cos, sin [B, q, head_dim]
+                  for key in self.rotary_keys}
         for layer in self.layers:
             mask = attention_mask[layer.attention_type] if isinstance(attention_mask, dict) else attention_mask
-            hidden = layer(hidden, rotary, mask, cache)
+            hidden = layer(hidden, rotary[layer.attention_type if self.rotary_keys[0] else None], mask, cache)
         hidden = self.norm(hidden)
         return SimpleNamespace(last_hidden_state=hidden, hidden_states=(hidden,),
                                logits=None if self.head is None or not logits else self.head(hidden))
 
-    def _rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor, bound: int
+    def _rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor, bound: int, layer_type: str | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rotary embedding's cos and sin at these positions, read from a table of the model's own values
-        (each entry is one position's, computed alone: the same numbers) where they depend on the position alone:
-        the embedding's call cost 20 us a forward on the demo world's CPU, a tenth of a drafter's forward, the
-        table's read 6. M-RoPE positions ([3, B, q]) mix axes: the model computes those."""
+        """The rotary embedding's cos and sin at these positions (for this layer type, where the embedding has one
+        per type), read from a table of the model's own values (each entry is one position's, computed alone: the
+        same numbers) where they depend on the position alone: the embedding's call cost 20 us a forward on the
+        demo world's CPU, a tenth of a drafter's forward, the table's read 6. M-RoPE positions ([3, B, q]) mix axes:
+        the model computes those."""
+        per_type = {"layer_type": layer_type} if layer_type else {}
         if not self.rotary_tabled or position_ids.dim() != 2:
-            return self.rotary_emb(hidden, position_ids=position_ids)
-        table = self.rotary_table
+            return self.rotary_emb(hidden, position_ids=position_ids, **per_type)
+        table = self.rotary_tables.get(layer_type)
         if table is None or table[0].shape[0] < bound or table[0].dtype != hidden.dtype:
             size = max(bound, 2 * table[0].shape[0] if table is not None else 256)
-            cos, sin = self.rotary_emb(hidden, position_ids=torch.arange(size, device=hidden.device)[None])
-            table = self.rotary_table = (cos[0], sin[0])
+            cos, sin = self.rotary_emb(hidden, position_ids=torch.arange(size, device=hidden.device)[None], **per_type)
+            table = self.rotary_tables[layer_type] = (cos[0], sin[0])
         return table[0][position_ids], table[1][position_ids]
 
 
@@ -163,16 +180,23 @@ class _Layer:
 
     def __call__(self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
                  cache: RaggedKVCache) -> torch.Tensor:  # hidden [B, q, H] in and out
-        batch, q, _ = hidden.shape
-        query, key, value = (t.view(batch, q, -1, self.head_dim) for t in self.qkv(self.input_norm(hidden)))
-        if self.q_norm is not None:  # Qwen3: per head, before the rotary embedding
+        hidden = hidden + self.attention(self.input_norm(hidden), rotary, mask, cache)
+        return hidden + self.mlp(self.post_attention_norm(hidden))
+
+    def attention(self, normed: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+                  cache: RaggedKVCache) -> torch.Tensor:  # [B, q, H] in and out: through o_proj
+        batch, q, _ = normed.shape
+        query, key, value = (t.view(batch, q, -1, self.head_dim) for t in self.qkv(normed))
+        if self.q_norm is not None:  # Qwen3, Gemma3: per head, before the rotary embedding
             query, key = self.q_norm(query), self.k_norm(key)
         query, key = self.rotate(query.transpose(1, 2), key.transpose(1, 2), *rotary)  # [B, heads, q, head_dim]
         key, value = cache.update(key, value.transpose(1, 2), self.layer_idx)
         attended = self.attend(query, key, value, mask)  # [B, q, heads, head_dim]
-        hidden = hidden + F.linear(attended.reshape(batch, q, -1), *self.o_proj)
-        gate, up = self.gate_up(self.post_attention_norm(hidden))
-        return hidden + F.linear(self.act_fn(gate) * up, *self.down_proj)
+        return F.linear(attended.reshape(batch, q, -1), *self.o_proj)
+
+    def mlp(self, normed: torch.Tensor) -> torch.Tensor:  # [B, q, H] in and out
+        gate, up = self.gate_up(normed)
+        return F.linear(self.act_fn(gate) * up, *self.down_proj)
 
 
 class _FusedLayer(_Layer):
@@ -215,6 +239,21 @@ class _ExactLayer(_Layer):
 
     def attend(self, query, key, value, mask):
         return self.attention_function(query, key, value, mask)[0]
+
+
+class _SandwichLayer(_ExactLayer):
+    """Gemma3's layer, exact: the attention's and the MLP's outputs normed before their residual adds
+    (post_attention_layernorm, post_feedforward_layernorm), the MLP's input by pre_feedforward_layernorm."""
+
+    def __init__(self, layer: nn.Module, attention_type: str):
+        super().__init__(layer, attention_type)
+        self.pre_feedforward_norm = self.norm_of(layer.pre_feedforward_layernorm)
+        self.post_feedforward_norm = self.norm_of(layer.post_feedforward_layernorm)
+
+    def __call__(self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+                 cache: RaggedKVCache) -> torch.Tensor:  # hidden [B, q, H] in and out
+        hidden = hidden + self.post_attention_norm(self.attention(self.input_norm(hidden), rotary, mask, cache))
+        return hidden + self.post_feedforward_norm(self.mlp(self.pre_feedforward_norm(hidden)))
 
 
 def _concat(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:

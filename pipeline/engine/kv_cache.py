@@ -218,26 +218,30 @@ def attention_masks(
     layer_types: frozenset[str],
     sliding_window: int | None,
     dtype: torch.dtype,
-) -> torch.Tensor | dict[str, torch.Tensor]:  # [B, 1, q, kv_len] additive, or one per layer type
+    one_token_of_one_row: bool = False,
+) -> torch.Tensor | dict[str, torch.Tensor | None] | None:  # [B, 1, q, kv_len] additive, or one per layer type
     """Causal (and sliding-window) masks over right-padded rows, by cache slot.
 
     Additive float masks work with both the sdpa and eager attention paths. Models
     with one layer type take a tensor; hybrid models (Gemma3) take a dict keyed by
-    layer type, which HF passes through untouched.
+    layer type, which HF passes through untouched. one_token_of_one_row: a query that
+    sees every slot of its row gets no mask (None), as HF's own forward passes none
+    there (generate at batch 1): full attention always, a sliding window while the
+    row is shorter than the window.
     """
-    slots = torch.arange(kv_len, device=query_slots.device)[None, None, :]  # [1, 1, kv]
-    query = query_slots[:, :, None]  # [B, q, 1]
-    blocked_value = torch.finfo(dtype).min
-
     def build(window: int | None) -> torch.Tensor:
+        slots = torch.arange(kv_len, device=query_slots.device)[None, None, :]  # [1, 1, kv]
+        query = query_slots[:, :, None]  # [B, q, 1]
         allowed = slots <= query
         if window is not None:
             allowed &= slots > query - window
         return torch.zeros(allowed.shape, dtype=dtype, device=query_slots.device).masked_fill(
-            ~allowed, blocked_value
+            ~allowed, torch.finfo(dtype).min
         )[:, None]
 
-    masks = {t: build(sliding_window if t == SLIDING_ATTENTION else None) for t in layer_types}
+    sees_all = {FULL_ATTENTION: one_token_of_one_row,
+                SLIDING_ATTENTION: one_token_of_one_row and sliding_window is not None and kv_len < sliding_window}
+    masks = {t: None if sees_all[t] else build(sliding_window if t == SLIDING_ATTENTION else None) for t in layer_types}
     if len(masks) == 1:
         return next(iter(masks.values()))
     return masks

@@ -10,6 +10,7 @@ from pipeline.engine.fused import EXACT, FUSED, HF_FORWARD, FusedStack
 from pipeline.lab.tiny_models import CAUSAL_LMS
 
 LLAMA_ARCHITECTURE = ["llava", "qwen2_5_vl", "qwen3_vl"]  # the drafter LMs of these targets: Llama, Qwen2, Qwen3
+EXACT_ARCHITECTURES = [*LLAMA_ARCHITECTURE, "gemma3"]  # Gemma3's sandwich norms, local and global rotary: exact only
 
 
 def _language_model(target_family: str, seed: int = 0):
@@ -63,9 +64,10 @@ def test_a_base_model_gives_its_last_hidden_states():  # an MSD head: features, 
     torch.testing.assert_close(ours.last_hidden_state, theirs.last_hidden_state, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", LLAMA_ARCHITECTURE)
+@pytest.mark.parametrize("family", EXACT_ARCHITECTURES)
 def test_exact_logits_are_the_models_own_bit_for_bit(family):
-    """Grouped heads (4 query heads, 2 key/value), biases (Qwen2), q/k norms (Qwen3); one and several tokens."""
+    """Grouped heads (4 query heads, 2 key/value), biases (Qwen2), q/k norms (Qwen3, Gemma3), Gemma3's sandwich norms,
+    scaled embeddings and sliding-window layers (a window of 8, passed); one and several tokens."""
     model = _language_model(family)
     model.config._attn_implementation = "sdpa"  # as Target.load asks
     prompts = [[3, 4, 5, 6, 7, 8], [9, 10], [11, 12, 13, 14]]
@@ -76,11 +78,14 @@ def test_exact_logits_are_the_models_own_bit_for_bit(family):
         assert torch.equal(ours, theirs)
 
 
-@pytest.mark.parametrize("family", LLAMA_ARCHITECTURE)
+@pytest.mark.parametrize("family", EXACT_ARCHITECTURES)
 def test_one_rows_one_token_runs_without_a_mask_as_hfs_own_forward_does(family):
     """At batch 1 a token attends to every slot its row holds, so the stacks run it without a mask, as HF's own forward
     does (generate at batch 1): the exact stack gives its logits bit for bit, before and after a rollback leaves stale
-    slots past the row's end (HF's cache cropped instead)."""
+    slots past the row's end (HF's cache cropped instead). Gemma3's sliding-window layers get a mask once the row
+    reaches their window (8 slots, the last step), as HF's do, its full-attention layers none. (Past the window HF's
+    cache keeps the window's slots alone, where ours keeps the row and masks the rest: the same keys, summed over
+    more slots, equal up to rounding.)"""
     from transformers import DynamicCache
 
     model = _language_model(family)
@@ -115,12 +120,12 @@ def test_the_rotary_table_grows_with_the_positions_and_keeps_the_models_numbers(
     for first_position in (0, 700, 5):  # a table of 256 positions, then grown past 700
         for ours, theirs in zip(_decode(exact, prompts, first_position), _decode(hf, prompts, first_position)):
             assert torch.equal(ours, theirs)
-    assert exact.fused_stack.rotary_table[0].shape[0] > 700
+    assert exact.fused_stack.rotary_tables[None][0].shape[0] > 700
 
 
-@pytest.mark.parametrize("family", LLAMA_ARCHITECTURE)
+@pytest.mark.parametrize("family", EXACT_ARCHITECTURES)
 def test_a_target_decodes_through_the_exact_stack_with_hf_numbers(targets, family):
-    """LLaVA's Llama and the Qwen-VL language models, M-RoPE positions included."""
+    """LLaVA's Llama, the Qwen-VL language models (M-RoPE positions included) and Gemma3's."""
     target = targets[family]
     assert target.decoder.fused_stack is not None  # the language model's layers, no module calls
     prompts = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
@@ -163,7 +168,8 @@ def test_a_targets_prefill_over_embeddings_runs_the_exact_stack_with_hf_numbers(
         targets["qwen3_vl"].model, ids, targets["qwen3_vl"].image_token_id, {}, {}).model_inputs
 
 
-def test_other_architectures_keep_the_models_forward(targets):
+def test_gemma3_decodes_through_an_exact_stack_only(targets):
+    """Its sandwich norms have no fused layer: a Gemma3 MSD head, whose numbers need not be HF's, keeps HF's forward."""
     gemma3 = _language_model("gemma3")
-    assert FusedStack.of(gemma3, FUSED) is None and FusedStack.of(gemma3, EXACT) is None  # sandwich norms
-    assert targets["gemma3"].decoder.fused_stack is None
+    assert FusedStack.of(gemma3, FUSED) is None and FusedStack.of(gemma3, EXACT) is not None
+    assert targets["gemma3"].decoder.fused_stack is not None
