@@ -16,8 +16,8 @@ of two ways:
 
 Model types: those whose decoder layer is Llama's (pre-norm attention + gated MLP, rotary positions),
 optionally with q/k/v biases (Qwen2) or per-head q/k norms (Qwen3), alone or as a VLM's language model (LLaVA's,
-Qwen2.5-VL's and Qwen3-VL's); and, exact only, Gemma3's (each block's output normed before its residual add, a
-rotary embedding per layer type, sliding-window layers through their masks). A target's prefill runs the exact stack
+Qwen2.5-VL's and Qwen3-VL's); and Gemma3's, exact for either kind (each block's output normed before its residual
+add, a rotary embedding per layer type, sliding-window layers through their masks). A target's prefill runs the exact stack
 where HF's prefill forward is the stack over the prompt's embeddings and one causal mask (LLaVA's, Qwen2.5-VL's);
 Qwen3-VL's, which hands the model the ids and the image encoder's outputs (DeepStack adds features inside early
 layers), and Gemma3's (sliding windows, bidirectional attention within an image) keep HF's forward.
@@ -44,7 +44,7 @@ from pipeline.engine.kv_cache import FULL_ATTENTION, RaggedKVCache
 FUSED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen2_5_vl_text", "qwen3_vl_text"})
 # Gemma3's language model: Llama's layer with each block's output normed before its residual add ("sandwich" norms),
 # a rotary embedding per layer type (local and global bases), scaled embeddings and (1 + weight) norms in float32:
-# exact only (a Gemma3 MSD head, whose numbers need not be HF's, keeps HF's forward)
+# its layers run exact for either kind (a Gemma3 MSD head's too: what it saves is the module calls)
 SANDWICH_MODEL_TYPES = frozenset({"gemma3_text"})
 # rope types whose frequencies change with the sequence's length (HF's dynamic_rope_update): not tabled
 POSITION_DEPENDENT_ROPE = ("dynamic", "longrope")
@@ -81,8 +81,7 @@ class FusedStack:
     def of(cls, model: nn.Module, kind: str) -> FusedStack | None:
         """A FusedStack of this kind (FUSED or EXACT) for the model, or None (HF_FORWARD, or no such stack)."""
         stack = model.get_decoder()
-        if kind == HF_FORWARD or stack.config.model_type not in (
-                FUSED_MODEL_TYPES | (SANDWICH_MODEL_TYPES if kind == EXACT else frozenset())):
+        if kind == HF_FORWARD or stack.config.model_type not in FUSED_MODEL_TYPES | SANDWICH_MODEL_TYPES:
             return None
         if kind == EXACT and stack.config._attn_implementation != EXACT_ATTENTION:
             return None

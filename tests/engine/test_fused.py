@@ -168,8 +168,14 @@ def test_a_targets_prefill_over_embeddings_runs_the_exact_stack_with_hf_numbers(
         targets["qwen3_vl"].model, ids, targets["qwen3_vl"].image_token_id, {}, {}).model_inputs
 
 
-def test_gemma3_decodes_through_an_exact_stack_only(targets):
-    """Its sandwich norms have no fused layer: a Gemma3 MSD head, whose numbers need not be HF's, keeps HF's forward."""
+def test_gemma3s_layers_run_exact_for_either_kind(targets):
+    """Its sandwich norms have no fused layer: a Gemma3 MSD head's stack runs the exact one, HF's numbers (what it
+    saves is the module calls), its prefill through it too."""
     gemma3 = _language_model("gemma3")
-    assert FusedStack.of(gemma3, FUSED) is None and FusedStack.of(gemma3, EXACT) is not None
+    gemma3.config._attn_implementation = "sdpa"
     assert targets["gemma3"].decoder.fused_stack is not None
+    prompts = [[3, 4, 5, 6, 7, 8], [9, 10], [11, 12, 13, 14]]
+    fused = RaggedDecoder(gemma3, stack=FUSED)
+    assert fused.fused_prefill
+    for ours, theirs in zip(_decode(fused, prompts), _decode(RaggedDecoder(gemma3, stack=HF_FORWARD), prompts)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
