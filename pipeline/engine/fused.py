@@ -17,8 +17,8 @@ of two ways:
 Model types: those whose decoder layer is Llama's (pre-norm attention + gated MLP, rotary positions),
 optionally with q/k/v biases (Qwen2) or per-head q/k norms (Qwen3), alone or as a VLM's language model (LLaVA's,
 Qwen2.5-VL's and Qwen3-VL's); and Gemma3's, exact for either kind (each block's output normed before its residual
-add, a rotary embedding per layer type, sliding-window layers through their masks). A target's prefill runs the exact stack
-where HF's prefill forward is the stack over the prompt's embeddings and one causal mask (LLaVA's, Qwen2.5-VL's);
+add, a rotary embedding per layer type, sliding-window layers through their masks). A target's prefill runs the exact
+stack where HF's prefill forward is the stack over the prompt's embeddings and one causal mask (LLaVA's, Qwen2.5-VL's);
 Qwen3-VL's, which hands the model the ids and the image encoder's outputs (DeepStack adds features inside early
 layers), and Gemma3's (sliding windows, bidirectional attention within an image) keep HF's forward.
 `FusedStack.of(model, kind)` is None for any other (and, exact, for attention other than sdpa), and the decoder

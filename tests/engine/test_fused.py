@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.engine.decoder import RaggedDecoder
-from pipeline.engine.fused import EXACT, FUSED, HF_FORWARD, FusedStack
+from pipeline.engine.fused import EXACT, FUSED, HF_FORWARD
 from pipeline.lab.tiny_models import CAUSAL_LMS
 
 LLAMA_ARCHITECTURE = ["llava", "qwen2_5_vl", "qwen3_vl"]  # the drafter LMs of these targets: Llama, Qwen2, Qwen3
