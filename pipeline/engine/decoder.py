@@ -3,9 +3,9 @@
 A target's prefill goes through HF's own forward on a left-padded batch, so whatever
 a family does in prefill (Gemma3's bidirectional attention inside an image, say) stays
 HF's business; the resulting cache is converted once into right-padded rows. Where that
-forward is only the language model over the prompt embeddings (LLaVA's, Qwen2.5-VL's), the
-exact stack runs it instead, on the same left-padded batch with HF's own mask: HF's numbers
-bit for bit without HF's module calls. A drafter's (a causal Llama-architecture stack, its
+forward is only the language model over the prompt embeddings (LLaVA's, Qwen2.5-VL's; Qwen3-VL's
+with its DeepStack features), the exact stack runs it instead, on the same left-padded batch with
+HF's own mask: HF's numbers bit for bit without HF's module calls. A drafter's (a causal Llama-architecture stack, its
 numbers only choosing proposals) goes through its fused stack, as one forward of many tokens
 per row. Every later forward appends tokens with explicit per-row positions (from the family
 seam) and masks (from `kv_cache`), through a FusedStack where the model has one
@@ -24,7 +24,7 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask
 
 from pipeline.engine.families import ROTARY, RotaryFamily
-from pipeline.engine.fused import EXACT, FUSED, FusedStack
+from pipeline.engine.fused import EXACT, FUSED, DeepStack, FusedStack
 from pipeline.engine.kv_cache import FULL_ATTENTION, RaggedKVCache, attention_masks, layer_types_of
 
 # Model types whose forward, once the prompt is in the cache, is the decoder stack and then the output head, nothing
@@ -85,8 +85,9 @@ class RaggedDecoder:
         if (self.fused_prefill and not hidden_states and position_ids.dim() == 2
                 and len(model_inputs) == 1 and model_inputs.keys() <= {"input_ids", "inputs_embeds"}):
             return self._fused_prefill(attention_mask, position_ids, offsets, append, **model_inputs)
-        if self.exact_prefill and model_inputs.keys() == {"inputs_embeds"}:
-            return self._exact_prefill(attention_mask, position_ids, offsets, append, model_inputs["inputs_embeds"])
+        if self.exact_prefill and "inputs_embeds" in model_inputs and model_inputs.keys() <= {"inputs_embeds",
+                                                                                              "deepstack"}:
+            return self._exact_prefill(attention_mask, position_ids, offsets, append, **model_inputs)
         lengths = attention_mask.sum(dim=1)
         out = self.model(
             attention_mask=attention_mask,
@@ -124,11 +125,13 @@ class RaggedDecoder:
         head = self.fused_stack.head
         return SimpleNamespace(last_hidden_state=last, logits=head(last) if head is not None else last)
 
-    def _exact_prefill(self, attention_mask, position_ids, offsets, append, inputs_embeds) -> SimpleNamespace:
+    def _exact_prefill(self, attention_mask, position_ids, offsets, append, inputs_embeds,
+                       deepstack: DeepStack | None = None) -> SimpleNamespace:
         """prefill, for a target whose prefill forward is its language model over the prompt's embeddings (images
-        filled in by the family) with one causal mask: the exact stack over the same left-padded batch, with the mask
-        HF's forward builds from it, gives HF's logits, hidden states and cache bit for bit (tested) without HF's
-        module calls (LLaVA's and Qwen2.5-VL's prefill). On the demo world (LLaVA, prompts of 39 tokens) the
+        filled in by the family; Qwen3-VL's DeepStack features added after its first layers) with one causal mask:
+        the exact stack over the same left-padded batch, with the mask HF's forward builds from it, gives HF's
+        logits, hidden states and cache bit for bit (tested) without HF's module calls (LLaVA's, Qwen2.5-VL's and
+        Qwen3-VL's prefill). On the demo world (LLaVA, prompts of 39 tokens) the
         language model's prefill took 1.34 ms against HF's 2.00 at batch 1, 4.0 against 4.9 at 8, 12.5 against 17.6
         at 32; in the bench (two runs each, in turn) prefill's share of MASSV's time at batch 1 fell from 0.27 to
         0.24, MASSV at gamma 6 1.98-1.99x -> 2.01-2.02x HF generate, MSD 1.92-1.94x -> 1.98x; at batch 8 and 32
@@ -140,7 +143,7 @@ class RaggedDecoder:
                                   attention_mask=attention_mask, cache=None,
                                   position_ids=position_ids if position_ids.dim() == 2 else None)
         prompt_kv = _PromptKV(int(position_ids.max()) + 1)
-        out = stack(mask, position_ids, prompt_kv, inputs_embeds=inputs_embeds, logits=False)
+        out = stack(mask, position_ids, prompt_kv, inputs_embeds=inputs_embeds, logits=False, deepstack=deepstack)
         lengths = attention_mask.sum(dim=1)
         self._take(RaggedKVCache.from_left_padded(prompt_kv, lengths, attention_mask.shape[1], offsets), append)
         return SimpleNamespace(logits=stack.head(out.last_hidden_state[:, -1:]), hidden_states=out.hidden_states)

@@ -2,8 +2,8 @@
 
 A family says
   - what the model's prefill forward takes: the prompt embeddings with the image features filled
-    in, or (Qwen3-VL) the ids plus the encoder outputs, so the model's own forward does what it
-    does with them (DeepStack adds visual features inside early layers);
+    in (Qwen3-VL: and its DeepStack features, which the exact stack adds inside early layers; for
+    HF's own forward, the ids plus the encoder outputs, so it does what it does with them);
   - how prefill positions are computed on the left-padded batch, and how each row's decode
     positions continue from its cache slots (a per-row offset: slot != position is allowed);
   - which extra per-token inputs the model takes in prefill (Gemma3: token_type_ids; Qwen:
@@ -29,6 +29,8 @@ import torch
 import transformers
 from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+from pipeline.engine.fused import DeepStack
 
 
 @dataclass
@@ -65,6 +67,7 @@ class RotaryFamily:
         image_token_id: int | None,
         vision_inputs: dict[str, torch.Tensor],  # the batch's images, concatenated (empty without images)
         token_inputs: dict[str, torch.Tensor],  # per-token extras, left-padded with 0 like the ids: {name: [B, L]}
+        through_stack: bool = False,  # the target's exact stack runs the prefill (decoder.py), not its HF forward
     ) -> PrefillInputs:
         """The prefill forward's inputs: embeddings with the image features in place, plus per-token extras."""
         features = self.image_features(model, vision_inputs)
@@ -105,29 +108,36 @@ class RotaryFamily:
 class MultiAxisRopeFamily(RotaryFamily):
     """Qwen2.5-VL, Qwen3-VL: M-RoPE positions [3, B, q] from the model's rope index, continued per row.
 
-    The vision tower runs once, and its merged features go on to the drafter. With DeepStack (Qwen3-VL)
-    prefill hands the model the ids and the image encoder's outputs (`mm_encoder_outputs`), so its own
-    forward fills the placeholders and adds the DeepStack features inside its early layers; without
-    (Qwen2.5-VL) it hands the prompt's embeddings with the features filled in, as HF's forward fills them
-    (so its language model alone runs them, and a target's exact stack can: decoder.py). The per-token
-    type ids only shape the rope index, which prefill_positions computes, so they stay out.
+    The vision tower runs once, and its merged features go on to the drafter. Prefill hands the model the
+    prompt's embeddings with the features filled in, as HF's forward fills them, so its language model alone
+    runs them and a target's exact stack can (decoder.py); with DeepStack (Qwen3-VL) the features its vision
+    tower took from several layers go with them, added after the language model's first layers (fused.py). A
+    Qwen3-VL target whose prefill goes through HF's forward gets the ids and the encoder's outputs
+    (`mm_encoder_outputs`) instead, HF's forward doing both. The per-token type ids only shape the rope
+    index, which prefill_positions computes, so they stay out.
     """
 
     def __init__(self, deepstack: bool):
         self.deepstack = deepstack
 
-    def prefill_inputs(self, model, input_ids, image_token_id, vision_inputs, token_inputs) -> PrefillInputs:
+    def prefill_inputs(self, model, input_ids, image_token_id, vision_inputs, token_inputs,
+                       through_stack: bool = False) -> PrefillInputs:
         encoded = None
         if vision_inputs:
             with torch.no_grad():
                 encoded = model.get_image_features(**_on_model(model, vision_inputs), return_dict=True)
         features = _flat_features(encoded) if encoded is not None else None
-        if not self.deepstack:
-            embeds = embed_with_image_features(model.get_input_embeddings(), input_ids, image_token_id, features)
-            return PrefillInputs({"inputs_embeds": embeds}, features)
-        model_inputs = {"input_ids": input_ids, **token_inputs}
-        if encoded is not None:
-            model_inputs["mm_encoder_outputs"] = {"image": encoded}
+        if self.deepstack and not through_stack:
+            model_inputs = {"input_ids": input_ids, **token_inputs}
+            if encoded is not None:
+                model_inputs["mm_encoder_outputs"] = {"image": encoded}
+            return PrefillInputs(model_inputs, features)
+        embeds = embed_with_image_features(model.get_input_embeddings(), input_ids, image_token_id, features)
+        model_inputs = {"inputs_embeds": embeds}
+        if self.deepstack and encoded is not None:  # per early layer, every image's tokens of the batch, row-major
+            model_inputs["deepstack"] = DeepStack(input_ids == image_token_id,
+                                                  [torch.cat(per_image).to(embeds.dtype)
+                                                   for per_image in encoded.deepstack_features])
         return PrefillInputs(model_inputs, features)
 
     def prefill_positions(self, model, input_ids, attention_mask, token_inputs, vision_inputs):

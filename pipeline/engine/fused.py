@@ -18,9 +18,9 @@ Model types: those whose decoder layer is Llama's (pre-norm attention + gated ML
 optionally with q/k/v biases (Qwen2) or per-head q/k norms (Qwen3), alone or as a VLM's language model (LLaVA's,
 Qwen2.5-VL's and Qwen3-VL's); and Gemma3's, exact for either kind (each block's output normed before its residual
 add, a rotary embedding per layer type, sliding-window layers through their masks). A target's prefill runs the exact
-stack where HF's prefill forward is the stack over the prompt's embeddings and one causal mask (LLaVA's, Qwen2.5-VL's);
-Qwen3-VL's, which hands the model the ids and the image encoder's outputs (DeepStack adds features inside early
-layers), and Gemma3's (sliding windows, bidirectional attention within an image) keep HF's forward.
+stack where HF's prefill forward is the stack over the prompt's embeddings and one causal mask (LLaVA's,
+Qwen2.5-VL's, and Qwen3-VL's with its DeepStack features added after its first layers, as HF's forward adds them);
+Gemma3's (sliding windows, bidirectional attention within an image) keeps HF's forward.
 `FusedStack.of(model, kind)` is None for any other (and, exact, for attention other than sdpa), and the decoder
 keeps the model's own forward.
 """
@@ -31,6 +31,7 @@ import sys
 from collections.abc import Callable
 from functools import partial
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,14 @@ EXACT_ATTENTION = "sdpa"  # the attention implementation Target.load asks for; o
 
 # How a RaggedDecoder runs decode steps: HF's own forward, or a FusedStack of either kind where the model has one
 HF_FORWARD, FUSED, EXACT = "hf", "fused", "exact"
+
+
+class DeepStack(NamedTuple):
+    """Qwen3-VL's DeepStack: visual features its vision tower took from several of its layers, each added to the
+    language model's hidden states at the image positions after one of its first layers."""
+
+    positions: torch.Tensor  # [B, L] bool: the image tokens of the prompts
+    features: list[torch.Tensor]  # per early layer, [image tokens of the batch, H] row-major
 
 
 class FusedStack:
@@ -95,14 +104,18 @@ class FusedStack:
         input_ids: torch.Tensor | None = None,  # [B, q]
         inputs_embeds: torch.Tensor | None = None,  # [B, q, H]
         logits: bool = True,  # the output head's too (a prefill wants its last tokens' only: the caller's)
+        deepstack: DeepStack | None = None,  # a Qwen3-VL prefill's, added after its first layers
     ) -> SimpleNamespace:  # last_hidden_state [B, q, H] (after the final norm; also hidden_states[-1], as HF's)
         # and logits [B, q, V] or None
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         rotary = {key: self._rotary(hidden, position_ids, cache.position_bound, key)  # cos, sin [B, q, head_dim]
                   for key in self.rotary_keys}
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             mask = attention_mask[layer.attention_type] if isinstance(attention_mask, dict) else attention_mask
             hidden = layer(hidden, rotary[layer.attention_type if self.rotary_keys[0] else None], mask, cache)
+            if deepstack is not None and i < len(deepstack.features):  # as HF's text model adds them
+                hidden = hidden.clone()
+                hidden[deepstack.positions, :] = hidden[deepstack.positions, :] + deepstack.features[i]
         hidden = self.norm(hidden)
         return SimpleNamespace(last_hidden_state=hidden, hidden_states=(hidden,),
                                logits=None if self.head is None or not logits else self.head(hidden))

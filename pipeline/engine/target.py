@@ -90,7 +90,8 @@ class Target:
         """Prefill these rows, as the whole batch or (append) after the rows already decoding; with hidden_states,
         also the last hidden state of every prompt token (for a drafter that reads them)."""
         ids, mask, token_inputs, vision_inputs = self._padded(prompts)
-        inputs = self.family.prefill_inputs(self.model, ids, self.image_token_id, vision_inputs, token_inputs)
+        inputs = self.family.prefill_inputs(self.model, ids, self.image_token_id, vision_inputs, token_inputs,
+                                            through_stack=self.decoder.exact_prefill)
         positions, offsets = self.family.prefill_positions(self.model, ids, mask, token_inputs, vision_inputs)
         out = self.decoder.prefill(mask, positions, offsets, append=append, hidden_states=hidden_states,
                                    **inputs.model_inputs)

@@ -142,8 +142,8 @@ def test_a_target_decodes_through_the_exact_stack_with_hf_numbers(targets, famil
 def test_a_targets_prefill_over_embeddings_runs_the_exact_stack_with_hf_numbers(targets, family):
     """LLaVA's and Qwen2.5-VL's prefill forward is the language model over the prompt's embeddings (the images filled
     in): the exact stack runs it on the same left-padded batch with HF's mask, giving HF's logits, last hidden states
-    and cache bit for bit (the decode steps after it read that cache); M-RoPE positions included. Qwen3-VL's
-    (DeepStack) stays HF's forward."""
+    and cache bit for bit (the decode steps after it read that cache); M-RoPE positions included. (Qwen3-VL's, with
+    its DeepStack features: test_qwen_families.py.)"""
     target = targets[family]
     prompts = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
     width = max(map(len, prompts))
@@ -164,8 +164,6 @@ def test_a_targets_prefill_over_embeddings_runs_the_exact_stack_with_hf_numbers(
         outputs.append([prefill.logits, prefill.hidden_states[-1], step.logits, step.hidden_states[-1]])
     for ours, theirs in zip(*outputs, strict=True):
         assert torch.equal(ours, theirs)
-    assert "inputs_embeds" not in targets["qwen3_vl"].family.prefill_inputs(
-        targets["qwen3_vl"].model, ids, targets["qwen3_vl"].image_token_id, {}, {}).model_inputs
 
 
 def test_gemma3s_layers_run_exact_for_either_kind(targets):

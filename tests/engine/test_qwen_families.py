@@ -25,8 +25,10 @@ from transformers import Qwen2_5_VLProcessor, Qwen3VLProcessor
 
 from drafters import load_drafter
 from pipeline.engine.acceptance import SamplingConfig
+from pipeline.engine.decoder import RaggedDecoder
 from pipeline.engine.engine import EngineConfig, SpecDecodeEngine
 from pipeline.engine.families import MultiAxisRopeFamily
+from pipeline.engine.fused import HF_FORWARD
 from pipeline.engine.processors import QwenVLImageProcessor, load_processor, torchvision_imports
 from pipeline.engine.prompts import build_messages
 from pipeline.engine.target import Target
@@ -84,18 +86,22 @@ def test_image_grids_and_token_counts_differ_per_row(targets, references):
     assert 0 in counts and len(set(counts) - {0}) >= 4 and len(grids) >= 4, (counts, grids)
 
 
-def test_qwen2_5_vl_prefill_over_embeddings_is_hfs_over_ids_and_encoder_outputs(targets, references):
-    """Qwen2.5-VL's prefill hands its language model the prompt's embeddings with the image features filled in (so a
-    target's exact stack runs it): the same logits, last hidden states and positions, bit for bit, as HF's forward
-    given the ids and the image encoder's outputs (Qwen3-VL's way, for its DeepStack), on rows with images of
-    different sizes and without."""
-    target = targets["qwen2_5_vl"]
-    prompts, _ = references["qwen2_5_vl"]
-    assert not target.family.deepstack and targets["qwen3_vl"].family.deepstack
+@pytest.mark.parametrize("family", QWEN)
+def test_prefill_through_the_exact_stack_is_hfs_over_ids_and_encoder_outputs(targets, references, family):
+    """A Qwen-VL target's prefill runs its exact stack over the prompt's embeddings with the image features filled in
+    (Qwen3-VL's DeepStack features added after its first layers, as HF's text model adds them): the same logits,
+    last hidden states, positions and cache, bit for bit, as HF's forward given the ids and the image encoder's
+    outputs, on rows with images of different sizes and without."""
+    target = targets[family]
+    prompts, _ = references[family]
+    assert target.decoder.exact_prefill and target.family.deepstack == (family == "qwen3_vl")
     by_ids = Target(target.model, target.processor, family=MultiAxisRopeFamily(deepstack=True))
+    by_ids.decoder = RaggedDecoder(target.model, by_ids.family, HF_FORWARD)
     ours, hfs = (t.prefill(prompts, hidden_states=True) for t in (target, by_ids))
     assert torch.equal(ours.first_logits, hfs.first_logits) and torch.equal(ours.hidden_states, hfs.hidden_states)
     assert ours.positions == hfs.positions and torch.equal(ours.image_features, hfs.image_features)
+    steps = [t.decoder.forward(input_ids=torch.arange(len(prompts))[:, None] + 5).logits for t in (target, by_ids)]
+    assert torch.equal(*steps)  # the caches the prefills left
 
 
 @pytest.mark.parametrize("family", QWEN)
