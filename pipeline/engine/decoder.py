@@ -80,17 +80,19 @@ class RaggedDecoder:
         offsets: torch.Tensor,  # [B] on the host: each row's next position minus its length
         append: bool = False,  # add these rows after those already in the cache, instead of replacing them
         hidden_states: bool = False,  # also return the last hidden states [B, L, H] (left-padded)
+        model_masks: dict[str, torch.Tensor] | None = None,  # the forward's masks by layer type, where the family
+        # builds them (families.py); else the forward builds its own from attention_mask
         **model_inputs,  # the left-padded prompts as the family feeds them: inputs_embeds [B, L, H] or input_ids
     ):  # the model's output: logits [B, 1, V] of each row's last prompt token (a feature model: its features)
         if (self.fused_prefill and not hidden_states and position_ids.dim() == 2
                 and len(model_inputs) == 1 and model_inputs.keys() <= {"input_ids", "inputs_embeds"}):
             return self._fused_prefill(attention_mask, position_ids, offsets, append, **model_inputs)
-        if self.exact_prefill and "inputs_embeds" in model_inputs and model_inputs.keys() <= {"inputs_embeds",
-                                                                                              "deepstack"}:
+        if (self.exact_prefill and model_masks is None and "inputs_embeds" in model_inputs
+                and model_inputs.keys() <= {"inputs_embeds", "deepstack"}):
             return self._exact_prefill(attention_mask, position_ids, offsets, append, **model_inputs)
         lengths = attention_mask.sum(dim=1)
         out = self.model(
-            attention_mask=attention_mask,
+            attention_mask=attention_mask if model_masks is None else model_masks,
             position_ids=position_ids,
             use_cache=True,
             **self.prefill_options,

@@ -94,6 +94,7 @@ class Target:
                                             through_stack=self.decoder.exact_prefill)
         positions, offsets = self.family.prefill_positions(self.model, ids, mask, token_inputs, vision_inputs)
         out = self.decoder.prefill(mask, positions, offsets, append=append, hidden_states=hidden_states,
+                                   model_masks=self.family.prefill_masks(self.model, mask, token_inputs),
                                    **inputs.model_inputs)
         return TargetPrefill(out.logits[:, -1], inputs.image_features,
                              _unpadded(self.family.text_axis(positions), mask),
