@@ -4,8 +4,9 @@ A target's prefill goes through HF's own forward on a left-padded batch, so what
 a family does in prefill (Gemma3's bidirectional attention inside an image, say) stays
 HF's business; the resulting cache is converted once into right-padded rows. Where that
 forward is only the language model over the prompt embeddings (LLaVA's, Qwen2.5-VL's; Qwen3-VL's
-with its DeepStack features), the exact stack runs it instead, on the same left-padded batch with
-HF's own mask: HF's numbers bit for bit without HF's module calls. A drafter's (a causal Llama-architecture stack, its
+with its DeepStack features; Gemma3's, with the masks its family builds), the exact stack runs it
+instead, on the same left-padded batch with HF's own masks: HF's numbers bit for bit without HF's
+module calls. A drafter's (a causal Llama-architecture stack, its
 numbers only choosing proposals) goes through its fused stack, as one forward of many tokens
 per row. Every later forward appends tokens with explicit per-row positions (from the family
 seam) and masks (from `kv_cache`), through a FusedStack where the model has one
@@ -61,9 +62,10 @@ class RaggedDecoder:
         # an exact stack stands for the decoder stack and head, so only where decoding is those two (direct)
         self.fused_stack = FusedStack.of(model, stack) if direct or stack != EXACT else None
         # a drafter's prefill goes through its fused stack too (see _fused_prefill); a target's through its exact one
-        # where HF's prefill forward is the stack over the prompt's embeddings and one causal mask (see _exact_prefill)
+        # where HF's prefill forward is the stack over the prompt's embeddings, with one causal mask or the masks the
+        # family builds (see _exact_prefill)
         self.fused_prefill = self.fused_stack is not None and stack == FUSED
-        self.exact_prefill = self.fused_stack is not None and stack == EXACT and self.layer_types == {FULL_ATTENTION}
+        self.exact_prefill = self.fused_stack is not None and stack == EXACT
         self.prefill_cache_name = _cache_name(model.forward)
         self.decode_cache_name = _cache_name((self.stack_and_head[0] if direct else model).forward)
 
@@ -87,9 +89,10 @@ class RaggedDecoder:
         if (self.fused_prefill and not hidden_states and position_ids.dim() == 2
                 and len(model_inputs) == 1 and model_inputs.keys() <= {"input_ids", "inputs_embeds"}):
             return self._fused_prefill(attention_mask, position_ids, offsets, append, **model_inputs)
-        if (self.exact_prefill and model_masks is None and "inputs_embeds" in model_inputs
-                and model_inputs.keys() <= {"inputs_embeds", "deepstack"}):
-            return self._exact_prefill(attention_mask, position_ids, offsets, append, **model_inputs)
+        if (self.exact_prefill and "inputs_embeds" in model_inputs and model_inputs.keys() <= {"inputs_embeds",
+                                                                                               "deepstack"}
+                and (model_masks is not None or self.layer_types == {FULL_ATTENTION})):
+            return self._exact_prefill(attention_mask, position_ids, offsets, append, model_masks, **model_inputs)
         lengths = attention_mask.sum(dim=1)
         out = self.model(
             attention_mask=attention_mask if model_masks is None else model_masks,
@@ -127,23 +130,24 @@ class RaggedDecoder:
         head = self.fused_stack.head
         return SimpleNamespace(last_hidden_state=last, logits=head(last) if head is not None else last)
 
-    def _exact_prefill(self, attention_mask, position_ids, offsets, append, inputs_embeds,
+    def _exact_prefill(self, attention_mask, position_ids, offsets, append, model_masks, inputs_embeds,
                        deepstack: DeepStack | None = None) -> SimpleNamespace:
         """prefill, for a target whose prefill forward is its language model over the prompt's embeddings (images
-        filled in by the family; Qwen3-VL's DeepStack features added after its first layers) with one causal mask:
-        the exact stack over the same left-padded batch, with the mask HF's forward builds from it, gives HF's
-        logits, hidden states and cache bit for bit (tested) without HF's module calls (LLaVA's, Qwen2.5-VL's and
-        Qwen3-VL's prefill). On the demo world (LLaVA, prompts of 39 tokens) the
-        language model's prefill took 1.34 ms against HF's 2.00 at batch 1, 4.0 against 4.9 at 8, 12.5 against 17.6
-        at 32; in the bench (two runs each, in turn) prefill's share of MASSV's time at batch 1 fell from 0.27 to
-        0.24, MASSV at gamma 6 1.98-1.99x -> 2.01-2.02x HF generate, MSD 1.92-1.94x -> 1.98x; at batch 8 and 32
-        within the runs' spread. The tiny test Qwen2.5-VL target's prefill of 13 rows with images: 15.0 ms against
-        16.9."""
+        filled in by the family; Qwen3-VL's DeepStack features added after its first layers) with one causal mask,
+        or with the masks the family builds (Gemma3's): the exact stack over the same left-padded batch, with the
+        masks HF's forward would use, gives HF's logits, hidden states and cache bit for bit (tested) without HF's
+        module calls (LLaVA's, Qwen2.5-VL's, Qwen3-VL's and Gemma3's prefill). On the demo world (LLaVA, prompts of
+        39 tokens) the language model's prefill took 1.34 ms against HF's 2.00 at batch 1, 4.0 against 4.9 at 8,
+        12.5 against 17.6 at 32; in the bench (two runs each, in turn) prefill's share of MASSV's time at batch 1
+        fell from 0.27 to 0.24, MASSV at gamma 6 1.98-1.99x -> 2.01-2.02x HF generate, MSD 1.92-1.94x -> 1.98x; at
+        batch 8 and 32 within the runs' spread. The tiny test Qwen2.5-VL target's prefill of 13 rows with images:
+        15.0 ms against 16.9; the tiny Gemma3 target's of 64 rows one by one, 0.25 s against 0.35 (with the masks
+        its family builds; 1.09 s with the masks HF's forward built)."""
         stack = self.fused_stack
         # as HF's forward builds it: multi-axis (M-RoPE) positions do not shape the mask (Qwen2.5-VL's text model)
-        mask = create_causal_mask(config=self.stack_and_head[0].config, inputs_embeds=inputs_embeds,
-                                  attention_mask=attention_mask, cache=None,
-                                  position_ids=position_ids if position_ids.dim() == 2 else None)
+        mask = model_masks if model_masks is not None else create_causal_mask(
+            config=self.stack_and_head[0].config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+            cache=None, position_ids=position_ids if position_ids.dim() == 2 else None)
         prompt_kv = _PromptKV(int(position_ids.max()) + 1)
         out = stack(mask, position_ids, prompt_kv, inputs_embeds=inputs_embeds, logits=False, deepstack=deepstack)
         lengths = attention_mask.sum(dim=1)

@@ -123,8 +123,15 @@ class BidirectionalImageFamily(RotaryFamily):
     HF's forward builds those masks element by element from mask functions under vmap: 70% of a 51-token prompt's
     prefill on the tiny test target (17 of 24 ms). The same boolean masks, built here with tensor ops from the same
     rule (HF's create_masks_for_vision_model: full (causal or same image) and not padding; sliding the same within
-    the window, both over the left-padded batch's columns), go to HF's forward, which takes them as they are.
+    the window, both over the left-padded batch's columns), go to the target's exact stack (decoder.py), or to HF's
+    forward, which takes them as they are.
     """
+
+    def prefill_inputs(self, model, input_ids, image_token_id, vision_inputs, token_inputs,
+                       through_stack: bool = False) -> PrefillInputs:
+        """As every 1-D family's, without the token types: they only shape the masks, which prefill_masks builds."""
+        extras = {name: value for name, value in token_inputs.items() if name != "token_type_ids"}
+        return super().prefill_inputs(model, input_ids, image_token_id, vision_inputs, extras, through_stack)
 
     def prefill_masks(self, model, attention_mask, token_inputs):
         token_types = token_inputs.get("token_type_ids")

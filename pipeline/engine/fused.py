@@ -19,8 +19,8 @@ optionally with q/k/v biases (Qwen2) or per-head q/k norms (Qwen3), alone or as 
 Qwen2.5-VL's and Qwen3-VL's); and Gemma3's, exact for either kind (each block's output normed before its residual
 add, a rotary embedding per layer type, sliding-window layers through their masks). A target's prefill runs the exact
 stack where HF's prefill forward is the stack over the prompt's embeddings and one causal mask (LLaVA's,
-Qwen2.5-VL's, and Qwen3-VL's with its DeepStack features added after its first layers, as HF's forward adds them);
-Gemma3's (sliding windows, bidirectional attention within an image) keeps HF's forward.
+Qwen2.5-VL's, and Qwen3-VL's with its DeepStack features added after its first layers, as HF's forward adds them) or
+the masks the family builds (Gemma3's: sliding windows, bidirectional attention within an image).
 `FusedStack.of(model, kind)` is None for any other (and, exact, for attention other than sdpa), and the decoder
 keeps the model's own forward.
 """

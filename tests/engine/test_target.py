@@ -30,7 +30,8 @@ def test_untested_multi_axis_rotary_targets_are_refused_clearly(targets):
 def test_gemma3s_prefill_masks_are_the_ones_hfs_forward_builds(targets):
     """Gemma3's family builds its prefill masks (images attend within themselves both ways, on full and sliding
     layers) with tensor ops instead of HF's per-element mask functions: the same booleans, on ragged left-padded rows
-    with one image, two, and none, the window (8 on the tiny target) shorter than the rows."""
+    with one image, two, and none, the window (8 on the tiny target) shorter than the rows; the target's exact stack
+    prefills with them."""
     from conftest import prepare_rows, ragged_rows
     from transformers.models.gemma3 import modeling_gemma3
 
@@ -48,8 +49,11 @@ def test_gemma3s_prefill_masks_are_the_ones_hfs_forward_builds(targets):
     assert ours.keys() == hfs.keys()
     for kind in ours:
         assert ours[kind].dtype == hfs[kind].dtype == torch.bool and torch.equal(ours[kind], hfs[kind])
-    # and the prefill with them is the one HF's forward runs with its own (a family that builds none: LLaVA's)
+    # and the prefill with them, through the target's exact stack, is the one HF's forward runs with its own masks
+    # (a family that builds none: LLaVA's), its logits, hidden states and cache (the decode step after it reads it)
     by_hf = Target(target.model, target.processor, family=ROTARY)
     with_ours, with_hfs = (t.prefill(rows, hidden_states=True) for t in (target, by_hf))
     assert torch.equal(with_ours.first_logits, with_hfs.first_logits)
     assert torch.equal(with_ours.hidden_states, with_hfs.hidden_states)
+    steps = [t.verify(torch.arange(len(rows))[:, None] + 5)[0] for t in (target, by_hf)]
+    assert torch.equal(*steps)
