@@ -30,6 +30,7 @@ from pipeline.job.cli import flag
 from pipeline.job.config import JobConfigError
 from pipeline.lab import tiny_models
 from pipeline.lab.benchmark import _int_list
+from pipeline.lab.report import markdown_table, save_results
 
 
 @dataclass
@@ -83,11 +84,10 @@ def measure_family(family: str, config: FamilySpeedConfig, directory: Path) -> l
 
 
 def results_table(results: list[dict]) -> str:
-    lines = ["| family | batch | exact stack (s) | HF forward (s) | exact stack vs HF forward | same tokens |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['family']} | {r['batch_size']} | {r['exact_s']:.3f} | {r['hf_forward_s']:.3f} | "
-              f"{r['speedup']:.2f}x | {'yes' if r['same_tokens'] else 'NO'} |" for r in results]
-    return "\n".join(lines)
+    return markdown_table(
+        ["family", "batch", "exact stack (s)", "HF forward (s)", "exact stack vs HF forward", "same tokens"],
+        [[r["family"], str(r["batch_size"]), f"{r['exact_s']:.3f}", f"{r['hf_forward_s']:.3f}", f"{r['speedup']:.2f}x",
+          "yes" if r["same_tokens"] else "NO"] for r in results])
 
 
 def run_family_speed(config: FamilySpeedConfig, log=print) -> list[dict]:
@@ -99,8 +99,5 @@ def run_family_speed(config: FamilySpeedConfig, log=print) -> list[dict]:
             log(f"{family}: " + ", ".join(f"batch {r['batch_size']} {r['speedup']:.2f}x" for r in measured))
             results += measured
     log(results_table(results))
-    out = Path(config.output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"config": dataclasses.asdict(config), "results": results}, indent=2))
-    log(f"wrote {out / 'results.json'}")
+    save_results(config, results, log)
     return results

@@ -28,7 +28,6 @@ import math
 import random
 import statistics
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -44,6 +43,7 @@ from pipeline.job.cli import flag
 from pipeline.job.config import JobConfigError
 from pipeline.lab.benchmark import DEMO_TARGET, Workload, _int_list, demo_drafters
 from pipeline.lab.demo import BENCH_PROMPTS, DEMO_WORLD
+from pipeline.lab.report import markdown_table, save_results
 
 AFTER_DRAFTING = (1.26, 1.12, 1.07)  # plain steps right after drafting ones, against steady ones (gamma.py, SETTLE)
 AFTER_PREFILL = 1.15  # the first step after a prefill (gamma.py, observe_prefill)
@@ -305,11 +305,10 @@ def compare(make_policy, traces: Traces, costs: dict[str, StepCosts], batch_size
 
 
 def results_table(results: list[dict]) -> str:
-    lines = ["| drafter | batch | best fixed gamma | its speed vs plain | policy vs plain | policy vs best fixed |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['drafter']} | {r['batch_size']} | {r['best_gamma']} | {r['best_vs_plain']:.3f}x | "
-              f"{r['policy_vs_plain']:.3f}x | {r['policy_vs_best']:.3f} |" for r in results]
-    return "\n".join(lines)
+    return markdown_table(
+        ["drafter", "batch", "best fixed gamma", "its speed vs plain", "policy vs plain", "policy vs best fixed"],
+        [[r["drafter"], str(r["batch_size"]), r["best_gamma"], f"{r['best_vs_plain']:.3f}x",
+          f"{r['policy_vs_plain']:.3f}x", f"{r['policy_vs_best']:.3f}"] for r in results])
 
 
 @dataclass
@@ -357,8 +356,5 @@ def run_replay(config: ReplayConfig, make_policy=None, log=print) -> list[dict]:
     make_policy = make_policy or (lambda: GammaPolicy(gamma=AUTO, max_gamma=config.max_gamma))
     results = compare(make_policy, traces, costs, config.batch_sizes, config.seeds, config.max_gamma)
     log(results_table(results))
-    out = Path(config.output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"config": dataclasses.asdict(config), "results": results}, indent=2))
-    log(f"wrote {out / 'results.json'}")
+    save_results(config, results, log)
     return results
