@@ -134,8 +134,12 @@ class BidirectionalImageFamily(RotaryFamily):
         return super().prefill_inputs(model, input_ids, image_token_id, vision_inputs, extras, through_stack)
 
     def prefill_masks(self, model, attention_mask, token_inputs):
+        text_config = model.config.get_text_config()
         token_types = token_inputs.get("token_type_ids")
-        if token_types is None:
+        # boolean masks are what HF's sdpa path takes (its eager path adds float ones); a bidirectional text model
+        # overlays more than images
+        if (token_types is None or text_config._attn_implementation != "sdpa"
+                or getattr(text_config, "use_bidirectional_attention", False)):
             return None
         is_image = token_types == 1
         starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]  # an image's first token
@@ -144,7 +148,7 @@ class BidirectionalImageFamily(RotaryFamily):
         causal = columns[None, :] <= columns[:, None]  # [q, kv]
         same_image = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)  # [B, q, kv]
         allowed = (causal | same_image) & attention_mask.bool()[:, None, :]
-        window = model.config.get_text_config().sliding_window
+        window = text_config.sliding_window
         in_window = columns[None, :] > columns[:, None] - window
         return {FULL_ATTENTION: allowed[:, None], SLIDING_ATTENTION: (allowed & in_window)[:, None]}
 

@@ -57,3 +57,10 @@ def test_gemma3s_prefill_masks_are_the_ones_hfs_forward_builds(targets):
     assert torch.equal(with_ours.hidden_states, with_hfs.hidden_states)
     steps = [t.verify(torch.arange(len(rows))[:, None] + 5)[0] for t in (target, by_hf)]
     assert torch.equal(*steps)
+    # HF's eager attention adds float masks, not these: the family leaves its masks to HF's forward there
+    text_config = target.model.config.get_text_config()
+    text_config._attn_implementation = "eager"
+    try:
+        assert target.family.prefill_masks(target.model, mask, token_inputs) is None
+    finally:
+        text_config._attn_implementation = "sdpa"
