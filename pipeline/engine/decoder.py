@@ -89,9 +89,8 @@ class RaggedDecoder:
         if (self.fused_prefill and not hidden_states and position_ids.dim() == 2
                 and len(model_inputs) == 1 and model_inputs.keys() <= {"input_ids", "inputs_embeds"}):
             return self._fused_prefill(attention_mask, position_ids, offsets, append, **model_inputs)
-        if (self.exact_prefill and "inputs_embeds" in model_inputs and model_inputs.keys() <= {"inputs_embeds",
-                                                                                               "deepstack"}
-                and (model_masks is not None or self.layer_types == {FULL_ATTENTION})):
+        if ("inputs_embeds" in model_inputs and model_inputs.keys() <= {"inputs_embeds", "deepstack"}
+                and self.prefills_through_stack(model_masks is not None)):
             return self._exact_prefill(attention_mask, position_ids, offsets, append, model_masks, **model_inputs)
         lengths = attention_mask.sum(dim=1)
         out = self.model(
@@ -105,6 +104,12 @@ class RaggedDecoder:
         hf_cache = getattr(out, self.prefill_cache_name)
         self._take(RaggedKVCache.from_left_padded(hf_cache, lengths, attention_mask.shape[1], offsets), append)
         return out
+
+    def prefills_through_stack(self, family_masks: bool) -> bool:
+        """A target's prefill over the prompt's embeddings runs its exact stack: with the masks its family builds, or
+        where every layer attends fully, with the one causal mask the stack builds as HF's forward does. (What the
+        family hands the prefill depends on it: Qwen3-VL's DeepStack features go to the stack alone.)"""
+        return self.exact_prefill and (family_masks or self.layer_types == {FULL_ATTENTION})
 
     def _fused_prefill(self, attention_mask, position_ids, offsets, append, **model_inputs) -> SimpleNamespace:
         """prefill, for a drafter: each row's prompt moved to the left (right-padded) and run through the fused stack

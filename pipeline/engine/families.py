@@ -6,8 +6,8 @@ A family says
     HF's own forward, the ids plus the encoder outputs, so it does what it does with them);
   - how prefill positions are computed on the left-padded batch, and how each row's decode
     positions continue from its cache slots (a per-row offset: slot != position is allowed);
-  - which extra per-token inputs the model takes in prefill (Gemma3: token_type_ids; Qwen:
-    mm_token_type_ids);
+  - which extra per-token inputs the model takes in prefill (Qwen: mm_token_type_ids), and the
+    prefill's attention masks where the family builds them (Gemma3's, from its token_type_ids);
   - how the image features that fill the placeholder positions are obtained (for the drafter too);
   - whether the engine can run it at all, and the context length.
 The engine, the target and the ragged decoder call these and name no family.

@@ -90,12 +90,12 @@ class Target:
         """Prefill these rows, as the whole batch or (append) after the rows already decoding; with hidden_states,
         also the last hidden state of every prompt token (for a drafter that reads them)."""
         ids, mask, token_inputs, vision_inputs = self._padded(prompts)
+        masks = self.family.prefill_masks(self.model, mask, token_inputs)
         inputs = self.family.prefill_inputs(self.model, ids, self.image_token_id, vision_inputs, token_inputs,
-                                            through_stack=self.decoder.exact_prefill)
+                                            through_stack=self.decoder.prefills_through_stack(masks is not None))
         positions, offsets = self.family.prefill_positions(self.model, ids, mask, token_inputs, vision_inputs)
         out = self.decoder.prefill(mask, positions, offsets, append=append, hidden_states=hidden_states,
-                                   model_masks=self.family.prefill_masks(self.model, mask, token_inputs),
-                                   **inputs.model_inputs)
+                                   model_masks=masks, **inputs.model_inputs)
         return TargetPrefill(out.logits[:, -1], inputs.image_features,
                              _unpadded(self.family.text_axis(positions), mask),
                              out.hidden_states[-1] if hidden_states else None)
