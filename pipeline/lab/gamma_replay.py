@@ -95,10 +95,10 @@ def decoded_traces(target: Target, drafter, prompts: list, answers: list[list[in
         if engine.generate([prompt])[0].tokens != answer:
             raise RuntimeError("greedy decoding with the drafter changed an answer: no trace can be read off it")
         right, emitted = [False] * (len(answer) - 1), 1
-        for [kept] in recorder.kept:
+        for [kept] in recorder.kept:  # kept <= the tokens the row had left: within the answer
             right[emitted - 1 : emitted - 1 + kept] = [True] * kept
             emitted += kept + 1
-        rows.append(right[: len(answer) - 1])
+        rows.append(right)
     return rows
 
 
