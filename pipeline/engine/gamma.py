@@ -15,7 +15,8 @@ measured before the next. Plain decoding (k = 0) is measured first and is chosen
 speculation promises a margin more, so a drafter that does not pay is not used. A
 settled choice is re-checked by an occasional probe of a neighbour or of plain decoding,
 at intervals that double while the choice stays the same, and never so often that what the probes are
-predicted to lose exceeds `exploration` of the time (see _probe_loss). Speculation must beat plain
+predicted to lose exceeds `exploration` of the time (see _probe_loss), or, while plain decoding is the choice and
+drafting is predicted to gain, that share plus the gain (see _probe). Speculation must beat plain
 decoding by a margin plus the standard error of the step times compared (see best_gamma).
 
 A step's time is not all that drafting costs: a switch from plain decoding to drafting costs once. A drafter puts its
@@ -198,7 +199,7 @@ class GammaPolicy:
     prior_acceptance: float = 0.6  # per position, until measured
     margin: float = 0.03  # speculate only when it promises this much more than plain decoding (timing noise) ...
     step_spread: float = 0.15  # ... plus the standard error of the two step times compared (see best_gamma)
-    exploration: float = 0.01  # what probes may cost, as a share of the time between them (see _probe_loss)
+    exploration: float = 0.01  # what probes may cost, as a share of the time between them (see _probe)
 
     # Acceptance per draft position, as decayed counts: drafts that reached position i (all before it
     # accepted) and how many of those were accepted. Each bucket keeps its own too: in a static batch a bucket is
@@ -263,7 +264,12 @@ class GammaPolicy:
     def _probe(self, costs: _BucketCosts, batch_size: int, best: int, prefill_waits: bool,
                emitted: Sequence[int] | None) -> int | None:
         """The probe to make now, if one is affordable: probes may lose `exploration` of the steps at the bucket in
-        all (what each is predicted to lose: _probe_loss), and one is made when what is left covers it. Candidates:
+        all (what each is predicted to lose: _probe_loss), and one is made when what is left covers it; while plain
+        decoding is the choice and drafting is predicted to gain g a step (not by enough to trust), `exploration` + g,
+        since staying plain is predicted to lose g a step anyway. Within 1% alone, a probe of drafting, paying a switch
+        (the drafter's put-off prefill, a catch-up), waited for hundreds of steps: MSD at batch 8 on the demo world,
+        drafting worth 1.16-1.25x plain decoding there, decoded plainly for 180 steps at its top bucket (two passes over
+        the bench's rows) on one timing of drafting, and ran 0.85x its best fixed gamma. Candidates:
         while plain decoding is the choice, the draft length that came closest (its standard error is what holds
         drafting back); else plain decoding (the rate every choice must beat, kept fresh like the neighbours') and
         the choice's neighbours, in turn, a cheap one going first while a dear one waits (a neighbour's probe loses a
@@ -272,6 +278,7 @@ class GammaPolicy:
         price of probing plain decoding again, rest on it (text-only at batch 32 on the demo world timed plain decoding
         once at 2x its cost there, and drafted at 0.80-0.85x plain decoding for six passes: a probe of plain decoding
         looked too dear to be made)."""
+        gain = 0.0
         if best == 0:
             probe, gain, _ = self._contender(batch_size, prefill_waits, emitted)
             candidates = [(probe, [probe] * (CONTENDER_STEPS if gain > 0 else 1))]
@@ -281,7 +288,8 @@ class GammaPolicy:
             candidates = [(k, [0] * SETTLE if k == 0 else []) for k in targets[turn:] + targets[:turn]]
         # each probe lasts until a step is timed: plain decoding after drafting SETTLE + 1 steps, drafting after plain
         # decoding one more (the first one catches up)
-        credit = self.exploration * costs.steps - costs.probe_losses
+        share = self.exploration + max(gain, 0.0)
+        credit = share * costs.steps - costs.probe_losses
         losses = []
         for probe, rest in candidates:
             # timed once, its one timing may have been a stall: checked once for free
@@ -296,7 +304,7 @@ class GammaPolicy:
                 costs.next_probe = costs.steps + costs.probe_interval
                 costs.probe_interval = min(2 * costs.probe_interval, self.max_probe_every)
                 return probe
-        costs.next_probe = costs.steps + math.ceil((min(losses) - credit) / self.exploration)
+        costs.next_probe = costs.steps + math.ceil((min(losses) - credit) / share)
         return None
 
     def _probe_loss(self, batch_size: int, best: int, probe: int, steps: int, prefill_waits: bool) -> float:

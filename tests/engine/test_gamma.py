@@ -425,3 +425,35 @@ def test_while_plain_decoding_is_the_choice_its_probes_time_the_draft_length_tha
         policy.observe(k, [min(k, 2)] * 8, StepTimes(0.1 * k, (1.6 if k else 1.0) * slow_moment))
     assert choices[:16].count(0) >= 8  # plain decoding chosen first
     assert sum(k in (2, 3, 4) for k in choices[100:]) >= 0.9 * 300
+
+
+def test_while_drafting_is_predicted_to_gain_its_probes_may_cost_what_plain_decoding_is_predicted_to_lose():
+    """One draft keeps 0.6 of the rows' drafts, two 0.4 of the second, and a step with k drafts costs 1.3 + 0.1 k plain
+    steps: 2 drafts run 1.23x plain decoding. Their first timing came at a slow moment (15% slow: predicted 1.09x,
+    under the margin plus the standard error of one timing), so plain decoding is the choice; and every switch to
+    drafting costs a catch-up of 2 plain steps. Within 1% of the time, a probe of drafting waited about 190 steps (MSD
+    at batch 8 on the demo world: 180 steps at its top bucket, two passes over the bench's rows, on one timing of
+    drafting); but staying plain is predicted to lose 9% a step, and probes may cost that much too."""
+    policy = GammaPolicy(gamma="auto", max_gamma=8)
+    acceptance = [0.6, 0.4, 0.2] + [0.2] * 5
+    set_acceptance(policy, acceptance)
+    observe_plain(policy, 8, 1.0)
+    policy.observe(3, [1] * 8, StepTimes(0.3 + 2.0, 1.3))  # the switch to drafting: a catch-up (not timed)
+    policy.observe(3, [1] * 8, StepTimes(0.3, 1.3 * 1.15))  # timed, at a slow moment
+    observe_plain(policy, 8, 1.0)
+    policy.observe(3, [1] * 8, StepTimes(0.3 + 2.0, 1.3))  # another switch: what a catch-up costs is measured now
+    observe_plain(policy, 8, 1.0)
+    set_acceptance(policy, acceptance)
+    assert policy.buckets[4].catch_up_s == pytest.approx(2.0)
+    contender, gain, _ = policy._contender(8, False, None)
+    assert contender == 2 and 0.05 < gain < policy.margin + policy.step_spread and policy.best_gamma(8) == 0
+    choices = []
+    for _ in range(300):
+        set_acceptance(policy, acceptance)
+        k = policy.choose(8)
+        catch_up = 2.0 if k and choices[-1:] == [0] else 0.0
+        choices.append(k)
+        policy.observe(k, [min(k, 1)] * 8, StepTimes(0.1 * k + catch_up, 1.3 if k else 1.0))
+    first_probe = next(i for i, k in enumerate(choices) if k)
+    assert first_probe < 20
+    assert sum(k > 0 for k in choices[first_probe:]) >= 0.95 * len(choices[first_probe:])
