@@ -2,6 +2,8 @@
 
     python jobs/replay_gamma.py                           # text-only, MASSV and MSD, batch 1/8/32, 8 seeds
     python jobs/replay_gamma.py --seeds 16 --batch-sizes 32
+    python jobs/replay_gamma.py --recording out/replay/recording.json   # records there, or replays that recording:
+                                                                      # run it from two checkouts to compare policies
 
 Prints, per drafter and batch size, the best fixed gamma and the policy (`auto`) against plain decoding and against
 that gamma, means over the seeds, and writes results.json under --output. What it models and why:

@@ -28,6 +28,7 @@ import math
 import random
 import statistics
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -325,6 +326,10 @@ class ReplayConfig:
     max_gamma: int = field(default=8, metadata=flag("fixed gammas 1..max_gamma, and auto's upper bound"))
     seeds: int = field(default=8, metadata=flag("noise seeds each configuration is replayed with (mean)"))
     output: str = field(default="out/replay", metadata=flag("where results.json goes"))
+    recording: str | None = field(default=None, metadata=flag(
+        "a JSON file of the traces and step costs: replayed from where it exists (no model loaded, nothing timed), "
+        "else recorded there; policies compared on one recording meet the same machine (this VM's step costs move "
+        "by a tenth to a third between recordings)"))
 
     def __post_init__(self):
         for name, value in (("--rows", self.rows), ("--seeds", self.seeds), ("--max-gamma", self.max_gamma),
@@ -338,16 +343,19 @@ class ReplayConfig:
 
 
 def run_replay(config: ReplayConfig, make_policy=None, log=print) -> list[dict]:
-    """Record the traces and step costs, replay every configuration, print and save the table."""
+    """Record the traces and step costs (or read them from config.recording), replay every configuration, print and
+    save the table."""
     log(f"replay config: {json.dumps(dataclasses.asdict(config))}")
-    target = Target.load(config.target)
-    drafters = {name: load_drafter(demo_drafters()[name], target) for name in config.drafters}
-    workload = Workload(target, config.prompts, config.rows)
-    traces = record_traces(target, drafters, workload.prompts, config.max_new_tokens, config.max_gamma)
     sizes = sorted({1, *[b for b in (2, 4, 8, 16, 32, 64) if b < max(config.batch_sizes)], max(config.batch_sizes)})
-    costs = {}
-    for name, drafter in drafters.items():
-        costs[name] = measure_step_costs(target, drafter, workload.prompts, sizes, config.max_gamma)
+    if config.recording and Path(config.recording).exists():
+        traces, costs = load_recording(config.recording, config.drafters)
+        log(f"replaying the recording {config.recording}")
+    else:
+        traces, costs = record(config, sizes)
+        if config.recording:
+            save_recording(config.recording, traces, costs)
+            log(f"recorded the traces and step costs in {config.recording}")
+    for name in config.drafters:
         right = [x for row in traces.right[name] for x in row]
         steps = ", ".join(f"{b}: {costs[name].step(b, 0) * 1e3:.2f} / {costs[name].step(b, config.max_gamma) * 1e3:.2f}"
                           for b in sizes)
@@ -358,3 +366,37 @@ def run_replay(config: ReplayConfig, make_policy=None, log=print) -> list[dict]:
     log(results_table(results))
     save_results(config, results, log)
     return results
+
+
+def record(config: ReplayConfig, sizes: list[int]) -> tuple[Traces, dict[str, StepCosts]]:
+    """The demo world's traces and this machine's step costs for config's drafters, at these batch sizes."""
+    target = Target.load(config.target)
+    drafters = {name: load_drafter(demo_drafters()[name], target) for name in config.drafters}
+    workload = Workload(target, config.prompts, config.rows)
+    traces = record_traces(target, drafters, workload.prompts, config.max_new_tokens, config.max_gamma)
+    costs = {name: measure_step_costs(target, drafter, workload.prompts, sizes, config.max_gamma)
+             for name, drafter in drafters.items()}
+    return traces, costs
+
+
+def save_recording(path: str, traces: Traces, costs: dict[str, StepCosts]) -> None:
+    recording = {"answers": traces.answers, "right": traces.right,
+                 "costs": {name: {"step_s": [[b, k, s] for (b, k), s in c.step_s.items()],
+                                  "draft_s": [[b, s] for b, s in c.draft_s.items()],
+                                  "put_off_prefill_s": [[b, s] for b, s in c.put_off_prefill_s.items()]}
+                           for name, c in costs.items()}}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(recording))
+
+
+def load_recording(path: str, drafters: list[str]) -> tuple[Traces, dict[str, StepCosts]]:
+    """save_recording's traces and costs, of these drafters (a JobConfigError names any the recording lacks)."""
+    recording = json.loads(Path(path).read_text())
+    missing = [name for name in drafters if name not in recording["right"] or name not in recording["costs"]]
+    if missing:
+        raise JobConfigError(f"--recording {path} holds no traces of {missing} (it has "
+                             f"{', '.join(recording['right'])}): replay those drafters, or record anew elsewhere.")
+    costs = {name: StepCosts({(b, k): s for b, k, s in c["step_s"]}, {b: s for b, s in c["draft_s"]},
+                             {b: s for b, s in c["put_off_prefill_s"]})
+             for name, c in recording["costs"].items() if name in drafters}
+    return Traces(recording["answers"], {name: recording["right"][name] for name in drafters}), costs

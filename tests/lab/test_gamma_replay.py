@@ -6,9 +6,21 @@ from drafters import load_drafter
 from pipeline.engine.engine import EngineConfig, SpecDecodeEngine
 from pipeline.engine.gamma import GammaPolicy
 from pipeline.engine.target import Target
+from pipeline.job.config import JobConfigError
 from pipeline.lab.benchmark import DEMO_TARGET, Workload, demo_drafters
 from pipeline.lab.demo import BENCH_PROMPTS, DEMO_WORLD
-from pipeline.lab.gamma_replay import FixedGamma, StepCosts, Traces, compare, record_traces, replay, steps_with
+from pipeline.lab.gamma_replay import (
+    FixedGamma,
+    ReplayConfig,
+    StepCosts,
+    Traces,
+    compare,
+    record_traces,
+    replay,
+    run_replay,
+    save_recording,
+    steps_with,
+)
 
 
 @pytest.mark.parametrize("name", ["text-only", "massv"])
@@ -62,3 +74,20 @@ def test_the_replay_ranks_policies():
     assert wrong["best_vs_plain"] < 1 and wrong["policy_vs_plain"] > 0.9
     once = [replay(FixedGamma(2), answers, good.right["good"], costs(0.1e-3), 8, seed=5) for _ in range(2)]
     assert once[0] == once[1]
+
+
+def test_a_recording_is_replayed_as_recorded(tmp_path):
+    """Policies of two checkouts compare on one recording: replayed from it (no model loaded, nothing timed), the
+    table is the one the recorded traces and costs give; a drafter the recording lacks is named at once."""
+    answers = [[1] * 30 for _ in range(8)]
+    traces = Traces(answers, {"massv": [[j % 10 != 9 for j in range(29)] for _ in answers]})
+    recording = tmp_path / "recording.json"
+    save_recording(str(recording), traces, {"massv": costs(0.1e-3)})
+    config = ReplayConfig(drafters=["massv"], batch_sizes=[8], max_gamma=4, seeds=2, output=str(tmp_path / "out"),
+                          recording=str(recording))
+    replayed = run_replay(config, log=lambda _: None)
+    assert replayed == compare(lambda: GammaPolicy(gamma="auto", max_gamma=4), traces, {"massv": costs(0.1e-3)},
+                               [8], 2, 4)
+    with pytest.raises(JobConfigError, match="holds no traces of \\['msd'\\]"):
+        run_replay(ReplayConfig(drafters=["msd"], recording=str(recording), output=str(tmp_path / "out")),
+                   log=lambda _: None)
