@@ -15,9 +15,10 @@ measured before the next. Plain decoding (k = 0) is measured first and is chosen
 speculation promises a margin more, so a drafter that does not pay is not used. A
 settled choice is re-checked by an occasional probe of a neighbour or of plain decoding,
 at intervals that double while the choice stays the same, and never so often that what the probes are
-predicted to lose exceeds `exploration` of the time (see _probe_loss), or, while plain decoding is the choice and
-drafting is predicted to gain, that share plus the gain (see _probe). Speculation must beat plain
-decoding by a margin plus the standard error of the step times compared (see best_gamma).
+predicted to lose exceeds `exploration` of the time (see _probe_loss), or, while plain decoding is the choice
+and drafting is predicted to gain on fewer than a full set of timings, that share plus the gain (see _probe).
+Speculation must beat plain decoding by a margin plus the standard error of the step times compared (see
+best_gamma).
 
 A step's time is not all that drafting costs: a switch from plain decoding to drafting costs once. A drafter puts its
 prefill off until a step drafts (drafters/put_off.py), so it prefills each row once, and only if the row is drafted
@@ -266,7 +267,9 @@ class GammaPolicy:
         """The probe to make now, if one is affordable: probes may lose `exploration` of the steps at the bucket in
         all (what each is predicted to lose: _probe_loss), and one is made when what is left covers it; while plain
         decoding is the choice and drafting is predicted to gain g a step (not by enough to trust), `exploration` + g,
-        since staying plain is predicted to lose g a step anyway. Within 1% alone, a probe of drafting, paying a switch
+        since staying plain is predicted to lose g a step anyway, until the contender has a full set of timings
+        (STEP_SAMPLES: more cannot shrink its standard error, and in a long job probes at 1% + g of the time would
+        cost more than they could settle). Within 1% alone, a probe of drafting, paying a switch
         (the drafter's put-off prefill, a catch-up), waited for hundreds of steps: MSD at batch 8 on the demo world,
         drafting worth 1.16-1.25x plain decoding there, decoded plainly for 180 steps at its top bucket (two passes over
         the bench's rows) on one timing of drafting, and ran 0.85x its best fixed gamma. Candidates:
@@ -278,17 +281,19 @@ class GammaPolicy:
         price of probing plain decoding again, rest on it (text-only at batch 32 on the demo world timed plain decoding
         once at 2x its cost there, and drafted at 0.80-0.85x plain decoding for six passes: a probe of plain decoding
         looked too dear to be made)."""
-        gain = 0.0
+        unsettled_gain = 0.0  # what drafting is predicted to gain while more timings of it can settle that
         if best == 0:
             probe, gain, _ = self._contender(batch_size, prefill_waits, emitted)
             candidates = [(probe, [probe] * (CONTENDER_STEPS if gain > 0 else 1))]
+            if len(costs.relative.get(probe, ())) < STEP_SAMPLES:
+                unsettled_gain = max(gain, 0.0)
         else:
             targets = sorted({0, best - 1, best + 1} & set(range(self.max_gamma + 1)) - {best})
             turn = costs.probe_turn % len(targets)
             candidates = [(k, [0] * SETTLE if k == 0 else []) for k in targets[turn:] + targets[:turn]]
         # each probe lasts until a step is timed: plain decoding after drafting SETTLE + 1 steps, drafting after plain
         # decoding one more (the first one catches up)
-        share = self.exploration + max(gain, 0.0)
+        share = self.exploration + unsettled_gain
         credit = share * costs.steps - costs.probe_losses
         losses = []
         for probe, rest in candidates:

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from pipeline.engine.gamma import AUTO, CONTENDER_STEPS, SETTLE, GammaPolicy, RowLengths, parse_gamma
+from pipeline.engine.gamma import AUTO, CONTENDER_STEPS, SETTLE, STEP_SAMPLES, GammaPolicy, RowLengths, parse_gamma
 from pipeline.engine.stats import StepTimes
 
 
@@ -457,3 +457,30 @@ def test_while_drafting_is_predicted_to_gain_its_probes_may_cost_what_plain_deco
     first_probe = next(i for i, k in enumerate(choices) if k)
     assert first_probe < 20
     assert sum(k > 0 for k in choices[first_probe:]) >= 0.95 * len(choices[first_probe:])
+
+
+def test_once_drafting_has_a_full_set_of_timings_probing_it_costs_one_percent_again():
+    """Two drafts run 1.08x plain decoding here, timed STEP_SAMPLES times: under the margin plus the standard error of
+    a full set of timings, so plain decoding stays the choice, and more timings cannot shrink that error. Probes of
+    drafting (each paying a 2-step catch-up) then come within `exploration` alone, not `exploration` plus the gain: in
+    a long job, probes at 1% + 8% of the time would cost more than they could ever settle."""
+    policy = GammaPolicy(gamma="auto", max_gamma=2)
+    acceptance = [0.6, 0.4]
+    set_acceptance(policy, acceptance)
+    observe_plain(policy, 8, 1.0)
+    for _ in range(STEP_SAMPLES):
+        policy.observe(2, [1] * 8, StepTimes(0.2 + 2.0, 1.504))  # the switch: a catch-up (not timed)
+        policy.observe(2, [1] * 8, StepTimes(0.2, 1.504))  # 1.84 tokens for 1.704 plain steps' time
+        observe_plain(policy, 8, 1.0)
+    set_acceptance(policy, acceptance)
+    contender, gain, standard_error = policy._contender(8, False, None)
+    assert contender == 2 and gain == pytest.approx(0.08, abs=0.01) and policy.best_gamma(8) == 0
+    choices = []
+    for _ in range(600):
+        set_acceptance(policy, acceptance)
+        k = policy.choose(8)
+        catch_up = 2.0 if k and choices[-1:] == [0] else 0.0
+        choices.append(k)
+        policy.observe(k, [min(k, 1)] * 8, StepTimes(0.1 * k + catch_up, 1.504 if k else 1.0))
+    probes = len(re.findall("d+", "".join("p" if k == 0 else "d" for k in choices)))
+    assert 1 <= probes <= 4  # each loses its 2-step switch: 1% of 600 steps covers 3
