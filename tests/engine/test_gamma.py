@@ -427,6 +427,19 @@ def test_while_plain_decoding_is_the_choice_its_probes_time_the_draft_length_tha
     assert sum(k in (2, 3, 4) for k in choices[100:]) >= 0.9 * 300
 
 
+def decode_switching(policy: GammaPolicy, acceptance: list[float], steps: int, drafting_verify_s: float) -> list[int]:
+    """auto's choices at 8 rows, step by step: a plain step costs 1 s, one with k drafts 0.1 k + drafting_verify_s (each
+    row keeping one draft), and the first drafting step after plain ones 2 s more (the drafter's catch-up)."""
+    choices = []
+    for _ in range(steps):
+        set_acceptance(policy, acceptance)
+        k = policy.choose(8)
+        catch_up = 2.0 if k and choices[-1:] == [0] else 0.0
+        choices.append(k)
+        policy.observe(k, [min(k, 1)] * 8, StepTimes(0.1 * k + catch_up, drafting_verify_s if k else 1.0))
+    return choices
+
+
 def test_while_drafting_is_predicted_to_gain_its_probes_may_cost_what_plain_decoding_is_predicted_to_lose():
     """One draft keeps 0.6 of the rows' drafts, two 0.4 of the second, and a step with k drafts costs 1.3 + 0.1 k plain
     steps: 2 drafts run 1.23x plain decoding. Their first timing came at a slow moment (15% slow: predicted 1.09x,
@@ -447,13 +460,7 @@ def test_while_drafting_is_predicted_to_gain_its_probes_may_cost_what_plain_deco
     assert policy.buckets[4].catch_up_s == pytest.approx(2.0)
     contender, gain, _ = policy._contender(8, False, None)
     assert contender == 2 and 0.05 < gain < policy.margin + policy.step_spread and policy.best_gamma(8) == 0
-    choices = []
-    for _ in range(300):
-        set_acceptance(policy, acceptance)
-        k = policy.choose(8)
-        catch_up = 2.0 if k and choices[-1:] == [0] else 0.0
-        choices.append(k)
-        policy.observe(k, [min(k, 1)] * 8, StepTimes(0.1 * k + catch_up, 1.3 if k else 1.0))
+    choices = decode_switching(policy, acceptance, 300, drafting_verify_s=1.3)
     first_probe = next(i for i, k in enumerate(choices) if k)
     assert first_probe < 20
     assert sum(k > 0 for k in choices[first_probe:]) >= 0.95 * len(choices[first_probe:])
@@ -473,14 +480,8 @@ def test_once_drafting_has_a_full_set_of_timings_probing_it_costs_one_percent_ag
         policy.observe(2, [1] * 8, StepTimes(0.2, 1.504))  # 1.84 tokens for 1.704 plain steps' time
         observe_plain(policy, 8, 1.0)
     set_acceptance(policy, acceptance)
-    contender, gain, standard_error = policy._contender(8, False, None)
+    contender, gain, _ = policy._contender(8, False, None)
     assert contender == 2 and gain == pytest.approx(0.08, abs=0.01) and policy.best_gamma(8) == 0
-    choices = []
-    for _ in range(600):
-        set_acceptance(policy, acceptance)
-        k = policy.choose(8)
-        catch_up = 2.0 if k and choices[-1:] == [0] else 0.0
-        choices.append(k)
-        policy.observe(k, [min(k, 1)] * 8, StepTimes(0.1 * k + catch_up, 1.504 if k else 1.0))
+    choices = decode_switching(policy, acceptance, 600, drafting_verify_s=1.504)
     probes = len(re.findall("d+", "".join("p" if k == 0 else "d" for k in choices)))
     assert 1 <= probes <= 4  # each loses its 2-step switch: 1% of 600 steps covers 3
