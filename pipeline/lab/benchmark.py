@@ -45,6 +45,7 @@ from pipeline.job.cli import flag
 from pipeline.job.config import JobConfigError
 from pipeline.job.ray_cluster import connect as connect_ray
 from pipeline.lab.demo import BENCH_PROMPTS, DEMO_WORLD
+from pipeline.lab.report import markdown_table
 
 HF_GENERATE, HF_ASSISTED, ENGINE, CAPTION_JOB = "HF generate", "HF assisted", "engine", "caption job"
 DIRECT_PART_ROWS = 512  # rows of the caption job comparison's engine runs timed in turn
@@ -521,10 +522,8 @@ def table_row(m: Measurement) -> list[str]:
     ]
 
 
-def markdown_table(measurements: list[Measurement]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(table_row(m)) + " |" for m in measurements]
-    return "\n".join(lines)
+def measurements_table(measurements: list[Measurement]) -> str:
+    return markdown_table(COLUMNS, [table_row(m) for m in measurements])
 
 
 def _engine_rows(measurements: list[Measurement], drafter: str | None = None, gamma: str | None = None):
@@ -625,9 +624,8 @@ def goals(measurements: list[Measurement], massv: str | None) -> list[dict]:
 
 
 def goals_table(results: list[dict]) -> str:
-    lines = ["| goal | measured | met | detail |", "|---|---|---|---|"]
-    lines += [f"| {g['goal']} | {g['figure']:.2f} | {'yes' if g['met'] else 'no'} | {g['detail']} |" for g in results]
-    return "\n".join(lines)
+    rows = [[g["goal"], f"{g['figure']:.2f}", "yes" if g["met"] else "no", g["detail"]] for g in results]
+    return markdown_table(["goal", "measured", "met", "detail"], rows)
 
 
 def charts(measurements: list[Measurement], config: BenchConfig) -> dict[str, bytes]:
@@ -697,7 +695,7 @@ def run_benchmark(config: BenchConfig, log=_print) -> dict:
     (output / "results.json").write_text(json.dumps(report, indent=2))
     described = ", ".join(f"{k} {v}" for k, v in report["machine"].items())
     batching = "continuous batching" if config.continuous_batching else "batch by batch, as HF generate"
-    tables = f"{markdown_table(measurements)}\n\n{goals_table(report['goals'])}"
+    tables = f"{measurements_table(measurements)}\n\n{goals_table(report['goals'])}"
     (output / "table.md").write_text(f"{len(benchmark.workload)} prompts from {config.prompts}, at most "
                                      f"{config.max_new_tokens} new tokens, greedy, engine {batching}; {described}\n\n"
                                      f"{tables}\n")
