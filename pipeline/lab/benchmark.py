@@ -173,6 +173,8 @@ class Measurement:
     first_row_s: float | None = None  # caption job: when its first row finished, seconds after it started
     rows_per_s_after_first_row: float | None = None  # caption job: its rate from then on
     batching: str | None = None  # engine direct and caption job: static batches or continuous batching
+    round_seconds: list[float] | None = None  # each timed round's seconds, in order (rounds are timed in turn with
+    # the batch size's other runs: timed_round_robin), so two runs' ratio round by round shows the timing noise
 
     @property
     def tokens_per_s(self) -> float:
@@ -220,9 +222,22 @@ def _resident_mb() -> float:
         return peak / 2**20 if platform.system() == "Darwin" else peak / 2**10
 
 
+@dataclass
+class Timed:
+    """One run of timed_round_robin: its timed rounds' seconds and outputs, and its warm-up's peak memory."""
+
+    round_seconds: list[float]
+    outputs: list[list]  # per round
+    peak_mb: float
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(self.round_seconds)
+
+
 def timed_round_robin(runs: dict[object, list], repeats: int, device: torch.device,
-                      after_warm_up: dict | None = None) -> dict[object, tuple[float, list, float]]:
-    """Per run: (median seconds of its timed runs, the outputs of each, peak MB of its warm-up run). A run is a list
+                      after_warm_up: dict | None = None) -> dict[object, Timed]:
+    """Per run: its Timed (seconds and outputs of each timed round, peak MB of its warm-up run). A run is a list
     of parts (its batches, each returning a list of outputs). Each run is warmed up first; then, `repeats` times,
     every part of every run in turn: part 1 of each run, then part 2 of each, ... A VM's speed drifts by tens of
     percent over seconds (the same row's plain steps took 1.05 ms in one pass and 1.88 in the next), so runs timed
@@ -245,7 +260,7 @@ def timed_round_robin(runs: dict[object, list], repeats: int, device: torch.devi
                     start = synchronized_time(device)
                     outputs[key][repeat] += parts[i]()
                     seconds[key][repeat] += synchronized_time(device) - start
-    return {key: (statistics.median(seconds[key]), outputs[key], peaks[key]) for key in runs}
+    return {key: Timed(seconds[key], outputs[key], peaks[key]) for key in runs}
 
 
 def analytic_speedup(tau: float, mean_gamma: float, cost_ratio: float, verify_cost: float = 1.0) -> float:
@@ -356,11 +371,12 @@ class Benchmark:
         reference = plain.tokens
         for method in (HF_GENERATE, HF_ASSISTED):
             if method in timings:
-                seconds, outputs, peak = timings[method]
+                timed = timings[method]
                 self._add(Measurement(method, config.assistant if method == HF_ASSISTED else NO_DRAFTER,
                                       "HF default" if method == HF_ASSISTED else NO_DRAFTER, batch_size,
-                                      len(self.workload), seconds, sum(map(len, outputs[-1])), peak),
-                          outputs[-1], reference)
+                                      len(self.workload), timed.seconds, sum(map(len, timed.outputs[-1])),
+                                      timed.peak_mb, round_seconds=timed.round_seconds),
+                          timed.outputs[-1], reference)
         self._add(plain.measurement, reference, reference)
         plain_step_s = plain.times.seconds_per_verify
         for (name, gamma), engine in engines.items():
@@ -383,16 +399,16 @@ class Benchmark:
         return SpecDecodeEngine(self.target, drafter, config)
 
     def _engine_run(self, drafter_name: str | None, gamma: int | str, batch_size: int, engine: SpecDecodeEngine,
-                    timing: tuple[float, list, float]) -> _EngineRun:
-        seconds, results_per_run, peak = timing
+                    timed: Timed) -> _EngineRun:
         counts = SpecDecodeCounts()
-        for result in (r for results in results_per_run for r in results):
+        for result in (r for results in timed.outputs for r in results):
             counts.observe(result.counts)
-        last = results_per_run[-1]
+        last = timed.outputs[-1]
         measurement = Measurement(
             ENGINE, drafter_name or NO_DRAFTER, str(gamma) if drafter_name else NO_DRAFTER, batch_size, len(last),
-            seconds, sum(len(r.tokens) for r in last), peak,
-            counts=counts.report(), time_shares=engine.times.shares(), rows_per_step=engine.times.mean_rows_per_step)
+            timed.seconds, sum(len(r.tokens) for r in last), timed.peak_mb,
+            counts=counts.report(), time_shares=engine.times.shares(), rows_per_step=engine.times.mean_rows_per_step,
+            round_seconds=timed.round_seconds)
         return _EngineRun(measurement, engine.times, [r.tokens for r in last])
 
     def _add(self, m: Measurement, tokens: list[list[int]] | None = None,
@@ -440,11 +456,12 @@ class Benchmark:
                        for batching, engine in engines.items()}
         timings = timed_round_robin(runs, config.repeats, self.target.device, reset_times)
         direct = {}
-        for batching, (seconds, results_per_run, _) in timings.items():
-            results = results_per_run[-1]
-            m = Measurement(DIRECT, drafter_name or NO_DRAFTER, gamma, batch_size, len(results), seconds,
+        for batching, timed in timings.items():
+            results = timed.outputs[-1]
+            m = Measurement(DIRECT, drafter_name or NO_DRAFTER, gamma, batch_size, len(results), timed.seconds,
                             sum(len(r.tokens) for r in results), None,
-                            rows_per_step=engines[batching].times.mean_rows_per_step, batching=batching)
+                            rows_per_step=engines[batching].times.mean_rows_per_step, batching=batching,
+                            round_seconds=timed.round_seconds)
             direct[batching] = m
             self._add(m)
 
@@ -536,6 +553,16 @@ def _best_fixed(measurements: list[Measurement], drafter: str, batch_size: int) 
     return max(fixed, key=lambda m: m.tokens_per_s, default=None)
 
 
+def round_by_round(m: Measurement, reference: Measurement) -> str:
+    """m's speed over the reference's in each timed round, as "lo-hi" ("" with fewer than two rounds): rounds are
+    timed in turn, so the machine's drift touches both alike, and the range is how far the ratio of their medians
+    can be trusted (two runs of the bench put `auto` with MSD at batch 8 at 0.89 and 0.95 of its best fixed gamma)."""
+    if not m.round_seconds or len(m.round_seconds) < 2 or len(m.round_seconds) != len(reference.round_seconds or ()):
+        return ""
+    ratios = sorted(theirs / ours for ours, theirs in zip(m.round_seconds, reference.round_seconds))
+    return f"{ratios[0]:.2f}-{ratios[-1]:.2f}"
+
+
 def goals(measurements: list[Measurement], massv: str | None) -> list[dict]:
     """The issue's speed goals, each with the measured figure and whether it was met (reported, never asserted)."""
     results = []
@@ -559,8 +586,9 @@ def goals(measurements: list[Measurement], massv: str | None) -> list[dict]:
                      if m.batch_size in plain_at]
     if against_plain:
         figure, worst = min(against_plain, key=lambda pair: pair[0])
+        rounds = round_by_round(worst, plain_at[worst.batch_size])
         goal("gamma=auto >= 0.95x the engine without a drafter (same batch size)", figure, 0.95,
-             f"lowest: {worst.drafter} at batch {worst.batch_size}")
+             f"lowest: {worst.drafter} at batch {worst.batch_size}" + (f", round by round {rounds}" if rounds else ""))
     against_best = []
     for m in autos:
         best = _best_fixed(measurements, m.drafter, m.batch_size) if m.batch_size in (1, 8) else None
@@ -568,8 +596,10 @@ def goals(measurements: list[Measurement], massv: str | None) -> list[dict]:
             against_best.append((m.tokens_per_s / best.tokens_per_s, m, best))
     if against_best:
         figure, worst, best = min(against_best, key=lambda triple: triple[0])
+        rounds = round_by_round(worst, best)
         goal("gamma=auto within 5% of the best fixed gamma at batch 1 and 8", figure, 0.95,
-             f"lowest: {worst.drafter} at batch {worst.batch_size} (best fixed gamma {best.gamma}); "
+             f"lowest: {worst.drafter} at batch {worst.batch_size} (best fixed gamma {best.gamma}"
+             + (f", round by round {rounds}" if rounds else "") + "); "
              + ", ".join(f"{m.drafter} b{m.batch_size} {ratio:.2f}" for ratio, m, _ in against_best))
     plain = _engine_rows(measurements, NO_DRAFTER)
     if plain:
