@@ -554,13 +554,14 @@ def _best_fixed(measurements: list[Measurement], drafter: str, batch_size: int) 
 
 
 def round_by_round(m: Measurement, reference: Measurement) -> str:
-    """m's speed over the reference's in each timed round, as "lo-hi" ("" with fewer than two rounds): rounds are
-    timed in turn, so the machine's drift touches both alike, and the range is how far the ratio of their medians
-    can be trusted (two runs of the bench put `auto` with MSD at batch 8 at 0.89 and 0.95 of its best fixed gamma)."""
+    """m's speed over the reference's in each timed round, as the clause ", round by round lo-hi" ("" with fewer than
+    two rounds): rounds are timed in turn, so the machine's drift touches both alike, and the range is how far the
+    ratio of their medians can be trusted (two runs of the bench put `auto` with MSD at batch 8 at 0.89 and 0.95 of
+    its best fixed gamma)."""
     if not m.round_seconds or len(m.round_seconds) < 2 or len(m.round_seconds) != len(reference.round_seconds or ()):
         return ""
     ratios = sorted(theirs / ours for ours, theirs in zip(m.round_seconds, reference.round_seconds))
-    return f"{ratios[0]:.2f}-{ratios[-1]:.2f}"
+    return f", round by round {ratios[0]:.2f}-{ratios[-1]:.2f}"
 
 
 def goals(measurements: list[Measurement], massv: str | None) -> list[dict]:
@@ -586,9 +587,8 @@ def goals(measurements: list[Measurement], massv: str | None) -> list[dict]:
                      if m.batch_size in plain_at]
     if against_plain:
         figure, worst = min(against_plain, key=lambda pair: pair[0])
-        rounds = round_by_round(worst, plain_at[worst.batch_size])
         goal("gamma=auto >= 0.95x the engine without a drafter (same batch size)", figure, 0.95,
-             f"lowest: {worst.drafter} at batch {worst.batch_size}" + (f", round by round {rounds}" if rounds else ""))
+             f"lowest: {worst.drafter} at batch {worst.batch_size}{round_by_round(worst, plain_at[worst.batch_size])}")
     against_best = []
     for m in autos:
         best = _best_fixed(measurements, m.drafter, m.batch_size) if m.batch_size in (1, 8) else None
@@ -596,10 +596,9 @@ def goals(measurements: list[Measurement], massv: str | None) -> list[dict]:
             against_best.append((m.tokens_per_s / best.tokens_per_s, m, best))
     if against_best:
         figure, worst, best = min(against_best, key=lambda triple: triple[0])
-        rounds = round_by_round(worst, best)
         goal("gamma=auto within 5% of the best fixed gamma at batch 1 and 8", figure, 0.95,
              f"lowest: {worst.drafter} at batch {worst.batch_size} (best fixed gamma {best.gamma}"
-             + (f", round by round {rounds}" if rounds else "") + "); "
+             f"{round_by_round(worst, best)}); "
              + ", ".join(f"{m.drafter} b{m.batch_size} {ratio:.2f}" for ratio, m, _ in against_best))
     plain = _engine_rows(measurements, NO_DRAFTER)
     if plain:
