@@ -34,10 +34,9 @@ class Row:
         self.finish_reason = FINISH_LENGTH
         self.counts = SpecDecodeCounts(num_sequences=1)
         self.started = 0.0  # when it joined the batch
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason == FINISH_STOP or len(self.tokens) >= self.budget
+        # an attribute, set where it changes: the batch reads it for every row after every step (as a property, 8 us
+        # a step at batch 32 on the demo world)
+        self.finished = budget <= 0
 
     def emit(self, tokens: list[int]) -> int:
         """Append tokens up to an EOS token or the budget; returns how many were taken (every row, every step:
@@ -51,6 +50,7 @@ class Row:
                 self.finish_reason = FINISH_STOP
                 break
         self.tokens += taken
+        self.finished = self.finish_reason == FINISH_STOP or len(self.tokens) >= self.budget
         return len(taken)
 
 
