@@ -124,9 +124,10 @@ def estimate_errors(estimates: list[tuple[int, int, int, dict[int, float]]],
     return errors
 
 
-def timed_seconds(steps: list[tuple[int, int, int, int, float]], reps: set[int]) -> float:
-    """Step seconds in the timed passes of these reps."""
-    return sum(seconds for rep, pass_, _, _, seconds in steps if pass_ > 0 and rep in reps)
+def timed_seconds(steps: list[tuple[int, int, int, int, float]]) -> float:
+    """Step seconds in the timed passes (every rep's warm-up pass left out, the fixed engines' too: the same passes
+    `auto` is timed in)."""
+    return sum(seconds for _, pass_, _, _, seconds in steps if pass_ > 0)
 
 
 def run_truth(config: TruthConfig, make_policy=None, log=print) -> dict:
@@ -159,9 +160,8 @@ def run_truth(config: TruthConfig, make_policy=None, log=print) -> dict:
         log(f"rep {rep + 1}/{config.reps} done")
     truth = {gamma: truth_by_rows(engine.gamma_policy.steps) for gamma, engine in fixed.items()}
     errors = estimate_errors([e for timed in autos for e in timed.estimates], truth)
-    reps = set(range(config.reps))
-    seconds = {gamma: timed_seconds(engine.gamma_policy.steps, reps) for gamma, engine in fixed.items()}
-    auto_s = sum(timed_seconds(timed.steps, reps) for timed in autos)
+    seconds = {gamma: timed_seconds(engine.gamma_policy.steps) for gamma, engine in fixed.items()}
+    auto_s = sum(timed_seconds(timed.steps) for timed in autos)
     best = min((g for g in seconds if g), key=seconds.get, default=0)
     results = {
         "errors": [{"bucket": bucket, "k": k, "steps": len(v), "median": statistics.median(v),
