@@ -4,8 +4,9 @@
     python jobs/gamma_truth.py --drafter msd --batch-size 8 --gammas 0,3,4,5
 
 Prints, per batch-size bucket and draft length, the median log error of `auto`'s estimates (negative: drafting rated
-cheaper than it is) and its median absolute value, and `auto`'s speed against plain decoding and the best fixed
-gamma; writes results.json under --output. What it compares and why: pipeline/lab/gamma_truth.py. The flags are
+cheaper than it is) and its median absolute value, the draft lengths `auto` chose at each bucket (shares of its
+steps, and each rep's most chosen), and `auto`'s speed against plain decoding and the best fixed gamma; writes
+results.json under --output. What it compares and why: pipeline/lab/gamma_truth.py. The flags are
 TruthConfig's fields.
 """
 

@@ -11,8 +11,11 @@ step `auto` takes, its estimate of S(k) / S(0) for each k it has measured at tha
 against the truth at the step's rows (the nearest row count within 2 that both engines ran). Prints per (bucket, k)
 the median log error (its bias: negative when drafting is rated cheaper than it is) and the median absolute one,
 and `auto`'s speed against plain decoding and the best fixed gamma over the timed passes (step times only, prefill
-excluded). Where `make bench` judges a policy by speeds that move by a few points between runs, this judges its
-estimates: the ninth session of 2026-12-05 found them 10-15% low (docs/journal.md).
+excluded), and which draft lengths `auto` chose at each bucket: their shares of its steps over every rep, and each
+rep's most chosen (the reps of one policy can settle far apart: the tenth session of 2026-12-05 found one rep of MSD
+at batch 8 decoding plainly at 8 rows for all its passes). Where `make bench` judges a policy by speeds that move by a
+few points between runs, this judges its estimates: the ninth session of 2026-12-05 found them 10-15% low
+(docs/journal.md).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import dataclasses
 import json
 import math
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from drafters import load_drafter
@@ -124,6 +127,15 @@ def estimate_errors(estimates: list[tuple[int, int, int, dict[int, float]]],
     return errors
 
 
+def choices_by_bucket(steps: list[tuple[int, int, int, int, float]]) -> dict[int, dict[int, Counter]]:
+    """bucket -> rep -> how many steps chose each draft length, over the timed passes."""
+    choices = defaultdict(lambda: defaultdict(Counter))
+    for rep, pass_, k, rows, _ in steps:
+        if pass_ > 0:
+            choices[batch_bucket(rows)][rep][k] += 1
+    return choices
+
+
 def timed_seconds(steps: list[tuple[int, int, int, int, float]]) -> float:
     """Step seconds in the timed passes (every rep's warm-up pass left out, the fixed engines' too: the same passes
     `auto` is timed in)."""
@@ -163,12 +175,18 @@ def run_truth(config: TruthConfig, make_policy=None, log=print) -> dict:
     seconds = {gamma: timed_seconds(engine.gamma_policy.steps) for gamma, engine in fixed.items()}
     auto_s = sum(timed_seconds(timed.steps) for timed in autos)
     best = min((g for g in seconds if g), key=seconds.get, default=0)
+    choices = choices_by_bucket([step for timed in autos for step in timed.steps])
     results = {
         "errors": [{"bucket": bucket, "k": k, "steps": len(v), "median": statistics.median(v),
                     "median_abs": statistics.median(map(abs, v))} for (bucket, k), v in sorted(errors.items())],
+        "choices": [{"bucket": bucket, "steps": dict(sorted(sum(by_rep.values(), Counter()).items())),
+                     "most_chosen_per_rep": [by_rep[rep].most_common(1)[0][0] if rep in by_rep else None
+                                             for rep in range(config.reps)]}
+                    for bucket, by_rep in sorted(choices.items())],
         "fixed_vs_plain": {g: seconds[0] / s for g, s in seconds.items()},
         "auto_vs_plain": seconds[0] / auto_s, "best_fixed": best, "auto_vs_best_fixed": seconds[best] / auto_s}
     log(truth_table(results))
+    log(choices_table(results))
     log(f"step time over the timed passes: auto {results['auto_vs_plain']:.3f}x plain decoding, "
         f"{results['auto_vs_best_fixed']:.3f} of the best fixed gamma ({best}: "
         f"{results['fixed_vs_plain'][best]:.3f}x plain decoding)")
@@ -176,10 +194,28 @@ def run_truth(config: TruthConfig, make_policy=None, log=print) -> dict:
     return results
 
 
+def bucket_rows(bucket: int) -> str:
+    """The batch sizes a bucket holds, 2^(b-1) to 2^b - 1 (batch_bucket)."""
+    return f"{2 ** (bucket - 1)}-{2 ** bucket - 1}"
+
+
 def truth_table(results: dict) -> str:
     """Per (bucket, k): the estimates' median log error against the truth, its median absolute value, and how many
-    steps' estimates it rests on. A bucket holds batch sizes 2^(b-1) to 2^b - 1."""
+    steps' estimates it rests on."""
     return markdown_table(
         ["bucket (rows)", "k", "steps", "median log error", "median abs"],
-        [[f"{2 ** (e['bucket'] - 1)}-{2 ** e['bucket'] - 1}", str(e["k"]), str(e["steps"]), f"{e['median']:+.3f}",
-          f"{e['median_abs']:.3f}"] for e in results["errors"]])
+        [[bucket_rows(e["bucket"]), str(e["k"]), str(e["steps"]), f"{e['median']:+.3f}", f"{e['median_abs']:.3f}"]
+         for e in results["errors"]])
+
+
+def choices_table(results: dict) -> str:
+    """Per bucket: `auto`'s timed steps there, the share of them with each draft length, and each rep's most chosen."""
+    rows = []
+    for c in results["choices"]:
+        total = sum(c["steps"].values())
+        shares = ", ".join(f"{k}: {n / total:.0%}" if n >= 0.005 * total else f"{k}: <1%"
+                           for k, n in c["steps"].items())
+        reps = ", ".join("-" if k is None else str(k) for k in c["most_chosen_per_rep"])
+        rows.append([bucket_rows(c["bucket"]), str(total), shares, reps])
+    return markdown_table(["bucket (rows)", "steps", "draft lengths chosen (share of steps)", "most chosen, per rep"],
+                          rows)

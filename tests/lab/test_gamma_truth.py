@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.engine.gamma import GammaPolicy
 from pipeline.job.config import JobConfigError
-from pipeline.lab.gamma_truth import TruthConfig, run_truth
+from pipeline.lab.gamma_truth import TruthConfig, choices_by_bucket, run_truth
 
 
 class QuarteredDrafting(GammaPolicy):
@@ -37,8 +37,22 @@ def test_an_estimate_off_by_a_factor_shows_as_that_factor(tmp_path):
     assert overall_median(quartered) < overall_median(own) - 1.0
     assert 0 < own["auto_vs_plain"] and own["best_fixed"] == 3
     assert any("median log error" in line for line in lines)
+    # which draft lengths auto chose: at 8 rows (bucket 4) among others, every timed step counted once
+    assert any("draft lengths chosen" in line for line in lines)
+    assert 4 in [c["bucket"] for c in own["choices"]]
+    assert all(sum(c["steps"].values()) > 0 and len(c["most_chosen_per_rep"]) == 1 for c in own["choices"])
     saved = json.loads((Path(tmp_path) / "results.json").read_text())
     assert saved["config"]["gammas"] == [0, 3] and saved["results"][0]["errors"]
+
+
+def test_choices_count_the_timed_passes_per_bucket_and_rep():
+    steps = [  # (rep, pass, k, rows, seconds); pass 0 is the warm-up
+        (0, 0, 0, 8, 1.0), (0, 1, 3, 8, 1.0), (0, 1, 3, 8, 1.0), (0, 2, 0, 5, 1.0),
+        (1, 1, 0, 8, 1.0), (1, 3, 4, 1, 1.0),
+    ]
+    choices = choices_by_bucket(steps)
+    assert {bucket: {rep: dict(c) for rep, c in by_rep.items()} for bucket, by_rep in choices.items()} == {
+        4: {0: {3: 2}, 1: {0: 1}}, 3: {0: {0: 1}}, 1: {1: {4: 1}}}
 
 
 def test_a_bad_configuration_fails_at_once_with_what_to_fix():
