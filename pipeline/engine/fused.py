@@ -11,8 +11,9 @@ of two ways:
   0.23 ms at batch 1, 0.65 -> 0.39 ms at batch 32). Its outputs equal HF's up to float rounding; a drafter's
   numbers only decide which tokens are proposed, never which are output (the target verifies every one).
 - exact (targets): HF's own operations in HF's order on HF's layouts (each projection its own matmul, the
-  norms' and the rotary's own functions, HF's attention function), so its logits equal HF's bit for bit (tested
-  per model type) and the target's answers stay HF's own.
+  norms' own numbers, through torch's rms_norm where it computes them, the rotary embedding's rotate_half on query
+  and key in one pass, HF's attention function), so its logits equal HF's bit for bit (tested per model type) and
+  the target's answers stay HF's own.
 
 Model types: those whose decoder layer is Llama's (pre-norm attention + gated MLP, rotary positions),
 optionally with q/k/v biases (Qwen2) or per-head q/k norms (Qwen3), alone or as a VLM's language model (LLaVA's,
@@ -27,7 +28,6 @@ keeps the model's own forward.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from functools import partial
 from types import SimpleNamespace
@@ -148,6 +148,22 @@ class _Norm:
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
+def _exact_norm(norm: nn.Module) -> Callable:
+    """What applies an HF RMSNorm module (Llama's, as Qwen2's and Qwen3's are) with its own numbers: torch's rms_norm
+    where it computes them, else the module's forward. In float32 on a CPU torch's rms_norm runs the module's own
+    operations (square, mean, add epsilon, rsqrt, scale, weight; the products in another order, which leaves them
+    exact) in one call from C++: a plain decode step of the demo world's 4-layer target at batch 1 took 0.92-0.95x the
+    time with it, its 9 norms cost 6 us less each. Elsewhere (a CUDA kernel, bfloat16's roundings) the numbers can
+    differ, and a build of torch that fuses it on the CPU too would fail the check on a probe made here."""
+    fused = _Norm(norm)
+    weight = norm.weight
+    if weight.dtype != torch.float32 or weight.device.type != "cpu":
+        return norm.forward
+    probe = torch.randn(8, weight.shape[-1], generator=torch.Generator().manual_seed(0)) * 4
+    with torch.no_grad():
+        return fused if torch.equal(fused(probe), norm(probe)) else norm.forward
+
+
 class _Separate:
     """Linears applied to one input, each its own matmul, as their modules compute them."""
 
@@ -189,6 +205,7 @@ class _Layer:
                                                      self.norm_of(layer.post_attention_layernorm))
         self.q_norm = self.norm_of(attention.q_norm) if hasattr(attention, "q_norm") else None
         self.k_norm = self.norm_of(attention.k_norm) if hasattr(attention, "k_norm") else None
+        self.query_heads = attention.q_proj.out_features // self.head_dim
 
     def __call__(self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
                  cache: RaggedKVCache) -> torch.Tensor:  # hidden [B, q, H] in and out
@@ -210,25 +227,26 @@ class _Layer:
         gate, up = self.gate_up(normed)
         return F.linear(self.act_fn(gate) * up, *self.down_proj)
 
+    def rotate(self, query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """The rotary embedding as HF's apply_rotary_pos_emb applies it (rotate_half), to query and key [B, heads, q,
+        d] in one pass: element by element the same operations, so the same numbers (every supported model type's
+        apply_rotary_pos_emb is Llama's, checked in transformers 5.24), in half the calls."""
+        both = torch.cat([query, key], dim=1)
+        half = both.shape[-1] // 2
+        both = both * cos[:, None] + torch.cat([-both[..., half:], both[..., :half]], dim=-1) * sin[:, None]
+        return both[:, : self.query_heads], both[:, self.query_heads :]
+
 
 class _FusedLayer(_Layer):
-    """q/k/v and gate/up concatenated (the layer's own parameters become views), torch's fused norm, one rotary
-    pass over query and key, torch's attention."""
+    """q/k/v and gate/up concatenated (the layer's own parameters become views), torch's fused norm, torch's
+    attention."""
 
     norm_of, linears_of = _Norm, _Concatenated
 
     def __init__(self, layer: nn.Module, attention_type: str):
         super().__init__(layer, attention_type)
         attention = layer.self_attn
-        self.query_heads = attention.q_proj.out_features // self.head_dim
         self.grouped = attention.q_proj.out_features != attention.k_proj.out_features
-
-    def rotate(self, query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Rotary embedding as HF applies it (rotate_half) to query and key [B, heads, q, d] at once."""
-        both = torch.cat([query, key], dim=1)
-        half = both.shape[-1] // 2
-        both = both * cos[:, None] + torch.cat([-both[..., half:], both[..., :half]], dim=-1) * sin[:, None]
-        return both[:, : self.query_heads], both[:, self.query_heads :]
 
     def attend(self, query, key, value, mask):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=self.scaling,
@@ -237,15 +255,14 @@ class _FusedLayer(_Layer):
 
 class _ExactLayer(_Layer):
     """HF's layer without its module calls: each projection its own matmul on the module's own weight, the
-    norms' own forward, the model's own apply_rotary_pos_emb and HF's sdpa attention function (which packs
-    grouped heads for one query token, as HF's forward does)."""
+    norms' own numbers (_exact_norm), the rotary embedding's (_Layer.rotate) and HF's sdpa attention function (which
+    packs grouped heads for one query token, as HF's forward does)."""
 
-    norm_of, linears_of = staticmethod(lambda norm: norm.forward), _Separate
+    norm_of, linears_of = staticmethod(_exact_norm), _Separate
 
     def __init__(self, layer: nn.Module, attention_type: str):
         super().__init__(layer, attention_type)
         attention = layer.self_attn
-        self.rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
         self.attention_function = partial(ALL_ATTENTION_FUNCTIONS[EXACT_ATTENTION], attention, dropout=0.0,
                                           scaling=self.scaling)
 
@@ -255,7 +272,10 @@ class _ExactLayer(_Layer):
 
 class _SandwichLayer(_ExactLayer):
     """Gemma3's layer, exact: the attention's and the MLP's outputs normed before their residual adds
-    (post_attention_layernorm, post_feedforward_layernorm), the MLP's input by pre_feedforward_layernorm."""
+    (post_attention_layernorm, post_feedforward_layernorm), the MLP's input by pre_feedforward_layernorm. Its
+    norms ((1 + weight), in float32) have no torch counterpart: their own forward."""
+
+    norm_of = staticmethod(lambda norm: norm.forward)
 
     def __init__(self, layer: nn.Module, attention_type: str):
         super().__init__(layer, attention_type)

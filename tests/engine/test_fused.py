@@ -111,6 +111,27 @@ def test_one_rows_one_token_runs_without_a_mask_as_hfs_own_forward_does(family):
                 torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", LLAMA_ARCHITECTURE)
+def test_the_exact_stack_norms_through_torch_only_where_it_gives_the_modules_numbers(family):
+    """In float32 on a CPU the exact stack applies its RMSNorms (Qwen3's q/k norms too) through torch's rms_norm, one
+    call: the module's numbers bit for bit at any width and scale; in bfloat16, whose roundings differ, the module's
+    own forward."""
+    from pipeline.engine.fused import _exact_norm, _Norm
+
+    model = _language_model(family)
+    layer = model.model.layers[0]
+    norms = [layer.input_layernorm, *([layer.self_attn.q_norm] if hasattr(layer.self_attn, "q_norm") else [])]
+    generator = torch.Generator().manual_seed(1)
+    for norm in norms:
+        torch.nn.init.normal_(norm.weight, generator=generator)
+        applied = _exact_norm(norm)
+        assert isinstance(applied, _Norm)
+        for shape, scale in (((1, 1), 1e-3), ((3, 7), 1.0), ((32, 6), 50.0)):
+            x = torch.randn(*shape, norm.weight.shape[0], generator=generator) * scale
+            assert torch.equal(applied(x), norm(x))
+        assert _exact_norm(norm.to(torch.bfloat16)) == norm.forward
+
+
 def test_the_rotary_table_grows_with_the_positions_and_keeps_the_models_numbers():
     """cos and sin are read from a table of the rotary embedding's own values, grown when positions pass its end."""
     model = _language_model("llava")
