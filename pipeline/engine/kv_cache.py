@@ -60,6 +60,7 @@ class RaggedKVCache(Cache):
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self._write_slots: torch.Tensor | None = None  # [B, q] on device: slots of the forward in flight
+        self._common_start: int | None = None  # the forward in flight's first slot, where every row's is the same
         self.kv_len = 0  # slots the forward in flight attends over: max_i(length_i) + q
 
     # ---- what the HF attention layers call ----
@@ -76,9 +77,15 @@ class RaggedKVCache(Cache):
             self.keys[layer_idx] = _grow(self.keys[layer_idx], rows, kv_len + GROWTH_SLOTS)
             self.values[layer_idx] = _grow(self.values[layer_idx], rows, kv_len + GROWTH_SLOTS)
         keys, values = self.keys[layer_idx][:rows], self.values[layer_idx][:rows]  # views: the live rows
-        index = slots[:, None, :, None].expand(-1, key_states.shape[1], -1, key_states.shape[3])
-        keys.scatter_(2, index, key_states)
-        values.scatter_(2, index, value_states)
+        start = self._common_start
+        if start is not None:  # every row writes the same slots (batch 1; plain steps of rows of one length): a
+            # slice's copy, not a scatter and its index (a target decode step of the demo world 0.93-0.99x the time)
+            keys[:, :, start:kv_len].copy_(key_states)
+            values[:, :, start:kv_len].copy_(value_states)
+        else:
+            index = slots[:, None, :, None].expand(-1, key_states.shape[1], -1, key_states.shape[3])
+            keys.scatter_(2, index, key_states)
+            values.scatter_(2, index, value_states)
         return keys[:, :, :kv_len], values[:, :, :kv_len]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -88,7 +95,10 @@ class RaggedKVCache(Cache):
     def begin_forward(self, q: int) -> torch.Tensor:
         """Reserve slots [length_i, length_i + q) per row; return them [B, q] on the device."""
         slots = self.lengths[:, None] + torch.arange(q)[None, :]
-        self.kv_len = int(self.lengths.max()) + q
+        lengths = self.lengths.tolist()
+        shortest, longest = min(lengths, default=0), max(lengths, default=0)
+        self.kv_len = longest + q
+        self._common_start = longest if shortest == longest else None
         self._write_slots = slots.to(self.device, non_blocking=True)
         return self._write_slots
 

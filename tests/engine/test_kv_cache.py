@@ -60,6 +60,21 @@ def test_rejected_slots_are_overwritten_not_kept():
     assert cache.keys[0][0, 0, :104, 0].tolist()[4:] == [float(t) for t in range(4, 104)]
 
 
+def test_rows_of_one_length_write_one_slice_and_ragged_rows_scatter_alike():
+    """A forward whose rows all start at one slot (batch 1, plain steps of rows of one length) writes its states as
+    one slice; ragged rows write through a scatter; as rows move from one to the other, slot t holds position t."""
+    cache = RaggedKVCache(num_layers=1, lengths=torch.tensor([3, 3]), device="cpu")
+    for kept in ([2, 2], [1, 3], [2, 0], [3, 3]):  # equal lengths, ragged, equal again
+        positions = cache.begin_forward(3)
+        assert (cache._common_start is not None) == (len(set(cache.lengths.tolist())) == 1)
+        states = positions[:, None, :, None].float()
+        cache.update(states, states, 0)
+        cache.end_forward(3)
+        cache.rollback(3 - torch.tensor(kept))
+    assert cache.lengths.tolist() == [11, 11]
+    assert cache.keys[0][:, 0, 3:11, 0].tolist() == [[float(t) for t in range(3, 11)]] * 2
+
+
 def filled(lengths: list[int], first: float) -> RaggedKVCache:
     """A one-layer cache whose row i holds first + i at the 3 slots after its length."""
     cache = RaggedKVCache(num_layers=1, lengths=torch.tensor(lengths), device="cpu")
