@@ -236,7 +236,8 @@ class _Layer:
 
     def attention(self, normed: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
                   cache: RaggedKVCache) -> torch.Tensor:  # [B * q, H] in and out: through o_proj
-        batch, q = rotary[0].shape[0], rotary[0].shape[2]
+        q = rotary[0].shape[2]
+        batch = normed.shape[0] // q
         query, key, value = (t.view(batch, q, -1, self.head_dim) for t in self.qkv(normed))
         if self.q_norm is not None:  # Qwen3, Gemma3: per head, before the rotary embedding
             query, key = self.q_norm(query), self.k_norm(key)
