@@ -160,13 +160,13 @@ def _exact_norm(norm: nn.Module) -> Callable:
     """What applies an HF RMSNorm module (Llama's, as Qwen2's and Qwen3's are) with its own numbers: torch's rms_norm
     where it computes them, else the module's forward. In float32 on a CPU torch's rms_norm runs the module's own
     operations (square, mean, add epsilon, rsqrt, scale, weight; the products in another order, which leaves them
-    exact) in one call from C++: a plain decode step of the demo world's 4-layer target at batch 1 took 0.92-0.95x the
-    time with it, its 9 norms cost 6 us less each. Elsewhere (a CUDA kernel, bfloat16's roundings) the numbers can
-    differ, and a build of torch that fuses it on the CPU too would fail the check on a probe made here."""
-    fused = _Norm(norm)
+    exact) in one call from C++: a plain decode step of the demo world's 4-layer target at batch 1 took 0.94x the time
+    with it (medians), its 9 norms cost 6 us less each. Elsewhere (a CUDA kernel, bfloat16's roundings) the numbers
+    can differ, and a build of torch that fuses it on the CPU too would fail the check on a probe made here."""
     weight = norm.weight
     if weight.dtype != torch.float32 or weight.device.type != "cpu":
         return norm.forward
+    fused = _Norm(norm)
     probe = torch.randn(8, weight.shape[-1], generator=torch.Generator().manual_seed(0)) * 4
     with torch.no_grad():
         return fused if torch.equal(fused(probe), norm(probe)) else norm.forward
