@@ -6,10 +6,12 @@ arithmetic: on the demo world one forward of the MASSV drafter's single layer co
 4-layer target's, and half of the target's own decode step was HF's Python (module calls, wrappers, hooks).
 `FusedStack` runs the model's own weights with no module calls but the embedding's and the rotary's, in one
 of two ways:
-- fused (drafters): query, key and value as one matmul, gate and up as one, torch's fused rms_norm, the rotary
-  embedding applied to query and key in one pass: half the time per forward of the demo's MASSV drafter (0.46 ->
-  0.23 ms at batch 1, 0.65 -> 0.39 ms at batch 32). Its outputs equal HF's up to float rounding; a drafter's
-  numbers only decide which tokens are proposed, never which are output (the target verifies every one).
+- fused (drafters): query, key and value as one matmul, gate and up as one, the rotary embedding applied to query
+  and key where that matmul left them, norms as a vector norm, the output head on the tokens as rows: half the time
+  per forward of the demo's MASSV drafter (0.46 -> 0.23 ms at batch 1, 0.65 -> 0.39 ms at batch 32), then 0.74x /
+  0.78x / 0.81x of that at batch 1 / 8 / 32 (five forwards, MASSV; MSD's head 0.79x / 0.85x / 0.95x) once its norms
+  (of it 0.13x), attention, head and activation lost calls. Its outputs equal HF's up to float rounding; a
+  drafter's numbers only decide which tokens are proposed, never which are output (the target verifies every one).
 - exact (targets): HF's own operations in HF's order on HF's layouts (each projection its own matmul, the
   norms' own numbers, through torch's rms_norm where it computes them, the rotary embedding's rotate_half on query
   and key in one pass, HF's attention function), so its logits equal HF's bit for bit (tested per model type) and
@@ -36,6 +38,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import SiLUActivation
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from pipeline.engine.kv_cache import FULL_ATTENTION, RaggedKVCache
@@ -73,6 +76,9 @@ class FusedStack:
         layer_kind = (_SandwichLayer if stack.config.model_type in SANDWICH_MODEL_TYPES
                       else _ExactLayer if exact else _FusedLayer)
         self.norm = layer_kind.norm_of(stack.norm)
+        # the fused kind's head applies to the tokens as rows, as its projections do; the exact kind's is the module
+        self.output = (None if self.head is None else self.head if layer_kind is not _FusedLayer
+                       else _Linear(self.head.weight, self.head.bias))
         layer_types = getattr(model.config.get_text_config(), "layer_types", None)
         self.layers = [layer_kind(layer, layer_types[i] if layer_types else FULL_ATTENTION)
                        for i, layer in enumerate(stack.layers)]
@@ -118,9 +124,10 @@ class FusedStack:
                 hidden = hidden.clone()
                 image_rows = deepstack.positions.reshape(-1)
                 hidden[image_rows, :] = hidden[image_rows, :] + deepstack.features[i]
-        hidden = self.norm(hidden).view(batch, q, width)
-        return SimpleNamespace(last_hidden_state=hidden, hidden_states=(hidden,),
-                               logits=None if self.head is None or not logits else self.head(hidden))
+        hidden = self.norm(hidden)
+        scores = None if self.output is None or not logits else self.output(hidden).view(batch, q, -1)
+        hidden = hidden.view(batch, q, width)
+        return SimpleNamespace(last_hidden_state=hidden, hidden_states=(hidden,), logits=scores)
 
     def _rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor, bound: int, layer_type: str | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:  # cos and sin with its first half negated, [B, 1, q, head_dim]
@@ -147,13 +154,28 @@ def _first_half_negated(sin: torch.Tensor) -> torch.Tensor:  # [..., head_dim]
 
 
 class _Norm:
-    """An HF RMSNorm module's weight and epsilon, applied by torch's fused rms_norm."""
+    """An HF RMSNorm module's weight and epsilon, applied by torch's rms_norm."""
 
     def __init__(self, norm: nn.Module):
         self.weight, self.eps = norm.weight, norm.variance_epsilon
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+class _VectorNorm:
+    """An HF RMSNorm module applied in 4 calls where torch's rms_norm on a CPU makes 7 (square, mean, add epsilon,
+    rsqrt and three products, each a dispatch): x / sqrt(mean(x^2) + eps) * weight is x / hypot(|x|, sqrt(d eps))
+    * (weight sqrt(d)), |x| one vector norm, sqrt(d) in a copy of the weight. The same up to rounding (3e-7
+    relative); 5.7 against 10.2 us a call at batch 1 on the demo world's CPU, 7.3 against 11.9 at 32 rows."""
+
+    def __init__(self, norm: nn.Module):
+        weight, width = norm.weight.detach(), norm.weight.shape[-1]
+        self.weight = weight * width ** 0.5
+        self.floor = torch.tensor((width * norm.variance_epsilon) ** 0.5, dtype=weight.dtype, device=weight.device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), self.floor) * self.weight
 
 
 def _exact_norm(norm: nn.Module) -> Callable:
@@ -204,7 +226,7 @@ class _Concatenated:
         self.widths = [linear.out_features for linear in linears]
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.linear(x).split(self.widths, dim=-1)
+        return self.linear(x).split_with_sizes(self.widths, dim=-1)  # (Tensor.split's Python wrapper: 5 us a call)
 
 
 class _Layer:
@@ -262,21 +284,46 @@ class _Layer:
         numbers in fewer calls: rotate_half(x) * sin, the halves of x swapped and the first negated, times sin, is
         the swapped halves times sin with its first half negated (a product's sign is exact). 13 us a layer on the
         demo world's CPU at batch 1, 21.5 with rotate_half's slices, negation and concatenation."""
-        both = torch.cat([query, key], dim=1)
-        both = both * cos + both.roll(both.shape[-1] // 2, -1) * sin_first_half_negated
+        both = _rotated(torch.cat([query, key], dim=1), cos, sin_first_half_negated)
         return both[:, : self.query_heads], both[:, self.query_heads :]
 
 
+def _rotated(
+    heads: torch.Tensor,  # [B, heads, q, d]
+    cos: torch.Tensor,  # [B, 1, q, d]
+    sin_first_half_negated: torch.Tensor,  # [B, 1, q, d]
+) -> torch.Tensor:  # [B, heads, q, d]
+    return heads * cos + heads.roll(heads.shape[-1] // 2, -1) * sin_first_half_negated
+
+
 class _FusedLayer(_Layer):
-    """q/k/v and gate/up concatenated (the layer's own parameters become views), torch's fused norm, torch's
+    """q/k/v and gate/up concatenated (the layer's own parameters become views), query and key rotated where the
+    q/k/v matmul left them side by side, norms as a vector norm (_VectorNorm), SiLU called as a function, torch's
     attention."""
 
-    norm_of, linears_of = _Norm, _Concatenated
+    norm_of, linears_of = _VectorNorm, _Concatenated
 
     def __init__(self, layer: nn.Module, attention_type: str):
         super().__init__(layer, attention_type)
         attention = layer.self_attn
         self.grouped = attention.q_proj.out_features != attention.k_proj.out_features
+        self.rotated_heads = self.query_heads + attention.k_proj.out_features // self.head_dim
+        if isinstance(self.act_fn, (SiLUActivation, nn.SiLU)):  # the module's call cost more than its function's
+            self.act_fn = F.silu
+
+    def attention(self, normed: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+                  cache: RaggedKVCache) -> torch.Tensor:  # [B * q, H] in and out: through o_proj
+        """_Layer.attention on the q/k/v matmul's output as one tensor of heads, without splitting and concatenating
+        it again (with per-head q/k norms, which need them apart: _Layer's)."""
+        if self.q_norm is not None:
+            return super().attention(normed, rotary, mask, cache)
+        q = rotary[0].shape[2]
+        batch = normed.shape[0] // q
+        heads = self.qkv.linear(normed).view(batch, q, -1, self.head_dim).transpose(1, 2)  # [B, all heads, q, d]
+        rotated = _rotated(heads[:, : self.rotated_heads], *rotary)
+        key, value = cache.update(rotated[:, self.query_heads :], heads[:, self.rotated_heads :], self.layer_idx)
+        attended = self.attend(rotated[:, : self.query_heads], key, value, mask)  # [B, q, heads, head_dim]
+        return self.o_proj(attended.reshape(batch * q, -1))
 
     def attend(self, query, key, value, mask):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=self.scaling,
