@@ -76,9 +76,8 @@ class FusedStack:
         layer_kind = (_SandwichLayer if stack.config.model_type in SANDWICH_MODEL_TYPES
                       else _ExactLayer if exact else _FusedLayer)
         self.norm = layer_kind.norm_of(stack.norm)
-        # the fused kind's head applies to the tokens as rows, as its projections do; the exact kind's is the module
-        self.output = (None if self.head is None else self.head if layer_kind is not _FusedLayer
-                       else _Linear(self.head.weight, self.head.bias))
+        # the output head on the tokens as rows, as the projections are (_Linear: the module's numbers, one call less)
+        self.output = None if self.head is None else _Linear(self.head.weight, self.head.bias)
         layer_types = getattr(model.config.get_text_config(), "layer_types", None)
         self.layers = [layer_kind(layer, layer_types[i] if layer_types else FULL_ATTENTION)
                        for i, layer in enumerate(stack.layers)]
@@ -244,7 +243,8 @@ class _Layer:
         self.o_proj = _Linear(attention.o_proj.weight, attention.o_proj.bias)
         self.gate_up = self.linears_of(mlp.gate_proj, mlp.up_proj)
         self.down_proj = _Linear(mlp.down_proj.weight, mlp.down_proj.bias)
-        self.act_fn = mlp.act_fn
+        # SiLU as the function its module calls (Llama's, Qwen's): the module's call cost twice the function's
+        self.act_fn = F.silu if isinstance(mlp.act_fn, (SiLUActivation, nn.SiLU)) else mlp.act_fn
         self.input_norm, self.post_attention_norm = (self.norm_of(layer.input_layernorm),
                                                      self.norm_of(layer.post_attention_layernorm))
         self.q_norm = self.norm_of(attention.q_norm) if hasattr(attention, "q_norm") else None
@@ -298,8 +298,7 @@ def _rotated(
 
 class _FusedLayer(_Layer):
     """q/k/v and gate/up concatenated (the layer's own parameters become views), query and key rotated where the
-    q/k/v matmul left them side by side, norms as a vector norm (_VectorNorm), SiLU called as a function, torch's
-    attention."""
+    q/k/v matmul left them side by side, norms as a vector norm (_VectorNorm), torch's attention."""
 
     norm_of, linears_of = _VectorNorm, _Concatenated
 
@@ -308,8 +307,6 @@ class _FusedLayer(_Layer):
         attention = layer.self_attn
         self.grouped = attention.q_proj.out_features != attention.k_proj.out_features
         self.rotated_heads = self.query_heads + attention.k_proj.out_features // self.head_dim
-        if isinstance(self.act_fn, (SiLUActivation, nn.SiLU)):  # the module's call cost more than its function's
-            self.act_fn = F.silu
 
     def attention(self, normed: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
                   cache: RaggedKVCache) -> torch.Tensor:  # [B * q, H] in and out: through o_proj
