@@ -7,11 +7,12 @@ arithmetic: on the demo world one forward of the MASSV drafter's single layer co
 `FusedStack` runs the model's own weights with no module calls but the embedding's and the rotary's, in one
 of two ways:
 - fused (drafters): query, key and value as one matmul, gate and up as one, the rotary embedding applied to query
-  and key where that matmul left them, norms as a vector norm, the output head on the tokens as rows: half the time
-  per forward of the demo's MASSV drafter (0.46 -> 0.23 ms at batch 1, 0.65 -> 0.39 ms at batch 32), then 0.74x /
-  0.78x / 0.81x of that at batch 1 / 8 / 32 (five forwards, MASSV; MSD's head 0.79x / 0.85x / 0.95x) once its norms
-  (of it 0.13x), attention, head and activation lost calls. Its outputs equal HF's up to float rounding; a
-  drafter's numbers only decide which tokens are proposed, never which are output (the target verifies every one).
+  and key where that matmul left them, norms as a vector norm on a CPU, the output head on the tokens as rows: half
+  the time per forward of the demo's MASSV drafter (0.46 -> 0.23 ms at batch 1, 0.65 -> 0.39 ms at batch 32), then
+  0.74x / 0.78x / 0.81x of that at batch 1 / 8 / 32 (five forwards, MASSV; MSD's head 0.79x / 0.85x / 0.95x) once
+  its norms (half of the saving), attention, head and activation lost calls. Its outputs equal HF's up to float
+  rounding; a drafter's numbers only decide which tokens are proposed, never which are output (the target verifies
+  every one).
 - exact (targets): HF's own operations in HF's order on HF's layouts (each projection its own matmul, the
   norms' own numbers, through torch's rms_norm where it computes them, the rotary embedding's rotate_half on query
   and key in one pass, HF's attention function), so its logits equal HF's bit for bit (tested per model type) and
@@ -177,6 +178,12 @@ class _VectorNorm:
         return x / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), self.floor) * self.weight
 
 
+def _fused_norm(norm: nn.Module) -> Callable:
+    """What applies an HF RMSNorm module in a fused stack: _VectorNorm on a CPU, where torch's rms_norm is 7 calls;
+    elsewhere torch's rms_norm, which CUDA builds of torch run as one fused kernel (not measured here: no GPU)."""
+    return _VectorNorm(norm) if norm.weight.device.type == "cpu" else _Norm(norm)
+
+
 def _exact_norm(norm: nn.Module) -> Callable:
     """What applies an HF RMSNorm module (Llama's, as Qwen2's and Qwen3's are) with its own numbers: torch's rms_norm
     where it computes them, else the module's forward. In float32 on a CPU torch's rms_norm runs the module's own
@@ -298,9 +305,9 @@ def _rotated(
 
 class _FusedLayer(_Layer):
     """q/k/v and gate/up concatenated (the layer's own parameters become views), query and key rotated where the
-    q/k/v matmul left them side by side, norms as a vector norm (_VectorNorm), torch's attention."""
+    q/k/v matmul left them side by side, norms as _fused_norm applies them, torch's attention."""
 
-    norm_of, linears_of = _VectorNorm, _Concatenated
+    norm_of, linears_of = staticmethod(_fused_norm), _Concatenated
 
     def __init__(self, layer: nn.Module, attention_type: str):
         super().__init__(layer, attention_type)
