@@ -267,13 +267,19 @@ class _Layer:
                   cache: RaggedKVCache) -> torch.Tensor:  # [B * q, H] in and out: through o_proj
         q = rotary[0].shape[2]
         batch = normed.shape[0] // q
+        query, key, value = self.rotated_qkv(normed, rotary, batch, q)
+        key, value = cache.update(key, value, self.layer_idx)
+        attended = self.attend(query, key, value, mask)  # [B, q, heads, head_dim]
+        return self.o_proj(attended.reshape(batch * q, -1))
+
+    def rotated_qkv(self, normed: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], batch: int, q: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # each [B, its heads, q, head_dim]
+        """Query, key and value of the layer's input rows [B * q, H], query and key rotated."""
         query, key, value = (t.view(batch, q, -1, self.head_dim) for t in self.qkv(normed))
         if self.q_norm is not None:  # Qwen3, Gemma3: per head, before the rotary embedding
             query, key = self.q_norm(query), self.k_norm(key)
-        query, key = self.rotate(query.transpose(1, 2), key.transpose(1, 2), *rotary)  # [B, heads, q, head_dim]
-        key, value = cache.update(key, value.transpose(1, 2), self.layer_idx)
-        attended = self.attend(query, key, value, mask)  # [B, q, heads, head_dim]
-        return self.o_proj(attended.reshape(batch * q, -1))
+        query, key = self.rotate(query.transpose(1, 2), key.transpose(1, 2), *rotary)
+        return query, key, value.transpose(1, 2)
 
     def mlp(self, normed: torch.Tensor) -> torch.Tensor:  # [B * q, H] in and out
         gate, up = self.gate_up(normed)
@@ -315,19 +321,15 @@ class _FusedLayer(_Layer):
         self.grouped = attention.q_proj.out_features != attention.k_proj.out_features
         self.rotated_heads = self.query_heads + attention.k_proj.out_features // self.head_dim
 
-    def attention(self, normed: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
-                  cache: RaggedKVCache) -> torch.Tensor:  # [B * q, H] in and out: through o_proj
-        """_Layer.attention on the q/k/v matmul's output as one tensor of heads, without splitting and concatenating
-        it again (with per-head q/k norms, which need them apart: _Layer's)."""
+    def rotated_qkv(self, normed: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], batch: int, q: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """_Layer.rotated_qkv on the q/k/v matmul's output as one tensor of heads, without splitting and
+        concatenating it again (with per-head q/k norms, which need them apart: _Layer's)."""
         if self.q_norm is not None:
-            return super().attention(normed, rotary, mask, cache)
-        q = rotary[0].shape[2]
-        batch = normed.shape[0] // q
+            return super().rotated_qkv(normed, rotary, batch, q)
         heads = self.qkv.linear(normed).view(batch, q, -1, self.head_dim).transpose(1, 2)  # [B, all heads, q, d]
         rotated = _rotated(heads[:, : self.rotated_heads], *rotary)
-        key, value = cache.update(rotated[:, self.query_heads :], heads[:, self.rotated_heads :], self.layer_idx)
-        attended = self.attend(rotated[:, : self.query_heads], key, value, mask)  # [B, q, heads, head_dim]
-        return self.o_proj(attended.reshape(batch * q, -1))
+        return rotated[:, : self.query_heads], rotated[:, self.query_heads :], heads[:, self.rotated_heads :]
 
     def attend(self, query, key, value, mask):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=self.scaling,
