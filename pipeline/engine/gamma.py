@@ -141,6 +141,7 @@ class _BucketCosts:
     """Measured costs at one batch-size bucket, and when to probe around the choice there."""
 
     speed: _MachineSpeed = field(default_factory=_MachineSpeed)  # the policy's, shared by its buckets
+    bucket: int = 1  # batch_bucket of the batch sizes it measures
     log_s: dict[int, float] = field(default_factory=dict)  # drafts k -> log S(k) at the machine's usual speed
     relative: dict[int, deque] = field(default_factory=dict)  # drafts k -> its last steps' log times, relative
     _step_s: tuple[float, dict[int, float]] | None = None  # (the speed it was built at, step_s); None: a step since
@@ -160,10 +161,10 @@ class _BucketCosts:
     probe_turn: int = 0  # where the rotation over plain decoding and the choice's neighbours starts (see _probe):
     # after the last of them probed; a probe of drafting from plain decoding moves it on by one
 
-    def observe_step(self, bucket: int, k: int, seconds: float, step: int) -> None:
+    def observe_step(self, k: int, seconds: float, step: int) -> None:
         """A whole step with k drafts at this bucket, the policy's step number `step` (over every bucket), took
         `seconds`."""
-        log_t, speed = math.log(max(seconds, 1e-9)), self.speed
+        log_t, speed, bucket = math.log(max(seconds, 1e-9)), self.speed, self.bucket
         recent = speed.last_timed is not None and step - speed.last_timed[0] <= PAIR_GAP
         if recent and speed.last_timed[1:] == (bucket, k) and k in self.log_s:  # steady: the machine's speed now
             speed.log += SPEED_SMOOTHING * (log_t - self.log_s[k] - speed.log)
@@ -193,6 +194,7 @@ class GammaPolicy:
     gamma: int | str = 3
     max_gamma: int = 8
     first_gamma: int = 3  # the first speculative k measured, once plain decoding has been
+    first_samples: int = 3  # timings of each of plain decoding and first_gamma before the first choice (see choose)
     probe_every: int = 16  # first interval between probes (plain decoding or a neighbour of the choice)
     max_probe_every: int = 64  # (256 before: see _neighbour_decodes_plainly)
     smoothing: float = 0.3  # weight of the newest measurement in the running averages of verify and draft times
@@ -210,6 +212,7 @@ class GammaPolicy:
     reached: list[float] = field(init=False)
     accepted: list[float] = field(init=False)
     buckets: dict[int, _BucketCosts] = field(default_factory=dict, init=False)
+    _costs_of_size: dict[int, _BucketCosts] = field(default_factory=dict, init=False, repr=False)
     _last_k: int = field(default=0, init=False, repr=False)
     _plain_run: int = field(default=SETTLE, init=False, repr=False)  # plain steps in a row (none drafted before)
     _probe_steps: list[int] = field(default_factory=list, init=False, repr=False)  # the rest of a probe
@@ -241,13 +244,11 @@ class GammaPolicy:
         if (costs.decided is not None and costs.steps - costs.decided[0] < REDECIDE and costs.steps < costs.next_probe
                 and costs.decided[2] == behind):
             best = costs.decided[1]
-        elif len(costs.log_s) <= 1 and self._neighbour_decodes_plainly(batch_bucket(batch_size)):
+        elif len(costs.log_s) <= 1 and self._neighbour_decodes_plainly(costs.bucket):
             best = 0  # no exploring here either, but probes as any choice does
             costs.decided = (costs.steps, best, behind)
-        elif 0 not in costs.log_s:
-            return 0  # measure plain decoding first
-        elif len(costs.log_s) == 1:
-            return min(self.first_gamma, self.max_gamma)  # then a speculative step
+        elif (first := self._first_exploration(costs)) is not None:
+            return first
         else:
             best = self.best_gamma(batch_size, prefill_waits, emitted)
             costs.decided = (costs.steps, best, behind)
@@ -261,6 +262,25 @@ class GammaPolicy:
             if probe is not None:
                 return probe
         return best
+
+    def _first_exploration(self, costs: _BucketCosts) -> int | None:
+        """Plain decoding and first_gamma in turn until each has first_samples timings at the bucket (a timing is a
+        step set against the other's steps just before it), or None once they have; the k to time next.
+
+        With one timing of each, the first choice rested on two steps whose times spread by 15% each, against a margin
+        plus a standard error of 0.24: MSD at batch 8 on the demo world, where 5 drafts run 1.25-1.35x plain decoding,
+        decoded plainly at 8 rows for most of the passes in 7 of 16 reps (`jobs/gamma_truth.py`; plain decoding,
+        chosen, probes drafting within 1% of the time). With three of each: in 3 of 16 reps, `auto` at 0.93 of 5 drafts
+        against 0.89 (the thirteenth session of 2026-12-05, docs/journal.md)."""
+        drafted = [k for k in costs.relative if k > 0]  # (first_gamma, unless another k was timed here first)
+        first = max(drafted, key=lambda k: len(costs.relative[k])) if drafted else min(self.first_gamma, self.max_gamma)
+        plain, drafting = (len(costs.relative.get(k, ())) for k in (0, first))
+        if min(plain, drafting) >= self.first_samples:
+            return None
+        last = costs.speed.last_timed
+        if last is not None and last[1] == costs.bucket and last[2] in (0, first) and self._steps - last[0] < PAIR_GAP:
+            return first if last[2] == 0 else 0  # the other one: a step repeating the last timed k is a steady one
+        return 0 if plain <= drafting else first
 
     def _probe(self, costs: _BucketCosts, batch_size: int, best: int, prefill_waits: bool,
                emitted: Sequence[int] | None) -> int | None:
@@ -478,7 +498,7 @@ class GammaPolicy:
         self._plain_run = self._plain_run + 1 if k == 0 else 0
         catching_up = k > 0 and (self._last_k == 0 or self._drafter_prefilled)
         if (self._plain_run > SETTLE if k == 0 else not catching_up) and not self._after_prefill:
-            costs.observe_step(batch_bucket(len(num_accepted)), k, step.draft_s + step.besides_drafting_s, self._steps)
+            costs.observe_step(k, step.draft_s + step.besides_drafting_s, self._steps)
             if k > 0:
                 costs.draft_s = self._average(costs.draft_s, step.draft_s / k)
         elif catching_up and costs.draft_s is not None:
@@ -518,12 +538,15 @@ class GammaPolicy:
         self._after_prefill = True
 
     def _costs(self, batch_size: int) -> _BucketCosts:
-        bucket = batch_bucket(batch_size)
-        if bucket not in self.buckets:
-            self.buckets[bucket] = _BucketCosts(self._speed, probe_interval=self.probe_every,
-                                                next_probe=self.probe_every, reached=[0.0] * self.max_gamma,
-                                                accepted=[0.0] * self.max_gamma)
-        return self.buckets[bucket]
+        costs = self._costs_of_size.get(batch_size)  # (every call of a step reads it: a bucket's costs by batch size)
+        if costs is None:
+            bucket = batch_bucket(batch_size)
+            if bucket not in self.buckets:
+                self.buckets[bucket] = _BucketCosts(self._speed, bucket, probe_interval=self.probe_every,
+                                                    next_probe=self.probe_every, reached=[0.0] * self.max_gamma,
+                                                    accepted=[0.0] * self.max_gamma)
+            costs = self._costs_of_size[batch_size] = self.buckets[bucket]
+        return costs
 
     def _average(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
