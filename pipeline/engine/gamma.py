@@ -194,7 +194,6 @@ class GammaPolicy:
     gamma: int | str = 3
     max_gamma: int = 8
     first_gamma: int = 3  # the first speculative k measured, once plain decoding has been
-    first_samples: int = 3  # timings of each of plain decoding and first_gamma before the first choice (see choose)
     probe_every: int = 16  # first interval between probes (plain decoding or a neighbour of the choice)
     max_probe_every: int = 64  # (256 before: see _neighbour_decodes_plainly)
     smoothing: float = 0.3  # weight of the newest measurement in the running averages of verify and draft times
@@ -247,8 +246,10 @@ class GammaPolicy:
         elif len(costs.log_s) <= 1 and self._neighbour_decodes_plainly(costs.bucket):
             best = 0  # no exploring here either, but probes as any choice does
             costs.decided = (costs.steps, best, behind)
-        elif (first := self._first_exploration(costs)) is not None:
-            return first
+        elif 0 not in costs.log_s:
+            return 0  # measure plain decoding first
+        elif len(costs.log_s) == 1:
+            return min(self.first_gamma, self.max_gamma)  # then a speculative step
         else:
             best = self.best_gamma(batch_size, prefill_waits, emitted)
             costs.decided = (costs.steps, best, behind)
@@ -262,25 +263,6 @@ class GammaPolicy:
             if probe is not None:
                 return probe
         return best
-
-    def _first_exploration(self, costs: _BucketCosts) -> int | None:
-        """Plain decoding and first_gamma in turn until each has first_samples timings at the bucket (a timing is a
-        step set against the other's steps just before it), or None once they have; the k to time next.
-
-        With one timing of each, the first choice rested on two steps whose times spread by 15% each, against a margin
-        plus a standard error of 0.24: MSD at batch 8 on the demo world, where 5 drafts run 1.25-1.35x plain decoding,
-        decoded plainly at 8 rows for most of the passes in 7 of 16 reps (`jobs/gamma_truth.py`; plain decoding,
-        chosen, probes drafting within 1% of the time). With three of each: in 3 of 16 reps, `auto` at 0.93 of 5 drafts
-        against 0.89 (the thirteenth session of 2026-12-05, docs/journal.md)."""
-        drafted = [k for k in costs.relative if k > 0]  # (first_gamma, unless another k was timed here first)
-        first = max(drafted, key=lambda k: len(costs.relative[k])) if drafted else min(self.first_gamma, self.max_gamma)
-        plain, drafting = (len(costs.relative.get(k, ())) for k in (0, first))
-        if min(plain, drafting) >= self.first_samples:
-            return None
-        last = costs.speed.last_timed
-        if last is not None and last[1] == costs.bucket and last[2] in (0, first) and self._steps - last[0] < PAIR_GAP:
-            return first if last[2] == 0 else 0  # the other one: a step repeating the last timed k is a steady one
-        return 0 if plain <= drafting else first
 
     def _probe(self, costs: _BucketCosts, batch_size: int, best: int, prefill_waits: bool,
                emitted: Sequence[int] | None) -> int | None:
