@@ -61,9 +61,13 @@ BUCKET_REACHED = 8.0  # decayed drafts reaching a position at a bucket before th
 # decoding's cost, they made it look slower than it is whenever drafting was the choice. So the first SETTLE plain
 # steps after drafting are not timed, and a probe of plain decoding lasts SETTLE + 1 steps.
 SETTLE = 2
-REDECIDE = 4  # steps a bucket's choice holds before it is made again (unless a probe falls due or the drafter's state
+REDECIDE = 8  # steps a bucket's choice holds before it is made again (unless a probe falls due or the drafter's state
 # changes): made every step it cost 48 us a step at batch 32 on the demo world, 2% of a plain step (15 us in a loop);
-# so does the choice to decode plainly like a neighbouring bucket (made every step, it cost 34 us a step with MSD)
+# so does the choice to decode plainly like a neighbouring bucket (made every step, it cost 34 us a step with MSD).
+# Every 4 steps, a choice (62-76 us inside a run) still cost about 1.5% of text-only's time at batch 1; every 8, in
+# the bench's regime against every 4 (docs/journal.md, the thirteenth session): text-only at batch 1 1.016 and 1.010x,
+# at batch 32 1.027 and 1.030x (fewer choices made on a noisy timing), MSD at batch 8 0.998 and 1.031x, the rest
+# within 1%
 # A probe of drafting while plain decoding is the choice times this many steps when drafting is predicted to gain but
 # not by enough to trust (see best_gamma): what it costs is the switch (the drafter's put-off prefill, a catch-up),
 # which more steps share. It adds one timing of drafting, as a one-step probe does (its later steps are steady ones:
