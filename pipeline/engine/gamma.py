@@ -467,7 +467,11 @@ class GammaPolicy:
             return max(step_s[k], step_s.get(0, 0.0), 1e-9)
         drafting = [m for m in step_s if m > 0] if k > 0 else []  # a drafting step's fixed costs are in these
         nearest = min(drafting or step_s, key=lambda m: (abs(m - k), m))
-        seconds = step_s[nearest] + (k - nearest) * ((costs.draft_s or 0.0) + self._verify_growth(costs, k == 0))
+        per_draft = (costs.draft_s or 0.0) + self._verify_growth(costs, k == 0)
+        if 0 < k < nearest and 0 in step_s:  # fewer drafts than measured: a draft saves at most its share of what
+            # drafting adds to a plain step (the rest is the drafting step's fixed cost)
+            per_draft = min(per_draft, (step_s[nearest] - step_s[0]) / nearest)
+        seconds = step_s[nearest] + (k - nearest) * per_draft
         return max([seconds, 1e-9, *(step_s[m] for m in step_s if m < k)])
 
     def observe(self, k: int, num_accepted: list[int], step: StepTimes) -> None:
