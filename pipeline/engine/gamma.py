@@ -18,7 +18,9 @@ at intervals that double while the choice stays the same, and never so often tha
 predicted to lose exceeds `exploration` of the time (see _probe_loss), or, while plain decoding is the choice
 and drafting is predicted to gain on fewer than a full set of timings, that share plus the gain (see _probe).
 Speculation must beat plain decoding by a margin plus the standard error of the step times compared (see
-best_gamma).
+best_gamma); plain decoding chosen by less than one timing's noise on a draft length timed once times it again at once
+(see _decide). A choice holds REDECIDE steps, and is made again at once when rows join (a static batch's next one,
+where a switch to drafting has the most tokens left to pay for itself).
 
 A step's time is not all that drafting costs: a switch from plain decoding to drafting costs once. A drafter puts its
 prefill off until a step drafts (drafters/put_off.py), so it prefills each row once, and only if the row is drafted
@@ -61,12 +63,12 @@ BUCKET_REACHED = 8.0  # decayed drafts reaching a position at a bucket before th
 # decoding's cost, they made it look slower than it is whenever drafting was the choice. So the first SETTLE plain
 # steps after drafting are not timed, and a probe of plain decoding lasts SETTLE + 1 steps.
 SETTLE = 2
-REDECIDE = 8  # steps a bucket's choice holds before it is made again (unless a probe falls due or the drafter's state
-# changes): made every step it cost 48 us a step at batch 32 on the demo world, 2% of a plain step (15 us in a loop);
-# so does the choice to decode plainly like a neighbouring bucket (made every step, it cost 34 us a step with MSD).
-# Every 4 steps, a choice (62-76 us inside a run) still cost about 1.5% of text-only's time at batch 1; every 8, in
-# the bench's regime against every 4 (docs/journal.md, the thirteenth session): text-only at batch 1 1.016 and 1.010x,
-# at batch 32 1.027 and 1.030x (fewer choices made on a noisy timing), MSD at batch 8 0.998 and 1.031x, the rest
+REDECIDE = 8  # steps a bucket's choice holds before it is made again (unless a probe falls due, the drafter's state
+# changes or rows join): made every step it cost 48 us a step at batch 32 on the demo world, 2% of a plain step (15 us
+# in a loop); so does the choice to decode plainly like a neighbouring bucket (made every step, it cost 34 us a step
+# with MSD). Every 4 steps, a choice (62-76 us inside a run) still cost about 1.5% of text-only's time at batch 1; every
+# 8, in the bench's regime against every 4 (docs/journal.md, the thirteenth session): text-only at batch 1 1.016 and
+# 1.010x, at batch 32 1.027 and 1.030x (fewer choices made on a noisy timing), MSD at batch 8 0.998 and 1.031x, the rest
 # within 1%
 # A probe of drafting while plain decoding is the choice times this many steps when drafting is predicted to gain but
 # not by enough to trust (see best_gamma): what it costs is the switch (the drafter's put-off prefill, a catch-up),
@@ -244,8 +246,9 @@ class GammaPolicy:
             return self._probe_steps.pop()
         costs = self._costs(batch_size)
         behind = self._drafter_behind(prefill_waits)
+        recheck = None
         if (costs.decided is not None and costs.steps - costs.decided[0] < REDECIDE and costs.steps < costs.next_probe
-                and costs.decided[2] == behind):
+                and costs.decided[2] == behind and not self._after_prefill):
             best = costs.decided[1]
         elif len(costs.log_s) <= 1 and self._neighbour_decodes_plainly(costs.bucket):
             best = 0  # no exploring here either, but probes as any choice does
@@ -255,21 +258,21 @@ class GammaPolicy:
         elif len(costs.log_s) == 1:
             return min(self.first_gamma, self.max_gamma)  # then a speculative step
         else:
-            best = self.best_gamma(batch_size, prefill_waits, emitted)
+            best, recheck = self._decide(batch_size, prefill_waits, emitted)
             costs.decided = (costs.steps, best, behind)
         if best not in costs.log_s:
             return best  # a neighbour that promises more: measure it
         if best != costs.last_best:  # the choice moved: watch more closely again
             costs.last_best, costs.probe_interval = best, self.probe_every
-        if costs.steps >= costs.next_probe and not self._after_prefill:  # keep the neighbours' times fresh (a step
-            # after a prefill is not timed: a probe there would measure nothing)
-            probe = self._probe(costs, batch_size, best, prefill_waits, emitted)
+        if (costs.steps >= costs.next_probe or recheck is not None) and not self._after_prefill:  # keep the
+            # neighbours' times fresh (a step after a prefill is not timed: a probe there would measure nothing)
+            probe = self._probe(costs, batch_size, best, prefill_waits, emitted, recheck)
             if probe is not None:
                 return probe
         return best
 
     def _probe(self, costs: _BucketCosts, batch_size: int, best: int, prefill_waits: bool,
-               emitted: Sequence[int] | None) -> int | None:
+               emitted: Sequence[int] | None, recheck: int | None = None) -> int | None:
         """The probe to make now, if one is affordable: probes may lose `exploration` of the steps at the bucket in
         all (what each is predicted to lose: _probe_loss), and one is made when what is left covers it; while plain
         decoding is the choice and drafting is predicted to gain g a step (not by enough to trust), `exploration` + g,
@@ -290,6 +293,7 @@ class GammaPolicy:
         unsettled_gain = 0.0  # what drafting is predicted to gain while more timings of it can settle that
         if best == 0:
             probe, gain, _ = self._contender(batch_size, prefill_waits, emitted)
+            probe = probe if recheck is None else recheck
             candidates = [(probe, [probe] * (CONTENDER_STEPS if gain > 0 else 1))]
             if len(costs.relative.get(probe, ())) < STEP_SAMPLES:
                 unsettled_gain = max(gain, 0.0)
@@ -359,8 +363,29 @@ class GammaPolicy:
         it, text-only at batch 32 on the demo world drafted in the batches' tails on one or two timings, where no
         gamma beats plain decoding (0.92x plain decoding, 0.94x with it, three bench runs each in turn; MSD there
         0.88x and 0.92x). Candidates: the measured k and their neighbours."""
+        return self._decide(batch_size, prefill_waits, emitted)[0]
+
+    def _decide(self, batch_size: int, prefill_waits: bool, emitted: Sequence[int] | None) -> tuple[int, int | None]:
+        """best_gamma, and the draft length to time again at once, for free, if any: while plain decoding is chosen
+        by less than one timing's noise (the contender would pay with its step one standard error cheaper) and the
+        contender's rate rests on a draft length timed once (the contender, or the measured one it is predicted from),
+        whose one timing may have been a stall. Timed again only when the probes' budget allowed, that timing held for
+        hundreds of steps: MSD at batch 8 on the demo world (3 drafts timed once at 2.8-3.2 plain steps, 4 predicted
+        from it the contender; a static batch's drafter prefill priced each probe) decoded plainly at 8 rows through
+        the timed passes in 5 of 8 fresh policies (`jobs/gamma_truth.py`), in 8 of 32 with this (step time 0.91 of
+        the best fixed gamma's, 0.89 before; text-only at batch 32 0.98x plain decoding, 0.96x before)."""
+        costs = self._costs(batch_size)
         contender, gain, standard_error = self._contender(batch_size, prefill_waits, emitted)
-        return contender if gain > self.margin + standard_error else 0
+        if gain > self.margin + standard_error:
+            return contender, None
+        step_s, plain_s = self._step_seconds(costs, contender), self._step_seconds(costs, 0)
+        optimistic = (1.0 + gain) * step_s / max(step_s * math.exp(-standard_error), plain_s, 1e-9) - 1.0
+        drafting = [k for k in costs.log_s if k > 0]
+        if optimistic <= self.margin or not drafting:
+            return 0, None
+        rests_on = contender if contender in costs.log_s else min(drafting, key=lambda k: (abs(k - contender), k))
+        once = len(costs.relative.get(rests_on, ())) == 1 and rests_on not in costs.checked
+        return 0, rests_on if once else None
 
     def _contender(self, batch_size: int, prefill_waits: bool,
                    emitted: Sequence[int] | None) -> tuple[int, float, float]:
