@@ -372,8 +372,8 @@ class GammaPolicy:
         whose one timing may have been a stall. Timed again only when the probes' budget allowed, that timing held for
         hundreds of steps: MSD at batch 8 on the demo world (3 drafts timed once at 2.8-3.2 plain steps, 4 predicted
         from it the contender; a static batch's drafter prefill priced each probe) decoded plainly at 8 rows through
-        the timed passes in 5 of 8 fresh policies (`jobs/gamma_truth.py`), in 8 of 32 with this (step time 0.91 of
-        the best fixed gamma's, 0.89 before; text-only at batch 32 0.98x plain decoding, 0.96x before)."""
+        the timed passes in 10 of 16 fresh policies (`jobs/gamma_truth.py`), in 8 of 32 with this (step time 0.91 of
+        the best fixed gamma's, 0.88 before; text-only at batch 32 0.98x plain decoding, 0.96x before)."""
         costs = self._costs(batch_size)
         contender, gain, standard_error = self._contender(batch_size, prefill_waits, emitted)
         if gain > self.margin + standard_error:
