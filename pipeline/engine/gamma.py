@@ -94,6 +94,11 @@ def parse_gamma(value: int | str) -> int | str:
     return gamma
 
 
+def _nearest(measured, k: int) -> int:
+    """The measured draft length nearest k, the lower on a tie (what a prediction of k starts from)."""
+    return min(measured, key=lambda m: (abs(m - k), m))
+
+
 def batch_bucket(batch_size: int) -> int:
     """1, 2-3, 4-7, 8-15, ... share cost measurements."""
     return max(batch_size, 1).bit_length()
@@ -186,6 +191,10 @@ class _BucketCosts:
         # (neither: a first timing here with nothing just before to set it against; the next step will have this one)
         speed.last_timed = (step, bucket, k)
         self._step_s = None
+
+    def timed_once(self, k: int) -> bool:
+        """k was timed once here and not probed for free since: its one timing may have been a stall."""
+        return len(self.relative.get(k, ())) == 1 and k not in self.checked
 
     @property
     def step_s(self) -> dict[int, float]:
@@ -308,7 +317,7 @@ class GammaPolicy:
         losses = []
         for probe, rest in candidates:
             # timed once, its one timing may have been a stall: checked once for free
-            once = len(costs.relative.get(probe, ())) == 1 and probe not in costs.checked
+            once = costs.timed_once(probe)
             losses.append(0.0 if once else self._probe_loss(batch_size, best, probe, 1 + len(rest), prefill_waits))
             if losses[-1] <= credit:
                 if once:  # (a probe whose steps were timed at another bucket, the rows having finished, is not again)
@@ -383,9 +392,8 @@ class GammaPolicy:
         drafting = [k for k in costs.log_s if k > 0]
         if optimistic <= self.margin or not drafting:
             return 0, None
-        rests_on = contender if contender in costs.log_s else min(drafting, key=lambda k: (abs(k - contender), k))
-        once = len(costs.relative.get(rests_on, ())) == 1 and rests_on not in costs.checked
-        return 0, rests_on if once else None
+        rests_on = _nearest(drafting, contender)  # the contender itself where it is measured
+        return 0, rests_on if costs.timed_once(rests_on) else None
 
     def _contender(self, batch_size: int, prefill_waits: bool,
                    emitted: Sequence[int] | None) -> tuple[int, float, float]:
@@ -491,7 +499,7 @@ class GammaPolicy:
         if k in step_s:
             return max(step_s[k], step_s.get(0, 0.0), 1e-9)
         drafting = [m for m in step_s if m > 0] if k > 0 else []  # a drafting step's fixed costs are in these
-        nearest = min(drafting or step_s, key=lambda m: (abs(m - k), m))
+        nearest = _nearest(drafting or step_s, k)
         per_draft = (costs.draft_s or 0.0) + self._verify_growth(costs, k == 0)
         if 0 < k < nearest and 0 in step_s:  # fewer drafts than measured: a draft saves at most its share of what
             # drafting adds to a plain step (the rest is the drafting step's fixed cost)
