@@ -138,7 +138,7 @@ class SpecDecodeEngine:
                     # cost 2% of a plain step at batch 32 (and, after each step where a row finished, 1.5% of
                     # continuous batching's time there)
                     try:
-                        for row in self._observed_step(batch):
+                        for row in self._observed_step(batch, drains=not (self._waiting or staged)):
                             admitted.pop(id(row)).resolve(self.target.tokenizer)
                     except Exception as error:
                         log.warning("a step of %d rows failed (%s); decoding each of them alone", len(batch), error)
@@ -194,11 +194,12 @@ class SpecDecodeEngine:
             return
         request.resolve(self.target.tokenizer)
 
-    def _observed_step(self, batch: RunningBatch) -> list[Row]:
-        """A step with the policy's gamma; its times go to the engine's totals and to the policy. Returns the rows
-        that finished (and left the batch)."""
+    def _observed_step(self, batch: RunningBatch, drains: bool) -> list[Row]:
+        """A step with the policy's gamma (drains: no row waits to join the batch); its times go to the engine's
+        totals and to the policy. Returns the rows that finished (and left the batch)."""
         batch_size, rows = len(batch), batch.rows
-        k = self.gamma_policy.choose(batch_size, batch.drafter_prefill_waits, [len(row.tokens) for row in rows])
+        k = self.gamma_policy.choose(batch_size, batch.drafter_prefill_waits, [len(row.tokens) for row in rows],
+                                     drains)
         if k:  # a drafter may have put its prefill off until a step drafts (a step's time is the step's alone)
             prefilled, seconds = self._as_prefill(batch.prefill_put_off)
             if prefilled:

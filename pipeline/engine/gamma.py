@@ -26,11 +26,13 @@ A step's time is not all that drafting costs: a switch from plain decoding to dr
 prefill off until a step drafts (drafters/put_off.py), so it prefills each row once, and only if the row is drafted
 for; and the first drafting step after plain ones catches the drafter up on the tokens decoded meanwhile. While the
 drafter is behind, what the switch costs (the measured put-off prefill of the batch, the measured catch-up) is spread
-over the tokens the rows have left and added to every k > 0; once paid, it is paid. A row's tokens left are its expected
-length, given what it has emitted, from the lengths of finished rows, less what it has emitted: a static batch's tail
-is its longest rows' last tokens (text-only at batch 32 on the demo world: at 14 rows about 10 tokens a row were left,
-3 steps with 3 drafts, over which the drafter's prefill, 2.0 ms, and its catch-up, 0.7 ms, cost what drafting saved;
-spread over whole rows, 24 tokens, the switch looked cheap and `auto` drafted there at 0.90x plain decoding).
+over the tokens the rows have left and added to every k > 0; once paid, it is paid; and where a static batch drains
+into a bucket that would draft, it is paid on the way down whatever the bucket above does, so there it is not
+drafting's cost (see choose). A row's tokens left are its expected length, given what it has emitted, from the
+lengths of finished rows, less what it has emitted: a static batch's tail is its longest rows' last tokens (text-only
+at batch 32 on the demo world: at 14 rows about 10 tokens a row were left, 3 steps with 3 drafts, over which the
+drafter's prefill, 2.0 ms, and its catch-up, 0.7 ms, cost what drafting saved; spread over whole rows, 24 tokens, the
+switch looked cheap and `auto` drafted there at 0.90x plain decoding).
 """
 
 from __future__ import annotations
@@ -245,10 +247,19 @@ class GammaPolicy:
     def auto(self) -> bool:
         return self.gamma == AUTO
 
-    def choose(self, batch_size: int, prefill_waits: bool = False, emitted: Sequence[int] | None = None) -> int:
+    def choose(self, batch_size: int, prefill_waits: bool = False, emitted: Sequence[int] | None = None,
+               drains: bool = False) -> int:
         """k for the next step at this batch size; prefill_waits: the drafter has put its prefill of these rows off
         (drafting now would pay it); emitted: the tokens each row has emitted (what a switch to drafting is spread
-        over depends on it; unknown: rows at their start)."""
+        over depends on it; unknown: rows at their start); drains: no row will join the batch before it empties (a
+        static batch), so it passes through the smaller buckets.
+
+        A static batch draining into a bucket that, its drafter prefilled, would draft pays the drafter's prefill on
+        its way down whatever it does here (for its rows then still running: a prefill costs mostly its call,
+        text-only's 0.74 ms at 1 row, 2.2 ms at 32), so the choice here leaves it out. Counted, it held MSD's batch 8
+        on the demo world on plain decoding at its top bucket for 60-78% of the steps (4-7 rows drafting, gamma 5 at
+        1.24x plain decoding); see docs/journal.md, the eighteenth session, for what leaving it out gained. Where rows
+        join (continuous batching), the rows at this bucket finish there, and only drafting here prefills them."""
         if not self.auto:
             return self.gamma
         if self._probe_steps:
@@ -256,8 +267,11 @@ class GammaPolicy:
         costs = self._costs(batch_size)
         behind = self._drafter_behind(prefill_waits)
         recheck = None
-        if (costs.decided is not None and costs.steps - costs.decided[0] < REDECIDE and costs.steps < costs.next_probe
-                and costs.decided[2] == behind and not self._after_prefill):
+        held = (costs.decided is not None and costs.steps - costs.decided[0] < REDECIDE
+                and costs.steps < costs.next_probe and costs.decided[2] == behind and not self._after_prefill)
+        if not held and prefill_waits and drains and self._drains_into_drafting(batch_size):
+            prefill_waits = False  # paid on the way down
+        if held:
             best = costs.decided[1]
         elif len(costs.log_s) <= 1 and self._neighbour_decodes_plainly(costs.bucket):
             best = 0  # no exploring here either, but probes as any choice does
@@ -462,6 +476,13 @@ class GammaPolicy:
         seconds = self._switch_seconds(batch_size, prefill_waits, self._last_k == 0)
         left = self.row_lengths.mean_left(emitted if emitted is not None else [0] * batch_size) if seconds else None
         return seconds / left if left else 0.0
+
+    def _drains_into_drafting(self, batch_size: int) -> bool:
+        """The next smaller bucket has timed plain decoding and drafting, and would draft, its drafter prefilled."""
+        below = batch_bucket(batch_size) - 1
+        costs = self.buckets.get(below)
+        return (costs is not None and 0 in costs.log_s and len(costs.log_s) >= 2
+                and self.best_gamma(2 ** (below - 1)) > 0)
 
     def _drafter_behind(self, prefill_waits: bool) -> bool:
         """A step that drafts now pays a switch: the drafter's prefill waits, or the last step decoded plainly."""

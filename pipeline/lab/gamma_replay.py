@@ -193,7 +193,8 @@ class FixedGamma:
     def __init__(self, k: int):
         self.k = k
 
-    def choose(self, batch_size: int, prefill_waits: bool = False, emitted: list[int] | None = None) -> int:
+    def choose(self, batch_size: int, prefill_waits: bool = False, emitted: list[int] | None = None,
+               drains: bool = False) -> int:
         return self.k
 
     def observe(self, k, num_accepted, step) -> None:
@@ -237,7 +238,7 @@ def replay(policy, answers: list[list[int]], right: list[list[bool]], costs: Ste
             prefill_waits, first = True, True
             while active:
                 b = len(active)
-                k = policy.choose(b, prefill_waits, [emitted[i] for i in active])
+                k = policy.choose(b, prefill_waits, [emitted[i] for i in active], drains=True)  # static batches
                 if k and prefill_waits:
                     prefill = costs.put_off_prefill(b) * machine.factor()
                     seconds += prefill

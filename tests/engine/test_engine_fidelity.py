@@ -149,7 +149,8 @@ class Schedule:
         self.drafter_prefills: list[tuple[int, int, float]] = []
         self.finished: list[int] = []
 
-    def choose(self, batch_size: int, prefill_waits: bool = False, emitted: list[int] | None = None) -> int:
+    def choose(self, batch_size: int, prefill_waits: bool = False, emitted: list[int] | None = None,
+               drains: bool = False) -> int:
         self.steps += 1
         return self.pattern[(self.steps - 1) % len(self.pattern)]
 

@@ -287,6 +287,27 @@ def test_the_drafters_put_off_prefill_counts_against_drafting():
     assert policy.switch_per_token(8, prefill_waits=True) == pytest.approx(0.3)
 
 
+def test_a_static_batch_draining_into_a_bucket_that_drafts_pays_the_prefill_there_anyway():
+    """As above (1 draft 1.14x plain decoding a step at 8 rows, the drafter's prefill 0.3 plain steps a token). Where
+    4-7 rows, their drafter prefilled, would draft too, a static batch of 8 (it drains: no row joins) pays the
+    drafter's prefill on its way down whatever its top bucket does: there the prefill is not drafting's cost, and
+    drafting pays from the start. Where they would decode plainly, or rows join the batch (continuous batching: its
+    rows finish at 8), drafting at 8 rows is what pays the prefill."""
+    for draft_step_at_4, drains, drafts in ((1.4, True, 1), (2.0, True, 0), (1.4, False, 0)):
+        policy = GammaPolicy(gamma="auto", max_gamma=8)
+        for rows, draft_step in ((8, 1.4), (4, draft_step_at_4)):
+            observe_plain(policy, rows, 1.0)
+            for _ in range(2):  # the first catches up: not timed
+                policy.observe(1, [1] * rows, StepTimes(0.4, draft_step - 0.4))
+        set_acceptance(policy, [0.6] * 8)
+        policy.step_spread = 0.0  # step times exact
+        policy.observe_drafter_prefill(batch_size=8, rows=8, seconds=3.0)
+        policy.observe_finished([10, 10])
+        assert policy.best_gamma(4) == (draft_step_at_4 < 2.0)
+        assert policy.best_gamma(8, prefill_waits=True) == 0  # the prefill counted
+        assert policy.choose(8, prefill_waits=True, drains=drains) == drafts
+
+
 def test_a_switch_to_drafting_costs_the_drafters_catch_up_too():
     """The first drafting step after plain ones catches the drafter up on what the rows emitted meanwhile: what it
     adds to drafting is measured, not timed as the cost of k drafts, and counts against a switch."""
