@@ -258,8 +258,10 @@ class GammaPolicy:
         its way down whatever it does here (for its rows then still running: a prefill costs mostly its call,
         text-only's 0.74 ms at 1 row, 2.2 ms at 32), so the choice here leaves it out. Counted, it held MSD's batch 8
         on the demo world on plain decoding at its top bucket for 60-78% of the steps (4-7 rows drafting, gamma 5 at
-        1.24x plain decoding); see docs/journal.md, the eighteenth session, for what leaving it out gained. Where rows
-        join (continuous batching), the rows at this bucket finish there, and only drafting here prefills them."""
+        1.24x plain decoding): 0.875-0.906 of gamma 5's step time, and left out 0.924-0.941 (`jobs/gamma_truth.py
+        --drafter msd --batch-size 8 --gammas 0,3,5 --reps 24`, three rounds in turn; the bucket below's last choice
+        in its place drafted at text-only's batch 32 on a timing or two, and lost 2 points there). Where rows join
+        (continuous batching), the rows at this bucket finish there, and only drafting here prefills them."""
         if not self.auto:
             return self.gamma
         if self._probe_steps:
