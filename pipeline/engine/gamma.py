@@ -171,6 +171,7 @@ class _BucketCosts:
     checked: set[int] = field(default_factory=set)  # draft lengths timed once and probed for free since (see _probe)
     last_best: int = -1
     decided: tuple[int, int, bool] | None = None  # (steps when the choice was made, the choice, the drafter behind)
+    would_draft: tuple[int, bool] | None = None  # (steps when judged, whether it would draft, its drafter prefilled)
     probe_turn: int = 0  # where the rotation over plain decoding and the choice's neighbours starts (see _probe):
     # after the last of them probed; a probe of drafting from plain decoding moves it on by one
 
@@ -480,11 +481,16 @@ class GammaPolicy:
         return seconds / left if left else 0.0
 
     def _drains_into_drafting(self, batch_size: int) -> bool:
-        """The next smaller bucket has timed plain decoding and drafting, and would draft, its drafter prefilled."""
+        """The next smaller bucket has timed plain decoding and drafting, and would draft, its drafter prefilled. Judged
+        again only once that bucket has stepped since (a static batch's top bucket asks at each of its choices while
+        the bucket below waits: judged every time, it took a third of `choose`'s time at text-only's batch 32)."""
         below = batch_bucket(batch_size) - 1
         costs = self.buckets.get(below)
-        return (costs is not None and 0 in costs.log_s and len(costs.log_s) >= 2
-                and self.best_gamma(2 ** (below - 1)) > 0)
+        if costs is None or 0 not in costs.log_s or len(costs.log_s) < 2:
+            return False
+        if costs.would_draft is None or costs.would_draft[0] != costs.steps:
+            costs.would_draft = costs.steps, self.best_gamma(2 ** (below - 1)) > 0
+        return costs.would_draft[1]
 
     def _drafter_behind(self, prefill_waits: bool) -> bool:
         """A step that drafts now pays a switch: the drafter's prefill waits, or the last step decoded plainly."""
