@@ -177,6 +177,7 @@ class CausalLMDrafter:
     def commit(self, k: int, num_accepted: torch.Tensor, output_tokens: torch.Tensor,
                target_hidden_states: torch.Tensor | None = None) -> None:
         """num_accepted [B] and output_tokens [B, k+1] on the host."""
+        self.decoder.drafting = k > 0  # rows joining after a plain step keep their prefill waiting (put_off.py)
         if k == 0:  # a plain step: each row's one token waits for the next draft (a step's Python, kept short)
             for row, token in zip(self.pending, output_tokens[:, 0].tolist()):
                 row.append(token)

@@ -239,6 +239,7 @@ class MsdDrafter:
     def commit(self, k: int, num_accepted: torch.Tensor, output_tokens: torch.Tensor,
                target_hidden_states: torch.Tensor) -> None:
         """num_accepted [B] and output_tokens [B, k+1] on the host; target_hidden_states [B, k+1, H]."""
+        self.decoder.drafting = k > 0  # rows joining after a plain step keep their prefill waiting (put_off.py)
         # propose(k) fed k-1 drafts on predicted features: all go, the target's own states replace them.
         batch = len(num_accepted)
         if k > 1:

@@ -215,6 +215,26 @@ def test_a_drafter_that_puts_its_prefill_off_drafts_as_one_that_does_not(world, 
     assert engine.gamma_policy.drafter_prefills == []
 
 
+def test_rows_joining_a_batch_that_decodes_plainly_keep_their_drafter_prefill_waiting(world, targets, references):
+    """With continuous batching, once a step has drafted, rows that join while the batch decodes plainly wait for their
+    drafter prefill as a batch's first rows do: where gamma stays 0 from then on, the drafter does no more work than
+    for the rows of the step that drafted (prefilled at once instead, every joining row's prefill was paid for
+    nothing)."""
+    target = targets["llava"]
+    prompts = references["llava"][0]
+    work = []
+    for rows in (prompts[:4], prompts):
+        drafter = load_drafter(world["llava"]["massv-noisy"], target)
+        ran = []
+        for module in drafter.model.modules():
+            module.register_forward_hook(lambda module, *_: ran.append(type(module).__name__))
+        engine = SpecDecodeEngine(target, drafter, EngineConfig(max_new_tokens=MAX_NEW))
+        engine.gamma_policy = Schedule([2] + [0] * 1000)  # the first step drafts, every later one decodes plainly
+        engine.generate(rows, max_batch_size=4)
+        work.append(len(ran))
+    assert len(prompts) > 4 and work[1] == work[0] > 0
+
+
 def test_gamma_hears_what_the_put_off_prefill_cost_and_how_long_rows_were(world, targets, references):
     """What drafting costs beyond its steps: the drafter's put-off prefill, once a row, spread over the row's length."""
     target = targets["llava"]
