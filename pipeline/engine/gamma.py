@@ -63,14 +63,8 @@ BUCKET_REACHED = 8.0  # decayed drafts reaching a position at a bucket before th
 # Plain steps right after drafting ones run slower than plain steps after plain ones (text-only, batch 1, a run of plain
 # steps every 24 drafting ones: +26%, +12%, +7%, +8%, +6%, +4% against a plain engine's, medians); timed as plain
 # decoding's cost, they made it look slower than it is whenever drafting was the choice. So the first SETTLE plain
-# steps after drafting are not timed, and a probe of plain decoding lasts SETTLE + 1 steps. Plain decoding's timings
-# are its steps after drafting (its steady steps track the machine's speed): with 2 untimed, MASSV's at 32-63 rows
-# still ran 6% slower than the plain engine's at the same rows (steady ones 0%), and `auto` rated drafting 10-15%
-# cheaper than it is there; with 4, 1% faster. In turn with 2 (`jobs/gamma_truth.py`, 16 reps): text-only at batch 32
-# 0.945, 0.964 and 0.961x plain decoding against 0.941, 0.919 and 0.910x, MASSV there 0.993, 0.989, 1.018x against
-# 0.966, 1.005, 1.011x, MSD there 0.936, 0.948, 0.933x against 0.959, 0.965, 0.933x; at batch 8 (MSD, MASSV) and
-# text-only's batch 1 within 0.2 points.
-SETTLE = 4
+# steps after drafting are not timed, and a probe of plain decoding lasts SETTLE + 1 steps.
+SETTLE = 2
 REDECIDE = 8  # steps a bucket's choice holds before it is made again (unless a probe falls due, the drafter's state
 # changes or rows join): made every step it cost 48 us a step at batch 32 on the demo world, 2% of a plain step (15 us
 # in a loop); so does the choice to decode plainly like a neighbouring bucket (made every step, it cost 34 us a step
