@@ -77,7 +77,7 @@ class PutOffDecoder:
 
     @property
     def _waiting(self) -> int:
-        return sum(len(group.rows) for group in self.put_off)
+        return _rows_in(self.put_off)
 
     def prefill(self, inputs: PrefillInputs, rows: int, append: bool = False) -> None:
         """These `rows` rows' prefill, as the whole batch or (append) after the decoder's rows; `inputs` builds it."""
@@ -94,7 +94,7 @@ class PutOffDecoder:
             self.held, self.put_off, self.order = 0, [], None
         if self.order is not None:
             first = self.held + self._waiting
-            self.order += range(first, first + sum(len(group.rows) for group in groups))
+            self.order += range(first, first + _rows_in(groups))
         self.put_off += groups
 
     def prefill_put_off(self) -> int:
@@ -187,6 +187,10 @@ class PutOffDecoder:
                 self.put_off, self.order = [], None
             self.ragged.adopt_rows(other.ragged, count, append)
             self.held, other.held = (self.held if append else 0) + count, other.held - count
+
+
+def _rows_in(groups: list[_PutOffGroup]) -> int:
+    return sum(len(group.rows) for group in groups)
 
 
 def _left_padded_to(embeds: torch.Tensor, width: int) -> torch.Tensor:

@@ -171,7 +171,7 @@ class _BucketCosts:
     checked: set[int] = field(default_factory=set)  # draft lengths timed once and probed for free since (see _probe)
     last_best: int = -1
     decided: tuple[int, int, bool] | None = None  # (steps when the choice was made, the choice, the drafter behind)
-    would_draft: tuple[int, bool] | None = None  # (steps when judged, whether it would draft, its drafter prefilled)
+    would_draft: tuple[int, bool] | None = None  # (steps when judged, whether it would draft, drafter prefilled)
     probe_turn: int = 0  # where the rotation over plain decoding and the choice's neighbours starts (see _probe):
     # after the last of them probed; a probe of drafting from plain decoding moves it on by one
 
