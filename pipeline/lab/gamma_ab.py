@@ -1,0 +1,211 @@
+"""`auto` against another version of itself, in one process: the engine without a drafter, `auto` as this tree has
+it, and `auto` from another revision's gamma.py (or this one's with some constants changed), decoding the same rows
+in turn.
+
+    python jobs/gamma_ab.py --baseline HEAD~3                                   # MASSV at batch 32, static batches
+    python jobs/gamma_ab.py --drafter msd --continuous --baseline-constants SETTLE=4
+
+Why one process, and turns: this VM's speed differs from one process to the next by up to 20% (the engine without a
+drafter took 3.6 s for 2048 rows in one process and 3.0 s in the next), and drifts by tens of percent within one.
+The eighteenth session of 2026-12-06 compared two policies in processes run alternately and found continuous
+batching 8-20% slower with one of them; in one process, in turn, the two ran 0.977x and 0.974x plain decoding
+(the nineteenth session, docs/journal.md). So the three engines decode each batch (static) or each DIRECT_PART_ROWS
+rows (continuous batching) one after the other, the one going first moving round, after a warm-up pass that also
+teaches each `auto` what a long job's actor would have learnt. Prints per engine its seconds in each round, its speed
+against plain decoding per round and their median, and the draft lengths each `auto` chose per batch-size bucket;
+checks that all three gave the same tokens (greedy); writes results.json under --output.
+
+The baseline's gamma.py is loaded as a module of its own, so its GammaPolicy must still fit the engine's calls
+(`choose(batch_size, prefill_waits, emitted, drains)`, `observe`, ...): revisions from before a change of that
+protocol do not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+from drafters import load_drafter
+from pipeline.engine import gamma
+from pipeline.engine.engine import EngineConfig, SpecDecodeEngine
+from pipeline.engine.gamma import AUTO, batch_bucket
+from pipeline.engine.target import Target
+from pipeline.job.cli import flag
+from pipeline.job.config import JobConfigError
+from pipeline.lab.benchmark import DEMO_TARGET, DIRECT_PART_ROWS, Workload, decode_parts, demo_drafters
+from pipeline.lab.demo import BENCH_PROMPTS, DEMO_WORLD
+from pipeline.lab.report import markdown_table, save_results
+
+REPO = Path(__file__).resolve().parents[2]
+PLAIN, AUTO_HERE, AUTO_BASELINE = "plain", "auto (this tree)", "auto (baseline)"
+
+
+@dataclass
+class ABConfig:
+    target: str = field(default=DEMO_TARGET, metadata=flag("target VLM checkpoint directory (the demo world's)"))
+    drafter: str = field(default="massv", metadata=flag("a drafter of the demo world (text-only, massv, msd)"))
+    prompts: str = field(default=str(DEMO_WORLD / BENCH_PROMPTS), metadata=flag(
+        "Parquet with prompt and image columns (the demo world's held-out captions)"))
+    rows: int = field(default=1024, metadata=flag("prompts decoded each round (the bench's 64, repeated)"))
+    max_new_tokens: int = field(default=48, metadata=flag("tokens per answer at most (the bench's)"))
+    batch_size: int = field(default=32, metadata=flag("static batch size, or the batch kept full (--continuous)"))
+    continuous: bool = field(default=False, metadata=flag("continuous batching instead of static batches"))
+    repeats: int = field(default=8, metadata=flag("timed rounds, after a warm-up one"))
+    baseline: str = field(default="HEAD", metadata=flag(
+        "the other policy: a git revision of this repository (its pipeline/engine/gamma.py) or a gamma.py file"))
+    baseline_constants: str = field(default="", metadata=flag(
+        "integer constants of the baseline's gamma.py set before it runs, NAME=value[,NAME=value...] (e.g.\n"
+        "SETTLE=4: PAIR_GAP, derived from it, follows)"))
+    output: str = field(default="out/gamma_ab", metadata=flag("where results.json goes"))
+
+    def __post_init__(self):
+        for name, value in (("--rows", self.rows), ("--repeats", self.repeats), ("--batch-size", self.batch_size),
+                            ("--max-new-tokens", self.max_new_tokens)):
+            if value < 1:
+                raise JobConfigError(f"{name} must be at least 1, got {value}.")
+        if self.drafter not in demo_drafters():
+            raise JobConfigError(f"--drafter {self.drafter} is not a drafter of the demo world "
+                                 f"({', '.join(demo_drafters())}).")
+        self.constants()  # fails now, not after the models load
+
+    def constants(self) -> dict[str, int]:
+        """--baseline-constants as {name: value}; each name must be an integer constant of gamma.py."""
+        constants = {}
+        for item in filter(None, (part.strip() for part in self.baseline_constants.split(","))):
+            name, _, value = item.partition("=")
+            if not isinstance(getattr(gamma, name.strip(), None), int) or not value.strip().lstrip("-").isdigit():
+                raise JobConfigError(f"--baseline-constants takes NAME=integer pairs naming gamma.py's integer "
+                                     f"constants (SETTLE, PAIR_GAP, REDECIDE, ...), got {item!r}.")
+            constants[name.strip()] = int(value)
+        return constants
+
+
+def baseline_source(baseline: str) -> str:
+    """The text of the baseline's gamma.py: a file, else pipeline/engine/gamma.py at a git revision."""
+    if Path(baseline).is_file():
+        return Path(baseline).read_text()
+    shown = subprocess.run(["git", "show", f"{baseline}:pipeline/engine/gamma.py"], cwd=REPO,
+                           capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise JobConfigError(f"--baseline {baseline} is neither a gamma.py file nor a git revision of {REPO} "
+                             f"with pipeline/engine/gamma.py (git: {shown.stderr.strip()}).")
+    return shown.stdout
+
+
+def load_policy_module(source: str, constants: dict[str, int]) -> ModuleType:
+    """gamma.py's text as a module of its own (this tree's stays as it is), each constant's module-level assignment
+    rewritten before it runs, so what is derived from it (PAIR_GAP from SETTLE, field defaults) follows."""
+    for constant, value in constants.items():
+        source, found = re.subn(rf"^{constant} = [^#\n]*", f"{constant} = {value}  ", source, flags=re.MULTILINE)
+        if not found:
+            raise JobConfigError(f"--baseline-constants names {constant}, which the baseline's gamma.py does not "
+                                 f"assign at module level.")
+    name = f"gamma_baseline_{sum(m.startswith('gamma_baseline_') for m in sys.modules)}"
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as file:
+        file.write(source)
+    try:
+        spec = importlib.util.spec_from_file_location(name, file.name)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the class is made
+        spec.loader.exec_module(module)
+    finally:
+        Path(file.name).unlink()
+    return module
+
+
+class _CountedChoices:
+    """A gamma policy that also counts the draft lengths it ran per batch-size bucket, in the timed rounds only."""
+
+    def __init__(self, policy):
+        self.policy = policy
+        self.counting = False
+        self.choices: Counter = Counter()  # (bucket, k) -> steps
+
+    def __getattr__(self, name):  # the engine calls the policy's other methods as they are
+        return getattr(self.policy, name)
+
+    def observe(self, k, num_accepted, step) -> None:
+        if self.counting:
+            self.choices[(batch_bucket(len(num_accepted)), k)] += 1
+        self.policy.observe(k, num_accepted, step)
+
+
+def run_ab(config: ABConfig, log=print) -> dict:
+    """Decode in turn, compare, print and save; returns the results."""
+    log(f"gamma A/B config: {json.dumps(dataclasses.asdict(config))}")
+    baseline = load_policy_module(baseline_source(config.baseline), config.constants())
+    target = Target.load(config.target)
+    drafter = load_drafter(demo_drafters()[config.drafter], target)
+    prompts = Workload(target, config.prompts, config.rows).prompts
+    settings = EngineConfig(gamma=AUTO, max_new_tokens=config.max_new_tokens)
+    engines = {PLAIN: SpecDecodeEngine(target, None, EngineConfig(gamma=0, max_new_tokens=config.max_new_tokens)),
+               AUTO_HERE: SpecDecodeEngine(target, drafter, settings),
+               AUTO_BASELINE: SpecDecodeEngine(target, drafter, settings)}
+    engines[AUTO_HERE].gamma_policy = _CountedChoices(engines[AUTO_HERE].gamma_policy)
+    engines[AUTO_BASELINE].gamma_policy = _CountedChoices(baseline.GammaPolicy(gamma=AUTO))
+    chunk = DIRECT_PART_ROWS if config.continuous else config.batch_size
+    parts = {name: [part for i in range(0, len(prompts), chunk)
+                    for part in decode_parts(engine, prompts[i:i + chunk], config.batch_size, config.continuous)]
+             for name, engine in engines.items()}
+    names = list(engines)
+    seconds = {name: [0.0] * config.repeats for name in names}
+    tokens = {name: [] for name in names}
+    for round_ in range(1 + config.repeats):  # round 0 warms up, untimed
+        for name in names[1:]:
+            engines[name].gamma_policy.counting = round_ > 0
+        for i in range(len(parts[PLAIN])):
+            turn = (round_ + i) % len(names)  # who goes first moves round
+            for name in names[turn:] + names[:turn]:
+                start = time.perf_counter()
+                results = parts[name][i]()
+                if round_:
+                    seconds[name][round_ - 1] += time.perf_counter() - start
+                if round_ == config.repeats:
+                    tokens[name] += [r.tokens for r in results]
+        if round_:
+            log(f"round {round_}/{config.repeats}: " + ", ".join(f"{n} {seconds[n][round_ - 1]:.2f} s" for n in names))
+    vs_plain = {name: [p / s for p, s in zip(seconds[PLAIN], seconds[name])] for name in names}
+    results = {
+        "seconds": seconds,
+        "vs_plain": vs_plain,
+        "median_vs_plain": {name: statistics.median(v) for name, v in vs_plain.items()},
+        "choices": {name: {f"{bucket},{k}": steps
+                           for (bucket, k), steps in sorted(engines[name].gamma_policy.choices.items())}
+                    for name in names[1:]},
+        "identical": all(tokens[name] == tokens[PLAIN] for name in names),
+    }
+    log(ab_table(results))
+    for name in names[1:]:
+        log(f"{name}: draft lengths chosen, shares of its steps by bucket (rows): "
+            f"{choices_line(results['choices'][name])}")
+    log(f"all three gave the same tokens: {results['identical']}")
+    save_results(config, [results], log)
+    return results
+
+
+def ab_table(results: dict) -> str:
+    rows = [[name, " ".join(f"{s:.2f}" for s in results["seconds"][name]),
+             " ".join(f"{r:.3f}" for r in results["vs_plain"][name]), f"{results['median_vs_plain'][name]:.3f}"]
+            for name in results["seconds"]]
+    return markdown_table(["engine", "seconds per round", "x plain decoding per round", "median"], rows)
+
+
+def choices_line(choices: dict[str, int]) -> str:
+    """'bucket,k' -> steps as '8-15: 0 95%, 3 5%; ...' (shares of every step)."""
+    total = sum(choices.values()) or 1
+    by_bucket: dict[int, list[str]] = {}
+    for key, steps in choices.items():
+        bucket, k = map(int, key.split(","))
+        by_bucket.setdefault(bucket, []).append(f"{k} {100 * steps / total:.0f}%")
+    return "; ".join(f"{2 ** (b - 1)}-{2 ** b - 1}: {', '.join(shares)}" for b, shares in sorted(by_bucket.items()))

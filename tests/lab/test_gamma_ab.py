@@ -1,0 +1,46 @@
+"""`auto` against another version of itself in one process (jobs/gamma_ab.py): the baseline is a module of its own,
+its constants set before it runs, and all three engines decode the same rows to the same tokens."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.engine import gamma
+from pipeline.job.config import JobConfigError
+from pipeline.lab.gamma_ab import PLAIN, ABConfig, baseline_source, load_policy_module, run_ab
+
+
+def test_the_baseline_is_a_module_of_its_own_with_its_constants_set_before_it_runs():
+    module = load_policy_module(baseline_source(gamma.__file__), {"SETTLE": 5})
+    assert (module.SETTLE, module.PAIR_GAP) == (5, 6)  # derived from SETTLE where it is assigned
+    assert module.GammaPolicy(gamma="auto")._plain_run == 5  # a field default read at class creation
+    assert (gamma.SETTLE, gamma.PAIR_GAP) == (2, 3)  # this tree's policy untouched
+    assert module.GammaPolicy is not gamma.GammaPolicy
+
+
+def test_three_engines_decode_the_same_rows_in_turn_to_the_same_tokens(tmp_path):
+    config = ABConfig(drafter="text-only", rows=16, batch_size=8, repeats=2, max_new_tokens=16,
+                      baseline=gamma.__file__, baseline_constants="SETTLE=4", output=str(tmp_path))
+    lines = []
+    results = run_ab(config, log=lines.append)
+    assert results["identical"]
+    assert all(len(seconds) == 2 and min(seconds) > 0 for seconds in results["seconds"].values())
+    assert results["median_vs_plain"][PLAIN] == 1.0
+    # each auto's choices counted in the timed rounds only: 16 rows of at most 16 tokens, 2 rounds
+    for choices in results["choices"].values():
+        assert 0 < sum(choices.values()) <= 2 * 2 * 16  # rounds x batches x steps a batch at most
+    assert any("draft lengths chosen" in line for line in lines)
+    saved = json.loads((Path(tmp_path) / "results.json").read_text())
+    assert saved["config"]["baseline_constants"] == "SETTLE=4"
+
+
+def test_a_bad_configuration_fails_at_once_with_what_to_fix():
+    with pytest.raises(JobConfigError, match="--baseline-constants"):
+        ABConfig(baseline_constants="SETTLE=four")
+    with pytest.raises(JobConfigError, match="--baseline-constants"):
+        ABConfig(baseline_constants="NOT_A_CONSTANT=1")
+    with pytest.raises(JobConfigError, match="--baseline no-such-revision"):
+        baseline_source("no-such-revision")
+    with pytest.raises(JobConfigError, match="--drafter"):
+        ABConfig(drafter="eagle")
