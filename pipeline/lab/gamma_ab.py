@@ -1,6 +1,6 @@
 """`auto` against another version of itself, in one process: the engine without a drafter, `auto` as this tree has
-it, and `auto` from another revision's gamma.py (or this one's with some constants changed), decoding the same rows
-in turn.
+it, and `auto` from another revision's gamma.py (or this one's with some constants changed), each side as `policies`
+fresh engines, decoding the same rows in turn.
 
     python jobs/gamma_ab.py --baseline HEAD~3                                   # MASSV at batch 32, static batches
     python jobs/gamma_ab.py --drafter msd --continuous --baseline-constants SETTLE=4
@@ -9,11 +9,13 @@ Why one process, and turns: this VM's speed differs from one process to the next
 drafter took 3.6 s for 2048 rows in one process and 3.0 s in the next), and drifts by tens of percent within one.
 The eighteenth session of 2026-12-06 compared two policies in processes run alternately and found continuous
 batching 8-20% slower with one of them; in one process, in turn, the two ran 0.977x and 0.974x plain decoding
-(the nineteenth session, docs/journal.md). So the three engines decode each batch (static) or each DIRECT_PART_ROWS
+(the nineteenth session, docs/journal.md). So the engines decode each batch (static) or each DIRECT_PART_ROWS
 rows (continuous batching) one after the other, the one going first moving round, after a warm-up pass that also
-teaches each `auto` what a long job's actor would have learnt. Prints per engine its seconds in each round, its speed
-against plain decoding per round and their median, and the draft lengths each `auto` chose per batch-size bucket;
-checks that all three gave the same tokens (greedy); writes results.json under --output.
+teaches each `auto` what a long job's actor would have learnt. And one policy's history sets its later choices (two
+engines of the same code, on the same rows in one process, ran 0.89x and 0.94x plain decoding), so each side is
+several fresh engines. Prints per engine its seconds in each round, its speed against plain decoding per round and
+their median, per side the median over its engines' rounds, and the draft lengths each `auto` chose per batch-size
+bucket; checks that every engine gave the same tokens (greedy); writes results.json under --output.
 
 The baseline's gamma.py is loaded as a module of its own, so its GammaPolicy must still fit the engine's calls
 (`choose(batch_size, prefill_waits, emitted, drains)`, `observe`, ...): revisions from before a change of that
@@ -62,6 +64,9 @@ class ABConfig:
     batch_size: int = field(default=32, metadata=flag("static batch size, or the batch kept full (--continuous)"))
     continuous: bool = field(default=False, metadata=flag("continuous batching instead of static batches"))
     repeats: int = field(default=8, metadata=flag("timed rounds, after a warm-up one"))
+    policies: int = field(default=2, metadata=flag(
+        "fresh `auto` engines per side: a policy's own history sets its later choices (two of the same code, on\n"
+        "the same rows in one process, ran 0.89x and 0.94x plain decoding)"))
     baseline: str = field(default="HEAD", metadata=flag(
         "the other policy: a git revision of this repository (its pipeline/engine/gamma.py) or a gamma.py file"))
     baseline_constants: str = field(default="", metadata=flag(
@@ -71,7 +76,7 @@ class ABConfig:
 
     def __post_init__(self):
         for name, value in (("--rows", self.rows), ("--repeats", self.repeats), ("--batch-size", self.batch_size),
-                            ("--max-new-tokens", self.max_new_tokens)):
+                            ("--max-new-tokens", self.max_new_tokens), ("--policies", self.policies)):
             if value < 1:
                 raise JobConfigError(f"{name} must be at least 1, got {value}.")
         if self.drafter not in demo_drafters():
@@ -149,11 +154,12 @@ def run_ab(config: ABConfig, log=print) -> dict:
     drafter = load_drafter(demo_drafters()[config.drafter], target)
     prompts = Workload(target, config.prompts, config.rows).prompts
     settings = EngineConfig(gamma=AUTO, max_new_tokens=config.max_new_tokens)
-    engines = {PLAIN: SpecDecodeEngine(target, None, EngineConfig(gamma=0, max_new_tokens=config.max_new_tokens)),
-               AUTO_HERE: SpecDecodeEngine(target, drafter, settings),
-               AUTO_BASELINE: SpecDecodeEngine(target, drafter, settings)}
-    engines[AUTO_HERE].gamma_policy = _CountedChoices(engines[AUTO_HERE].gamma_policy)
-    engines[AUTO_BASELINE].gamma_policy = _CountedChoices(baseline.GammaPolicy(gamma=AUTO))
+    engines = {PLAIN: SpecDecodeEngine(target, None, EngineConfig(gamma=0, max_new_tokens=config.max_new_tokens))}
+    sides = {AUTO_HERE: gamma.GammaPolicy, AUTO_BASELINE: baseline.GammaPolicy}
+    for side, policy in sides.items():
+        for i in range(1, config.policies + 1):
+            engine = engines[f"{side} {i}"] = SpecDecodeEngine(target, drafter, settings)
+            engine.gamma_policy = _CountedChoices(policy(gamma=AUTO))
     chunk = DIRECT_PART_ROWS if config.continuous else config.batch_size
     parts = {name: [part for i in range(0, len(prompts), chunk)
                     for part in decode_parts(engine, prompts[i:i + chunk], config.batch_size, config.continuous)]
@@ -176,20 +182,26 @@ def run_ab(config: ABConfig, log=print) -> dict:
         if round_:
             log(f"round {round_}/{config.repeats}: " + ", ".join(f"{n} {seconds[n][round_ - 1]:.2f} s" for n in names))
     vs_plain = {name: [p / s for p, s in zip(seconds[PLAIN], seconds[name])] for name in names}
+    of_side = {side: [name for name in names if name.startswith(side)] for side in sides}
     results = {
         "seconds": seconds,
         "vs_plain": vs_plain,
         "median_vs_plain": {name: statistics.median(v) for name, v in vs_plain.items()},
+        "side_median_vs_plain": {side: statistics.median(r for name in of_side[side] for r in vs_plain[name])
+                                 for side in sides},
         "choices": {name: {f"{bucket},{k}": steps
                            for (bucket, k), steps in sorted(engines[name].gamma_policy.choices.items())}
                     for name in names[1:]},
         "identical": all(tokens[name] == tokens[PLAIN] for name in names),
     }
     log(ab_table(results))
+    for side in sides:
+        log(f"{side}: {results['side_median_vs_plain'][side]:.3f}x plain decoding, the median of its engines' "
+            f"rounds")
     for name in names[1:]:
         log(f"{name}: draft lengths chosen, shares of its steps by bucket (rows): "
             f"{choices_line(results['choices'][name])}")
-    log(f"all three gave the same tokens: {results['identical']}")
+    log(f"every engine gave the same tokens: {results['identical']}")
     save_results(config, [results], log)
     return results
 

@@ -1,5 +1,5 @@
 """`auto` against another version of itself in one process (jobs/gamma_ab.py): the baseline is a module of its own,
-its constants set before it runs, and all three engines decode the same rows to the same tokens."""
+its constants set before it runs, and every engine decodes the same rows to the same tokens."""
 
 import json
 from pathlib import Path
@@ -19,13 +19,15 @@ def test_the_baseline_is_a_module_of_its_own_with_its_constants_set_before_it_ru
     assert module.GammaPolicy is not gamma.GammaPolicy
 
 
-def test_three_engines_decode_the_same_rows_in_turn_to_the_same_tokens(tmp_path):
-    config = ABConfig(drafter="text-only", rows=16, batch_size=8, repeats=2, max_new_tokens=16,
+def test_every_engine_decodes_the_same_rows_in_turn_to_the_same_tokens(tmp_path):
+    config = ABConfig(drafter="text-only", rows=16, batch_size=8, repeats=2, max_new_tokens=16, policies=2,
                       baseline=gamma.__file__, baseline_constants="SETTLE=4", output=str(tmp_path))
     lines = []
     results = run_ab(config, log=lines.append)
     assert results["identical"]
+    assert len(results["seconds"]) == 1 + 2 * 2  # plain decoding, and two fresh policies a side
     assert all(len(seconds) == 2 and min(seconds) > 0 for seconds in results["seconds"].values())
+    assert len(results["side_median_vs_plain"]) == 2
     assert results["median_vs_plain"][PLAIN] == 1.0
     # each auto's choices counted in the timed rounds only: 16 rows of at most 16 tokens, 2 rounds
     for choices in results["choices"].values():
@@ -44,3 +46,5 @@ def test_a_bad_configuration_fails_at_once_with_what_to_fix():
         baseline_source("no-such-revision")
     with pytest.raises(JobConfigError, match="--drafter"):
         ABConfig(drafter="eagle")
+    with pytest.raises(JobConfigError, match="--policies"):
+        ABConfig(policies=0)
