@@ -11,12 +11,12 @@ as rows finish; acceptance is learnt overall and per bucket (see `reached`). A k
 yet is predicted from the nearest measured one plus, per extra draft, one drafter forward
 and the verification's measured growth per token; only the measured k and their
 neighbours are candidates, so the choice climbs one step at a time and each step is
-measured before the next. Plain decoding (k = 0) is measured first and is chosen unless
-speculation promises a margin more, so a drafter that does not pay is not used. A
-settled choice is re-checked by an occasional probe of a neighbour or of plain decoding,
-at intervals that double while the choice stays the same, and never so often that what the probes are
-predicted to lose exceeds `exploration` of the time (see _probe_loss), or, while plain decoding is the choice
-and drafting is predicted to gain on fewer than a full set of timings, that share plus the gain (see _probe).
+measured before the next. Plain decoding (k = 0) is measured first and is chosen unless speculation promises a
+margin more, so a drafter that does not pay is not used. A settled choice is re-checked by an occasional probe of a
+neighbour or of plain decoding, measured against the choice's steps around it (the choice's own timing holds still:
+see _BucketCosts.anchors), at intervals that double while the choice stays the same, and never so often that what the
+probes are predicted to lose exceeds `exploration` of the time (see _probe_loss), or, while plain decoding is the
+choice and drafting is predicted to gain on fewer than a full set of timings, that share plus the gain (see _probe).
 Speculation must beat plain decoding by a margin plus the standard error of the step times compared (see
 best_gamma); plain decoding chosen by less than one timing's noise on a draft length timed once times it again at once
 (see _decide). A choice holds REDECIDE steps, and is made again at once when rows join (a static batch's next one,
@@ -180,20 +180,33 @@ class _BucketCosts:
         `seconds`."""
         log_t, speed, bucket = math.log(max(seconds, 1e-9)), self.speed, self.bucket
         recent = speed.last_timed is not None and step - speed.last_timed[0] <= PAIR_GAP
-        if recent and speed.last_timed[1:] == (bucket, k) and k in self.log_s:  # steady: the machine's speed now
+        anchor, probe = self.anchors(k), self.decided is not None and not self.anchors(k)
+        if recent and speed.last_timed[1:] == (bucket, k) and k in self.log_s and not probe:  # steady: the
+            # machine's speed now
             speed.log += SPEED_SMOOTHING * (log_t - self.log_s[k] - speed.log)
-        elif recent or speed.last_timed is None:  # a change of k or of bucket: this cost against the speed just
-            # before (the first timed step of all sets the scale)
+        elif (recent or speed.last_timed is None) and not anchor:  # a probe's step, a first timing or a change
+            # before any choice here: this cost against the speed just before (the first timed step of all sets it)
             samples = self.relative.setdefault(k, deque(maxlen=STEP_SAMPLES))
             samples.append(log_t - speed.log)
             least = min(samples)
             usual = [r for r in samples if r <= least + math.log(STALL)]
             self.log_s[k] = sum(usual) / len(usual)
-        elif k in self.log_s:  # nothing just before to compare with: the speed is what this step says
+        elif k in self.log_s:  # the choice's step, or nothing just before to compare with: the speed is what this
+            # step says
             speed.log = log_t - self.log_s[k]
         # (neither: a first timing here with nothing just before to set it against; the next step will have this one)
         speed.last_timed = (step, bucket, k)
         self._step_s = None
+
+    def anchors(self, k: int) -> bool:
+        """k is the choice here, and measured: its steps set the machine's speed, and every timed step of a probe
+        is measured against them, while the choice's own `log_s[k]` holds still. Timed at a change as a sample too,
+        the choice's level moved with every probe: plain decoding's timed step after a probe of drafting runs about
+        10% slow (see SETTLE), so each raised plain decoding's level, its steady steps then read the machine as that
+        much faster, and drafting's samples trailed plain decoding's rising level. `jobs/gamma_truth.py` at batch 32
+        (512 rows a pass, 3 fresh policies): S(3) / S(0) at 32-63 rows read 0.28 log cheap with text-only, 0.19 with
+        MSD; measured against the choice, 0.06 and 0.04."""
+        return self.decided is not None and self.decided[1] == k and k in self.log_s
 
     def timed_once(self, k: int) -> bool:
         """k was timed once here and not probed for free since: its one timing may have been a stall."""
@@ -428,7 +441,8 @@ class GammaPolicy:
         rates = self._rates(sorted(candidates | {0}), batch_size, switch_per_token, costs)
         plain = rates.pop(0)
         best = max(rates, key=rates.get)
-        samples = [max(len(costs.relative.get(k, ())), 1) for k in (0, best)]
+        # (the choice, which probes are measured against, is read again at each of its steps: a full set)
+        samples = [STEP_SAMPLES if costs.anchors(k) else max(len(costs.relative.get(k, ())), 1) for k in (0, best)]
         return best, rates[best] / plain - 1.0, self.step_spread * math.sqrt(sum(1 / n for n in samples))
 
     def acceptance_per_position(self, batch_size: int | None = None, upto: int | None = None) -> list[float]:

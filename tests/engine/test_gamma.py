@@ -1,10 +1,20 @@
 """gamma: parsing, and `auto` choosing from measured acceptance and costs."""
 
+import math
 import re
 
 import pytest
 
-from pipeline.engine.gamma import AUTO, CONTENDER_STEPS, SETTLE, STEP_SAMPLES, GammaPolicy, RowLengths, parse_gamma
+from pipeline.engine.gamma import (
+    AUTO,
+    CONTENDER_STEPS,
+    SETTLE,
+    STEP_SAMPLES,
+    GammaPolicy,
+    RowLengths,
+    batch_bucket,
+    parse_gamma,
+)
 from pipeline.engine.stats import StepTimes
 
 
@@ -374,7 +384,7 @@ def test_a_probe_of_drafting_from_plain_decoding_lasts_until_it_is_timed():
         choices.append(k)
         policy.observe(k, [0], StepTimes(0.1 * k, 1.0 if k == 0 else 2.0))  # drafting got slower: 2 plain steps
     probes = re.findall("d+", "".join("p" if k == 0 else "d" for k in choices))
-    assert probes[0] == "d" * (CONTENDER_STEPS + 1) and probes[1:] == ["dd", "dd"]
+    assert probes[0] == "d" * (CONTENDER_STEPS + 1) and probes[1:] and set(probes[1:]) == {"dd"}
     assert policy.step_seconds(1, 1) == pytest.approx(2.1, rel=1e-4)  # measured (plain decoding's neighbour probed)
 
 
@@ -458,7 +468,8 @@ def test_plain_decoding_chosen_on_one_timing_of_drafting_times_it_again_at_once(
         choices.append(policy.choose(8))
         policy.observe(choices[-1], [3] * 8, StepTimes(0.6, 2.4))  # 3 drafts cost 3.0 plain steps now
     costs = policy.buckets[4]
-    assert choices[:2] == [3, 3] and len(costs.relative[3]) == 2 and costs.probe_losses == 0
+    # the probe's steps after its catch-up each time 3 drafts (measured against plain decoding, the choice)
+    assert choices[:2] == [3, 3] and len(costs.relative[3]) == 1 + 2 and costs.probe_losses == 0
     assert choices[2] > 0  # drafting, now that its cost is known better
 
 
@@ -487,14 +498,19 @@ def test_while_plain_decoding_is_the_choice_its_probes_time_the_draft_length_tha
     the draft length that came closest time it until its mean says it pays."""
     policy = GammaPolicy(gamma="auto", max_gamma=8)
     acceptance = [0.8, 0.6, 0.4] + [0.4] * 5
-    choices = []
+    choices, decisions = [], []
     for _ in range(400):
         set_acceptance(policy, acceptance)
         k = policy.choose(8)
         choices.append(k)
+        decided = policy.buckets[batch_bucket(8)].decided
+        if decided is not None and decided[0] == policy.buckets[batch_bucket(8)].steps:  # a choice made at this step
+            decisions.append((len(choices) - 1, decided[1]))
         slow_moment = 1.15 if k == 3 and choices.count(3) <= 2 else 1.0  # the first two steps with 3 drafts
         policy.observe(k, [min(k, 2)] * 8, StepTimes(0.1 * k, (1.6 if k else 1.0) * slow_moment))
-    assert choices[:16].count(0) >= 8  # plain decoding chosen first
+    first = decisions[0][0]
+    assert decisions[0][1] == 0  # plain decoding chosen first
+    assert choices[first:first + CONTENDER_STEPS + 1] == [3] * (CONTENDER_STEPS + 1)  # its probe times 3 drafts
     assert sum(k in (2, 3, 4) for k in choices[100:]) >= 0.9 * 300
 
 
@@ -556,3 +572,24 @@ def test_once_drafting_has_a_full_set_of_timings_probing_it_costs_one_percent_ag
     choices = decode_switching(policy, acceptance, 600, drafting_verify_s=1.504)
     probes = len(re.findall("d+", "".join("p" if k == 0 else "d" for k in choices)))
     assert 1 <= probes <= 4  # each loses its 2-step switch: 1% of 600 steps covers 3
+
+
+def test_probes_are_measured_against_the_choice_whose_level_holds_still():
+    """Plain decoding is the choice (3 drafts cost 2 plain steps and yield 2.3 tokens) and plain steps after drafting
+    run slow for a while (+30%, +18%, +11%, ...: the machine's caches, see SETTLE), so the probe of plain decoding's
+    first timed step after a probe of drafting reads 10% slow. Timed as a sample of plain decoding, each such step
+    raised its level, the steady plain steps then read the machine as faster, the next probe of drafting as dearer, and
+    drafting's samples trailed plain decoding's rising level: S(3) / S(0) read 5% cheap here (0.18-0.28 log at the demo
+    world's batch 32, where bucket changes add to it). The choice's steps set the machine's speed and probes alone are
+    samples: the ratio is what a probe's step costs against the choice's steps around it."""
+    policy = GammaPolicy(gamma="auto", max_gamma=4)
+    since_drafting = 99
+    for _ in range(3000):
+        set_acceptance(policy, [0.5] * 4)
+        k = policy.choose(32)
+        since_drafting = 0 if k else since_drafting + 1
+        unsettled = 0.3 * 0.6 ** (since_drafting - 1) if k == 0 and since_drafting <= 8 else 0.0
+        policy.observe(k, [2] * 32, StepTimes(0.1 * k, 2.0 - 0.1 * k if k else 1.0 + unsettled))
+    costs = policy.buckets[batch_bucket(32)]
+    assert costs.decided[1] == 0
+    assert costs.log_s[3] - costs.log_s[0] == pytest.approx(math.log(2.0), abs=0.01)
