@@ -70,6 +70,11 @@ def test_quick_run_reports_every_configuration(tmp_path):
         if key[0] != ENGINE:
             continue
         assert m["identical"] == rows, f"{key}: greedy output must equal the engine's without a drafter"
+        # auto: fresh policies timed in turn, the row the median one's (every one of them exact: identical above)
+        assert (m["policies_tokens_per_s"] is not None) == (m["gamma"] == AUTO), key
+        if m["gamma"] == AUTO:
+            assert len(m["policies_tokens_per_s"]) == QUICK["auto_policies"]
+            assert m["tokens"] / m["seconds"] in m["policies_tokens_per_s"]
         assert m["counts"]["sequences"] == rows * QUICK["repeats"]
         assert sum(m["time_shares"].values()) == pytest.approx(1.0, abs=0.02)
         if m["drafter"] == NO_DRAFTER:
@@ -148,7 +153,8 @@ def test_goals_judge_each_figure():
         _m(ENGINE, "massv", AUTO, 1, 0.45, round_seconds=[0.5, 0.45, 0.42]),
         _m(HF_GENERATE, NO_DRAFTER, NO_DRAFTER, 8, 1.0),
         _m(ENGINE, NO_DRAFTER, NO_DRAFTER, 8, 1.1, round_seconds=[1.0, 1.1, 1.2]),
-        _m(ENGINE, "massv", AUTO, 8, 1.1, round_seconds=[1.2, 1.1, 1.0]),
+        _m(ENGINE, "massv", AUTO, 8, 1.1, round_seconds=[1.2, 1.1, 1.0], policies_tokens_per_s=[100 / 1.3, 100 / 1.1,
+                                                                                                 100 / 1.0]),
     ]
     judged = {g["goal"]: g for g in goals(measurements, "massv")}
     at_1, at_8 = judged["massv >= 2.0x HF generate at batch 1"], judged["massv >= 1.3x HF generate at batch 8"]
@@ -158,6 +164,8 @@ def test_goals_judge_each_figure():
     assert never_below["figure"] == pytest.approx(1.0) and never_below["met"]
     # each round's ratio as well as the medians': the noise the figure carries
     assert "massv at batch 8, round by round 0.83-1.20" in never_below["detail"]
+    # and the fresh policies' spread: a policy's own history sets its later choices
+    assert "its 3 fresh policies 0.85-1.10" in never_below["detail"]
     near_best = judged["gamma=auto within 5% of the best fixed gamma at batch 1 and 8"]
     assert near_best["figure"] == pytest.approx(0.4 / 0.45, abs=1e-3) and not near_best["met"]
     assert "massv at batch 1 (best fixed gamma 3, round by round 0.76-1.05)" in near_best["detail"]
