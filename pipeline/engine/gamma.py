@@ -180,7 +180,8 @@ class _BucketCosts:
         `seconds`."""
         log_t, speed, bucket = math.log(max(seconds, 1e-9)), self.speed, self.bucket
         recent = speed.last_timed is not None and step - speed.last_timed[0] <= PAIR_GAP
-        anchor, probe = self.anchors(k), self.decided is not None and not self.anchors(k)
+        anchor = self.anchors(k)
+        probe = self.decided is not None and not anchor
         if recent and speed.last_timed[1:] == (bucket, k) and k in self.log_s and not probe:  # steady: the
             # machine's speed now
             speed.log += SPEED_SMOOTHING * (log_t - self.log_s[k] - speed.log)
