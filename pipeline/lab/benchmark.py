@@ -118,6 +118,9 @@ class BenchConfig:
     continuous_batching: bool = field(default=False, metadata=flag(
         "run the engine with continuous batching (rows join as others finish) instead of\n"
         "batch by batch as HF generate does"))
+    turns_by_pass: bool = field(default=False, metadata=flag(
+        "time each configuration's whole pass over the rows in its turn, not batch by batch: each\n"
+        "decodes uninterrupted, as an actor does, and the machine's drift weighs more"))
     dtype: str = field(default="auto", metadata=flag(
         "model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16 (the caption\n"
         "job row keeps the job's own, auto)", choices=DTYPES))
@@ -326,7 +329,12 @@ def hf_generate_tokens(target: Target, batches: list[dict], max_new_tokens: int,
 def decode_all(engine: SpecDecodeEngine, prompts: list, batch_size: int, continuous: bool) -> list:
     """Every prompt through the engine: batch_size rows at once, the next joining as rows finish (continuous), or
     batch by batch, each drained to its slowest row (as HF generate runs)."""
-    return [r for part in decode_parts(engine, prompts, batch_size, continuous) for r in part()]
+    return _whole_pass(decode_parts(engine, prompts, batch_size, continuous))
+
+
+def _whole_pass(parts: list) -> list:
+    """The parts' outputs, run one after the other as one part (one turn for a whole pass)."""
+    return [output for part in parts for output in part()]
 
 
 def decode_parts(engine: SpecDecodeEngine, prompts: list, batch_size: int, continuous: bool) -> list:
@@ -373,6 +381,8 @@ class Benchmark:
                         for policy in range(config.auto_policies if gamma == AUTO else 1)})
         for key, engine in engines.items():
             runs[key] = decode_parts(engine, self.workload.prompts, batch_size, config.continuous_batching)
+        if config.turns_by_pass:
+            runs = {key: [partial(_whole_pass, parts)] for key, parts in runs.items()}
         # the warm-up teaches auto gamma, as a long-running actor would learn; it is not timed
         reset_times = {key: partial(setattr, engine, "times", EngineTimes()) for key, engine in engines.items()}
         timings = timed_round_robin(runs, config.repeats, device, reset_times)

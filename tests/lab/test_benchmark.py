@@ -38,9 +38,10 @@ import bench  # noqa: E402
 
 
 @pytest.mark.slow
-def test_quick_run_reports_every_configuration(tmp_path):
+@pytest.mark.parametrize("turns", [[], ["--turns-by-pass"]])  # batch by batch in turn, or a whole pass a turn
+def test_quick_run_reports_every_configuration(tmp_path, turns):
     output = tmp_path / "bench"
-    done = subprocess.run([sys.executable, "jobs/bench.py", "--quick", "--output", str(output)], cwd=REPO,
+    done = subprocess.run([sys.executable, "jobs/bench.py", "--quick", "--output", str(output), *turns], cwd=REPO,
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((output / "results.json").read_text())
