@@ -18,6 +18,13 @@ class JobConfigError(ValueError):
     """The job cannot start as configured; the message is one sentence saying what to fix."""
 
 
+def require_at_least_one(flags: dict[str, int]) -> None:
+    """Each flag's value is at least 1; else a JobConfigError naming the first that is not."""
+    for name, value in flags.items():
+        if value < 1:
+            raise JobConfigError(f"{name} must be at least 1, got {value}.")
+
+
 def parse_num_actors(value: str | int | tuple[int, int]) -> tuple[int, int]:
     """'4' -> (4, 4), a fixed pool; '1,8' -> (1, 8), an autoscaling pool."""
     if isinstance(value, tuple):

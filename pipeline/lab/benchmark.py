@@ -44,7 +44,7 @@ from pipeline.engine.stats import EngineTimes, SpecDecodeCounts, synchronized_ti
 from pipeline.engine.target import Target
 from pipeline.job.charts import bar_chart, line_chart
 from pipeline.job.cli import flag
-from pipeline.job.config import JobConfigError
+from pipeline.job.config import JobConfigError, require_at_least_one
 from pipeline.job.ray_cluster import connect as connect_ray
 from pipeline.lab.demo import BENCH_PROMPTS, DEMO_WORLD
 from pipeline.lab.report import markdown_table
@@ -66,6 +66,12 @@ QUICK = dict(rows=4, batch_sizes=[1, 4], gammas=[2, AUTO], max_new_tokens=8, rep
 
 def demo_drafters() -> dict[str, str]:
     return {name: str(DEMO_WORLD / name) for name in ("text-only", "msd", "massv")}  # the caption job runs the last
+
+
+def require_demo_drafter(name: str) -> None:
+    """`name` is a drafter of the demo world; else a JobConfigError listing them."""
+    if name not in demo_drafters():
+        raise JobConfigError(f"--drafter {name} is not a drafter of the demo world ({', '.join(demo_drafters())}).")
 
 
 def _named_path(value: str) -> tuple[str, str]:
@@ -144,11 +150,8 @@ class BenchConfig:
             raise JobConfigError(f"--gammas: {error}.") from None
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise JobConfigError(f"--batch-sizes must be positive integers, got {self.batch_sizes}.")
-        for flag_name, value in (("--rows", self.rows), ("--repeats", self.repeats),
-                                 ("--max-new-tokens", self.max_new_tokens), ("--job-rows", self.job_rows),
-                                 ("--auto-policies", self.auto_policies)):
-            if value < 1:
-                raise JobConfigError(f"{flag_name} must be at least 1, got {value}.")
+        require_at_least_one({"--rows": self.rows, "--repeats": self.repeats, "--max-new-tokens": self.max_new_tokens,
+                              "--job-rows": self.job_rows, "--auto-policies": self.auto_policies})
         for name, path in {"target": self.target, "prompts": self.prompts, **self.drafters}.items():
             if not Path(path).exists():
                 raise JobConfigError(f"{name} {path} does not exist: pass an existing local path.")

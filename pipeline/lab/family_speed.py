@@ -27,7 +27,7 @@ from pipeline.engine.fused import HF_FORWARD
 from pipeline.engine.prompts import prepare_prompt
 from pipeline.engine.target import Target
 from pipeline.job.cli import flag
-from pipeline.job.config import JobConfigError
+from pipeline.job.config import JobConfigError, require_at_least_one
 from pipeline.lab import tiny_models
 from pipeline.lab.benchmark import _int_list
 from pipeline.lab.report import markdown_table, save_results
@@ -49,10 +49,8 @@ class FamilySpeedConfig:
         if unknown:
             raise JobConfigError(f"--families: {unknown} are not families of the tiny models "
                                  f"({', '.join(tiny_models.FAMILIES)}).")
-        for name, value in (("--rows", self.rows), ("--max-new-tokens", self.max_new_tokens),
-                            ("--rounds", self.rounds), ("--batch-sizes", min(self.batch_sizes))):
-            if value < 1:
-                raise JobConfigError(f"{name} must be at least 1, got {value}.")
+        require_at_least_one({"--rows": self.rows, "--max-new-tokens": self.max_new_tokens, "--rounds": self.rounds,
+                              "--batch-sizes": min(self.batch_sizes)})
 
 
 def measure_family(family: str, config: FamilySpeedConfig, directory: Path) -> list[dict]:

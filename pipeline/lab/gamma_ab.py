@@ -44,8 +44,15 @@ from pipeline.engine.engine import EngineConfig, SpecDecodeEngine
 from pipeline.engine.gamma import AUTO, batch_bucket
 from pipeline.engine.target import Target
 from pipeline.job.cli import flag
-from pipeline.job.config import JobConfigError
-from pipeline.lab.benchmark import DEMO_TARGET, DIRECT_PART_ROWS, Workload, decode_parts, demo_drafters
+from pipeline.job.config import JobConfigError, require_at_least_one
+from pipeline.lab.benchmark import (
+    DEMO_TARGET,
+    DIRECT_PART_ROWS,
+    Workload,
+    decode_parts,
+    demo_drafters,
+    require_demo_drafter,
+)
 from pipeline.lab.demo import BENCH_PROMPTS, DEMO_WORLD
 from pipeline.lab.report import markdown_table, save_results
 
@@ -75,13 +82,9 @@ class ABConfig:
     output: str = field(default="out/gamma_ab", metadata=flag("where results.json goes"))
 
     def __post_init__(self):
-        for name, value in (("--rows", self.rows), ("--repeats", self.repeats), ("--batch-size", self.batch_size),
-                            ("--max-new-tokens", self.max_new_tokens), ("--policies", self.policies)):
-            if value < 1:
-                raise JobConfigError(f"{name} must be at least 1, got {value}.")
-        if self.drafter not in demo_drafters():
-            raise JobConfigError(f"--drafter {self.drafter} is not a drafter of the demo world "
-                                 f"({', '.join(demo_drafters())}).")
+        require_at_least_one({"--rows": self.rows, "--repeats": self.repeats, "--batch-size": self.batch_size,
+                              "--max-new-tokens": self.max_new_tokens, "--policies": self.policies})
+        require_demo_drafter(self.drafter)
         self.constants()  # fails now, not after the models load
 
     def constants(self) -> dict[str, int]:

@@ -41,7 +41,7 @@ from pipeline.engine.padding import right_pad
 from pipeline.engine.stats import StepTimes, synchronized_time
 from pipeline.engine.target import Target
 from pipeline.job.cli import flag
-from pipeline.job.config import JobConfigError
+from pipeline.job.config import JobConfigError, require_at_least_one
 from pipeline.lab.benchmark import DEMO_TARGET, Workload, _int_list, demo_drafters
 from pipeline.lab.demo import BENCH_PROMPTS, DEMO_WORLD
 from pipeline.lab.report import markdown_table, save_results
@@ -333,10 +333,8 @@ class ReplayConfig:
         "by a tenth to a third between recordings)"))
 
     def __post_init__(self):
-        for name, value in (("--rows", self.rows), ("--seeds", self.seeds), ("--max-gamma", self.max_gamma),
-                            ("--max-new-tokens", self.max_new_tokens), ("--batch-sizes", min(self.batch_sizes))):
-            if value < 1:
-                raise JobConfigError(f"{name} must be at least 1, got {value}.")
+        require_at_least_one({"--rows": self.rows, "--seeds": self.seeds, "--max-gamma": self.max_gamma,
+                              "--max-new-tokens": self.max_new_tokens, "--batch-sizes": min(self.batch_sizes)})
         unknown = [d for d in self.drafters if d not in demo_drafters()]
         if unknown:
             raise JobConfigError(f"--drafters: {unknown} are not drafters of the demo world "

@@ -33,8 +33,8 @@ from pipeline.engine.gamma import AUTO, GammaPolicy, batch_bucket
 from pipeline.engine.stats import StepTimes
 from pipeline.engine.target import Target
 from pipeline.job.cli import flag
-from pipeline.job.config import JobConfigError
-from pipeline.lab.benchmark import DEMO_TARGET, Workload, _int_list, demo_drafters
+from pipeline.job.config import JobConfigError, require_at_least_one
+from pipeline.lab.benchmark import DEMO_TARGET, Workload, _int_list, demo_drafters, require_demo_drafter
 from pipeline.lab.demo import BENCH_PROMPTS, DEMO_WORLD
 from pipeline.lab.report import markdown_table, save_results
 
@@ -59,13 +59,9 @@ class TruthConfig:
     output: str = field(default="out/gamma_truth", metadata=flag("where results.json goes"))
 
     def __post_init__(self):
-        for name, value in (("--rows", self.rows), ("--reps", self.reps), ("--batch-size", self.batch_size),
-                            ("--max-new-tokens", self.max_new_tokens)):
-            if value < 1:
-                raise JobConfigError(f"{name} must be at least 1, got {value}.")
-        if self.drafter not in demo_drafters():
-            raise JobConfigError(f"--drafter {self.drafter} is not a drafter of the demo world "
-                                 f"({', '.join(demo_drafters())}).")
+        require_at_least_one({"--rows": self.rows, "--reps": self.reps, "--batch-size": self.batch_size,
+                              "--max-new-tokens": self.max_new_tokens})
+        require_demo_drafter(self.drafter)
         if any(gamma < 0 for gamma in self.gammas):
             raise JobConfigError(f"--gammas must be non-negative integers, got {self.gammas}.")
         self.gammas = sorted({0, *self.gammas})
