@@ -378,10 +378,12 @@ class Benchmark:
             assistant = self.drafters[config.assistant].model.language_model
             runs[HF_ASSISTED] = [partial(hf_generate_tokens, self.target, [b], config.max_new_tokens,
                                          assistant_model=assistant) for b in hf_batches]
+        def policies_of(gamma) -> range:  # fresh engines per drafter at this gamma
+            return range(config.auto_policies if gamma == AUTO else 1)
+
         engines = {(None, 0, 0): self._new_engine(None, 0)}
         engines.update({(name, gamma, policy): self._new_engine(name, gamma)
-                        for name in self.drafters for gamma in config.gammas
-                        for policy in range(config.auto_policies if gamma == AUTO else 1)})
+                        for name in self.drafters for gamma in config.gammas for policy in policies_of(gamma)})
         for key, engine in engines.items():
             runs[key] = decode_parts(engine, self.workload.prompts, batch_size, config.continuous_batching)
         if config.turns_by_pass:
@@ -402,18 +404,18 @@ class Benchmark:
                           timed.outputs[-1], reference)
         self._add(plain.measurement, reference, reference)
         plain_step_s = plain.times.seconds_per_verify
-        for (name, gamma, policy), engine in engines.items():
+        for name, gamma, policy in engines:
             if name is None or policy:
                 continue
             policies = [self._engine_run(name, gamma, batch_size, engines[(name, gamma, i)],
                                          timings[(name, gamma, i)])
-                        for i in range(config.auto_policies if gamma == AUTO else 1)]
+                        for i in policies_of(gamma)]
             run = sorted(policies, key=lambda r: r.measurement.seconds)[len(policies) // 2]  # the median one's
             m = run.measurement
             if gamma == AUTO:
                 m.policies_tokens_per_s = [r.measurement.tokens_per_s for r in policies]
                 # every policy's tokens must be the target's: the row counts the fewest identical rows among them
-                worst = min(policies, key=lambda r: sum(a == b for a, b in zip(r.tokens, reference)))
+                worst = min(policies, key=lambda r: identical_rows(r.tokens, reference))
                 run = dataclasses.replace(run, tokens=worst.tokens)
             if plain_step_s and run.times.num_draft_forwards:
                 m.cost_ratio = run.times.seconds_per_draft_forward / plain_step_s
@@ -447,7 +449,7 @@ class Benchmark:
         """Record a measurement: its speedup over HF generate at its batch size and, given a reference, how many
         rows it decoded identically."""
         if reference is not None:
-            m.identical = sum(a == b for a, b in zip(tokens, reference))
+            m.identical = identical_rows(tokens, reference)
         self.measurements.append(m)
         hf = self._hf_generate(m.batch_size)  # measured first at each batch size
         if hf is not None and hf.rows == m.rows:  # the same rows (the caption job comparison runs more)
@@ -593,6 +595,11 @@ def round_by_round(m: Measurement, reference: Measurement) -> str:
         return ""
     ratios = sorted(theirs / ours for ours, theirs in zip(m.round_seconds, reference.round_seconds))
     return f", round by round {ratios[0]:.2f}-{ratios[-1]:.2f}"
+
+
+def identical_rows(tokens: list[list[int]], reference: list[list[int]]) -> int:
+    """Rows whose tokens equal the reference's."""
+    return sum(a == b for a, b in zip(tokens, reference))
 
 
 def policy_range(m: Measurement, reference: Measurement) -> str:
