@@ -15,10 +15,11 @@ an image-grid aware rope index, text after an image below its slot) continue eac
 row from its own offset, and so does a MASSV drafter that reads their positions.
 Masks work on slots; positions only feed the rotary embedding (see families.py).
 
-Rows under continuous batching: the buffers keep the rows of the largest batch so far;
-the live rows are the first B. A row that joins is written into a spare row, and one
-that leaves hands its place to a live row from the end, so neither copies the rows
-that stay (select_rows copies only the rows that move).
+Rows under continuous batching: one buffer holds every layer's keys and values and the rows
+of the largest batch so far; the live rows are the first B. A row that joins is written into
+a spare row, and one that leaves hands its place to a live row from the end, so neither
+copies the rows that stay (select_rows copies only the rows that move), and a row moves, every
+layer of it, in one copy.
 
 Memory bound: the buffer holds at most max_i(length_i) + q + GROWTH_SLOTS slots per
 row, where q <= gamma + 1 is the widest forward so far. Rejections do not grow it:
@@ -46,7 +47,7 @@ SLIDING_ATTENTION = "sliding_attention"
 
 
 class RaggedKVCache(Cache):
-    """Per-layer [B, heads, capacity, head_dim] buffers with a length per row."""
+    """Every layer's keys and values, [B, heads, capacity, head_dim] each, with a length per row."""
 
     def __init__(self, num_layers: int, lengths: torch.Tensor, device: torch.device,
                  position_offsets: torch.Tensor | None = None):
@@ -57,9 +58,11 @@ class RaggedKVCache(Cache):
         # [B] rotary position minus slot, per row, on the host (0 for one-axis families)
         self._set_offsets(torch.zeros_like(self.lengths) if position_offsets is None
                           else position_offsets.to("cpu", torch.long).clone())
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
+        # every layer's keys and values in one buffer [layers, 2 (keys, values), rows, heads, capacity, head_dim], so
+        # that moving a row is one copy, not two a layer (see select_rows); None until the cache has rows
+        self.store: torch.Tensor | None = None
         self._write_slots: torch.Tensor | None = None  # [B, q] on device: slots of the forward in flight
+        self._write_index, self._write_index_shape = None, None  # see _flat_write_index
         self._common_start: int | None = None  # the forward in flight's first slot, where every row's is the same
         self.kv_len = 0  # slots the forward in flight attends over: max_i(length_i) + q
 
@@ -70,23 +73,34 @@ class RaggedKVCache(Cache):
         if slots is None or slots.shape[1] != key_states.shape[2]:
             raise RuntimeError("RaggedKVCache.begin_forward(q) must be called before a forward of q tokens")
         kv_len, rows = self.kv_len, len(self.lengths)
-        if self.keys[layer_idx] is None:
-            self.keys[layer_idx] = _empty_like_rows(key_states, kv_len + GROWTH_SLOTS)
-            self.values[layer_idx] = _empty_like_rows(value_states, kv_len + GROWTH_SLOTS)
-        elif self.keys[layer_idx].shape[2] < kv_len:
-            self.keys[layer_idx] = _grow(self.keys[layer_idx], rows, kv_len + GROWTH_SLOTS)
-            self.values[layer_idx] = _grow(self.values[layer_idx], rows, kv_len + GROWTH_SLOTS)
-        keys, values = self.keys[layer_idx][:rows], self.values[layer_idx][:rows]  # views: the live rows
+        if self.store is None:
+            self.store = _new_store(self.num_layers, key_states, rows, kv_len + GROWTH_SLOTS)
+        elif self.store.shape[4] < kv_len:  # every layer grows at once, at the first layer's write
+            self.store = _grow(self.store, rows, kv_len + GROWTH_SLOTS)
+        keys, values = self.store[layer_idx, :, :rows].unbind()  # views: the live rows
         start = self._common_start
         if start is not None:  # every row writes the same slots (batch 1; plain steps of rows of one length): a
             # slice's copy, not a scatter and its index (a target decode step of the demo world 0.93-0.99x the time)
             keys[:, :, start:kv_len].copy_(key_states)
             values[:, :, start:kv_len].copy_(value_states)
-        else:
-            index = slots[:, None, :, None].expand(-1, key_states.shape[1], -1, key_states.shape[3])
-            keys.scatter_(2, index, key_states)
-            values.scatter_(2, index, value_states)
+        else:  # rows write different slots (ragged rows, as continuous batching and drafting steps make them)
+            index = self._flat_write_index(keys.shape[1], keys.shape[2])
+            dim = keys.shape[3]
+            keys.view(-1, dim).index_copy_(0, index, key_states.reshape(-1, dim))
+            values.view(-1, dim).index_copy_(0, index, value_states.reshape(-1, dim))
         return keys[:, :, :kv_len], values[:, :, :kv_len]
+
+    def _flat_write_index(self, heads: int, capacity: int) -> torch.Tensor:
+        """[B * heads * q]: where the forward in flight's states [B, heads, q, dim] go among the live rows' [B * heads *
+        capacity] slot vectors, computed once a forward (per buffer shape). A copy of the states' slot vectors by it
+        took half a scatter's time at 32 rows of the demo world's 2 heads of 32, a third at 8 heads of 128 (3.7 against
+        6.9 us; 12.8 against 44.6), and the scatter's extra time was 4% of a plain step in continuous batching."""
+        if self._write_index_shape != (heads, capacity):
+            slots = self._write_slots  # [B, q]
+            row_heads = torch.arange(len(slots) * heads, device=slots.device).view(-1, heads, 1)  # [B, heads, 1]
+            self._write_index = (row_heads * capacity + slots[:, None, :]).reshape(-1)
+            self._write_index_shape = (heads, capacity)
+        return self._write_index
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.lengths.max()) if self.lengths.numel() else 0
@@ -100,6 +114,7 @@ class RaggedKVCache(Cache):
         self.kv_len = longest + q
         self._common_start = longest if shortest == longest else None
         self._write_slots = slots.to(self.device, non_blocking=True)
+        self._write_index_shape = None
         return self._write_slots
 
     @property
@@ -130,41 +145,41 @@ class RaggedKVCache(Cache):
         moves = [(place, row) for place, row in enumerate(rows.tolist()) if place != row]
         if not moves:
             return
+        store = self.store
+        if store is None:
+            return
         if all(row >= len(rows) for _, row in moves):  # in place: no source row is overwritten before it is read
-            buffers = [buffer for buffer in [*self.keys, *self.values] if buffer is not None]
-            if self.device.type == "cpu":  # row by row: a row's copy is one memcpy, where an indexed copy of the same
-                # rows took twice as long (133 against 60 us for 2 rows of the demo world's 4-layer cache at batch
-                # 32, 340 against 177 for 6; a row's committed slots alone, a strided copy, took longer than it all)
-                for buffer in buffers:
-                    for place, row in moves:
-                        buffer[place].copy_(buffer[row])
-            else:  # an indexed copy per buffer: a gather and a scatter, however many rows move
+            if self.device.type == "cpu":  # row by row: a row's copy (every layer's keys and values) is one strided
+                # copy, where an indexed copy of the same rows took 4-5x as long (83 against 17 us for 2 rows of the
+                # demo world's cache at batch 32, 238 against 57 for 6; with a buffer per layer, a copy a row and
+                # buffer took 60 us for 2 rows; a row's committed slots alone, a strided copy, took longer than it all)
+                for place, row in moves:
+                    store[:, :, place].copy_(store[:, :, row])
+            else:  # an indexed copy: a gather and a scatter, however many rows move
                 places, sources = (torch.tensor(side, device=self.device) for side in zip(*moves))
-                for buffer in buffers:
-                    buffer[places] = buffer[sources]
+                store[:, :, places] = store[:, :, sources]
         else:
-            rows = rows.to(self.device)
-            self.keys = [None if k is None else k[rows] for k in self.keys]
-            self.values = [None if v is None else v[rows] for v in self.values]
+            self.store = store[:, :, rows.to(self.device)]
 
     def append_rows(self, other: RaggedKVCache, start: int = 0) -> None:
         """Add another cache's rows from `start` on after these: rows admitted into a running batch. They are
         written into the buffers' spare rows (rows that left the batch), so the running rows are not copied unless
-        the buffers must grow."""
+        the buffers must grow: one copy for every layer's keys and values (a copy of each cost 95 us a join of the
+        demo world's 4 layers, 3% of continuous batching's time)."""
         rows, new = len(self.lengths), len(other.lengths) - start
         self.lengths = torch.cat([self.lengths, other.lengths[start:]])
         self._set_offsets(torch.cat([self.position_offsets, other.position_offsets[start:]]))
-        for buffers, incoming in ((self.keys, other.keys), (self.values, other.values)):
-            for i, (buffer, states) in enumerate(zip(buffers, incoming)):
-                if states is None:
-                    continue
-                states = states[start : start + new]
-                if buffer is None:  # a cache without rows yet
-                    buffer = buffers[i] = states.new_zeros(new, *states.shape[1:])
-                if buffer.shape[0] < rows + new or buffer.shape[2] < states.shape[2]:
-                    buffer = buffers[i] = _grow(buffer, rows, max(buffer.shape[2], states.shape[2]), rows + new)
-                buffer[rows : rows + new, :, : states.shape[2]] = states
-                buffer[rows : rows + new, :, states.shape[2] :] = 0
+        if other.store is None:
+            return
+        states = other.store[:, :, start : start + new]
+        store = self.store
+        if store is None:  # a cache without rows yet
+            store = states.new_zeros(*states.shape)
+        if store.shape[2] < rows + new or store.shape[4] < states.shape[4]:
+            store = _grow(store, rows, max(store.shape[4], states.shape[4]), rows + new)
+        store[:, :, rows : rows + new, :, : states.shape[4]] = states
+        store[:, :, rows : rows + new, :, states.shape[4] :] = 0
+        self.store = store
 
     @classmethod
     def empty_like(cls, other: RaggedKVCache) -> RaggedKVCache:
@@ -173,7 +188,16 @@ class RaggedKVCache(Cache):
 
     @property
     def capacity(self) -> int:
-        return max((k.shape[2] for k in self.keys if k is not None), default=0)
+        return self.store.shape[4] if self.store is not None else 0
+
+    @property
+    def keys(self) -> list[torch.Tensor]:
+        """Each layer's keys [rows, heads, capacity, head_dim] (views of the store: every row it holds, live or not)."""
+        return [] if self.store is None else list(self.store[:, 0])
+
+    @property
+    def values(self) -> list[torch.Tensor]:
+        return [] if self.store is None else list(self.store[:, 1])
 
     @classmethod
     def from_left_padded(cls, hf_cache: Cache, lengths: torch.Tensor, padded_len: int,
@@ -184,47 +208,46 @@ class RaggedKVCache(Cache):
         slots; those are exactly the ones later queries can see.
         """
         layers = hf_cache.layers
-        device = layers[0].keys.device
-        cache = cls(len(layers), lengths, device, position_offsets)
-        capacity = padded_len + GROWTH_SLOTS
+        cache = cls(len(layers), lengths, layers[0].keys.device, position_offsets)
+        cache.store = _new_store(len(layers), layers[0].keys, len(lengths), padded_len + GROWTH_SLOTS)
         # rows of one length move with one copy a layer (a gather of every slot cost 5.6 ms at batch 32 on the demo
         # world, 16% of a prefill; slices 0.16 ms); prompts of one template are often all of one length
         by_length: dict[int, list[int]] = {}
         for row, length in enumerate(cache.lengths.tolist()):
             by_length.setdefault(length, []).append(row)
-        groups = [(length, None if len(rows) == len(cache.lengths) else torch.tensor(rows, device=device))
+        groups = [(length, None if len(rows) == len(cache.lengths) else torch.tensor(rows, device=cache.device))
                   for length, rows in by_length.items()]
         for i, layer in enumerate(layers):
-            cache.keys[i] = _right_aligned(layer.keys, groups, capacity)
-            cache.values[i] = _right_aligned(layer.values, groups, capacity)
+            _right_align(layer.keys, groups, cache.store[i, 0])
+            _right_align(layer.values, groups, cache.store[i, 1])
         return cache
 
 
-def _right_aligned(
+def _right_align(
     states: torch.Tensor,  # [B, H, n, D]: a left-padded prefill's last n slots (n < the padded length in a window)
     groups: list[tuple[int, torch.Tensor | None]],  # (length, its rows; None: every row)
-    capacity: int,
-) -> torch.Tensor:  # [B, H, capacity, D]: each row's tokens from slot 0 on, zeros after (padding may hold NaN)
+    out: torch.Tensor,  # [B, H, capacity, D], zeros: gets each row's tokens from slot 0 on (padding may hold NaN)
+) -> None:
     n = states.shape[2]
-    out = _empty_like_rows(states, capacity)
     for length, rows in groups:
         kept = min(length, n)  # a sliding window keeps only the last n slots: the ones later queries can see
         if rows is None:
             out[:, :, length - kept : length] = states[:, :, n - kept :]
         else:
             out[rows, :, length - kept : length] = states[rows, :, n - kept :]
-    return out
 
 
-def _empty_like_rows(states: torch.Tensor, capacity: int) -> torch.Tensor:
-    b, h, _, d = states.shape
-    return states.new_zeros(b, h, capacity, d)
+def _new_store(num_layers: int, states: torch.Tensor, rows: int, capacity: int) -> torch.Tensor:
+    """Zeros [layers, 2, rows, heads, capacity, head_dim] for layers whose states are shaped as `states` [B, heads, q,
+    head_dim] (every layer of a supported model: one head count and head size)."""
+    return states.new_zeros(num_layers, 2, rows, states.shape[1], capacity, states.shape[3])
 
 
-def _grow(buffer: torch.Tensor, rows: int, capacity: int, row_capacity: int | None = None) -> torch.Tensor:
-    """A larger buffer holding the first `rows` rows of this one (the live ones)."""
-    grown = buffer.new_zeros(max(row_capacity or 0, buffer.shape[0]), buffer.shape[1], capacity, buffer.shape[3])
-    grown[:rows, :, : buffer.shape[2]] = buffer[:rows]
+def _grow(store: torch.Tensor, rows: int, capacity: int, row_capacity: int | None = None) -> torch.Tensor:
+    """A larger store holding the first `rows` rows of this one (the live ones)."""
+    grown = store.new_zeros(*store.shape[:2], max(row_capacity or 0, store.shape[2]), store.shape[3], capacity,
+                            store.shape[5])
+    grown[:, :, :rows, :, : store.shape[4]] = store[:, :, :rows]
     return grown
 
 
