@@ -66,6 +66,9 @@ def test_quick_run_reports_every_configuration(tmp_path, turns):
         if key[0] in (DIRECT, CAPTION_JOB):  # the caption job comparison: its own rows, no HF generate to compare
             assert m["rows"] == QUICK["job_rows"] and m["speedup"] is None, key
             assert (m["against_engine"] is not None) == (key[0] == CAPTION_JOB), key
+            if key[0] == DIRECT:  # fresh auto policies each way, the row the median one's
+                assert len(m["policies_tokens_per_s"]) == QUICK["auto_policies"], key
+                assert m["tokens"] / m["seconds"] in m["policies_tokens_per_s"], key
             continue
         assert m["rows"] == rows and m["speedup"] > 0, key
         if key[0] != ENGINE:
@@ -156,6 +159,10 @@ def test_goals_judge_each_figure():
         _m(ENGINE, NO_DRAFTER, NO_DRAFTER, 8, 1.1, round_seconds=[1.0, 1.1, 1.2]),
         _m(ENGINE, "massv", AUTO, 8, 1.1, round_seconds=[1.2, 1.1, 1.0], policies_tokens_per_s=[100 / 1.3, 100 / 1.1,
                                                                                                  100 / 1.0]),
+        _m(DIRECT, "massv", AUTO, 32, 1.0, batching=STATIC, policies_tokens_per_s=[90, 100, 110]),
+        _m(DIRECT, "massv", AUTO, 32, 1 / 0.9, batching=CONTINUOUS, policies_tokens_per_s=[80, 90, 100]),
+        _m(CAPTION_JOB, "massv", AUTO, 32, 5.0, batching=STATIC, against_engine=0.2),
+        _m(CAPTION_JOB, "massv", AUTO, 32, 5 / 1.2, batching=CONTINUOUS, against_engine=0.24),
     ]
     judged = {g["goal"]: g for g in goals(measurements, "massv")}
     at_1, at_8 = judged["massv >= 2.0x HF generate at batch 1"], judged["massv >= 1.3x HF generate at batch 8"]
@@ -174,6 +181,10 @@ def test_goals_judge_each_figure():
     assert not plain["met"] and "batch 8" in plain["detail"]
     assisted = judged["engine with text-only >= 1.2x HF assisted generation at batch 1"]
     assert assisted["figure"] == pytest.approx(0.8 / 0.6, abs=1e-3) and assisted["met"]
+    batching = judged["continuous batching never slower than static batches (8 rows)"]
+    assert batching["figure"] == pytest.approx(0.9) and not batching["met"]  # the engine's 0.9x, below the job's
+    assert batching["detail"] == ("engine 0.90x, caption job 1.20x, the engine's continuous batching 3 fresh policies "
+                                  "0.80-1.00 against the median static policy")
     analytic = judged["measured speedup >= 90% of the analytic tau / (v + gamma c), v the measured verify cost"]
     assert analytic["figure"] == pytest.approx(0.8) and not analytic["met"]  # batch 8's, the lower of two medians
     assert "batch 1 0.96, batch 8 0.80" in analytic["detail"]
