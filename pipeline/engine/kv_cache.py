@@ -15,11 +15,11 @@ an image-grid aware rope index, text after an image below its slot) continue eac
 row from its own offset, and so does a MASSV drafter that reads their positions.
 Masks work on slots; positions only feed the rotary embedding (see families.py).
 
-Rows under continuous batching: one buffer holds every layer's keys and values and the rows
-of the largest batch so far; the live rows are the first B. A row that joins is written into
-a spare row, and one that leaves hands its place to a live row from the end, so neither
-copies the rows that stay (select_rows copies only the rows that move), and a row moves, every
-layer of it, in one copy.
+Rows under continuous batching: a buffer holds the keys and values of up to LAYERS_PER_STORE
+layers and the rows of the largest batch so far; the live rows are the first B. A row that
+joins is written into a spare row, and one that leaves hands its place to a live row from the
+end, so neither copies the rows that stay (select_rows copies only the rows that move), and a
+row moves in one copy per buffer.
 
 Memory bound: the buffer holds at most max_i(length_i) + q + GROWTH_SLOTS slots per
 row, where q <= gamma + 1 is the widest forward so far. Rejections do not grow it:
@@ -41,6 +41,10 @@ import torch
 from transformers import Cache
 
 GROWTH_SLOTS = 64  # grow in chunks so the buffer is not copied on every step
+# layers whose keys and values share a buffer: a row moves (continuous batching) in one copy per buffer, where two a
+# layer cost the demo world's joins 3% of continuous batching's time; a buffer grows at once, old and new held for the
+# copy (8 of a 32-layer model: a quarter of the cache more, where one buffer for all would double it)
+LAYERS_PER_STORE = 8
 
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
@@ -58,9 +62,10 @@ class RaggedKVCache(Cache):
         # [B] rotary position minus slot, per row, on the host (0 for one-axis families)
         self._set_offsets(torch.zeros_like(self.lengths) if position_offsets is None
                           else position_offsets.to("cpu", torch.long).clone())
-        # every layer's keys and values in one buffer [layers, 2 (keys, values), rows, heads, capacity, head_dim], so
-        # that moving a row is one copy, not two a layer (see select_rows); None until the cache has rows
-        self.store: torch.Tensor | None = None
+        # the keys and values of up to LAYERS_PER_STORE layers in one buffer [layers, 2 (keys, values), rows, heads,
+        # capacity, head_dim], so that moving a row is one copy per store, not two a layer (see select_rows), while
+        # growing a store holds an old and a new copy of that store alone; None until the cache has rows
+        self.stores: list[torch.Tensor] | None = None
         self._write_slots: torch.Tensor | None = None  # [B, q] on device: slots of the forward in flight
         self._write_index, self._write_index_shape = None, None  # see _flat_write_index
         self._common_start: int | None = None  # the forward in flight's first slot, where every row's is the same
@@ -73,11 +78,12 @@ class RaggedKVCache(Cache):
         if slots is None or slots.shape[1] != key_states.shape[2]:
             raise RuntimeError("RaggedKVCache.begin_forward(q) must be called before a forward of q tokens")
         kv_len, rows = self.kv_len, len(self.lengths)
-        if self.store is None:
-            self.store = _new_store(self.num_layers, key_states, rows, kv_len + GROWTH_SLOTS)
-        elif self.store.shape[4] < kv_len:  # every layer grows at once, at the first layer's write
-            self.store = _grow(self.store, rows, kv_len + GROWTH_SLOTS)
-        keys, values = self.store[layer_idx, :, :rows].unbind()  # views: the live rows
+        if self.stores is None:
+            self.stores = _new_stores(self.num_layers, key_states, rows, kv_len + GROWTH_SLOTS)
+        group, layer = divmod(layer_idx, LAYERS_PER_STORE)
+        if self.stores[group].shape[4] < kv_len:  # a store's layers grow at once, at its first layer's write
+            self.stores[group] = _grow(self.stores[group], rows, kv_len + GROWTH_SLOTS)
+        keys, values = self.stores[group][layer, :, :rows].unbind()  # views: the live rows
         start = self._common_start
         if start is not None:  # every row writes the same slots (batch 1; plain steps of rows of one length): a
             # slice's copy, not a scatter and its index (a target decode step of the demo world 0.93-0.99x the time)
@@ -145,41 +151,42 @@ class RaggedKVCache(Cache):
         moves = [(place, row) for place, row in enumerate(rows.tolist()) if place != row]
         if not moves:
             return
-        store = self.store
-        if store is None:
+        if self.stores is None:
             return
         if all(row >= len(rows) for _, row in moves):  # in place: no source row is overwritten before it is read
-            if self.device.type == "cpu":  # row by row: a row's copy (every layer's keys and values) is one strided
-                # copy, where an indexed copy of the same rows took 4-5x as long (83 against 17 us for 2 rows of the
-                # demo world's cache at batch 32, 238 against 57 for 6; with a buffer per layer, a copy a row and
-                # buffer took 60 us for 2 rows; a row's committed slots alone, a strided copy, took longer than it all)
-                for place, row in moves:
-                    store[:, :, place].copy_(store[:, :, row])
-            else:  # an indexed copy: a gather and a scatter, however many rows move
+            if self.device.type == "cpu":  # row by row: a row's copy (a store's keys and values) is one strided copy,
+                # where an indexed copy of the same rows took 4-5x as long (83 against 17 us for 2 rows of the demo
+                # world's cache at batch 32, 238 against 57 for 6; with a buffer per layer, a copy a row and buffer took
+                # 60 us for 2 rows; a row's committed slots alone, a strided copy, took longer than it all)
+                for store in self.stores:
+                    for place, row in moves:
+                        store[:, :, place].copy_(store[:, :, row])
+            else:  # an indexed copy per store: a gather and a scatter, however many rows move
                 places, sources = (torch.tensor(side, device=self.device) for side in zip(*moves))
-                store[:, :, places] = store[:, :, sources]
+                for store in self.stores:
+                    store[:, :, places] = store[:, :, sources]
         else:
-            self.store = store[:, :, rows.to(self.device)]
+            rows = rows.to(self.device)
+            self.stores = [store[:, :, rows] for store in self.stores]
 
     def append_rows(self, other: RaggedKVCache, start: int = 0) -> None:
         """Add another cache's rows from `start` on after these: rows admitted into a running batch. They are
         written into the buffers' spare rows (rows that left the batch), so the running rows are not copied unless
-        the buffers must grow: one copy for every layer's keys and values (a copy of each cost 95 us a join of the
-        demo world's 4 layers, 3% of continuous batching's time)."""
+        the buffers must grow: one copy per store (a copy of each layer's keys and values cost 95 us a join of the
+        demo world's 4 layers, 3% of continuous batching's time; 46 us in one store)."""
         rows, new = len(self.lengths), len(other.lengths) - start
         self.lengths = torch.cat([self.lengths, other.lengths[start:]])
         self._set_offsets(torch.cat([self.position_offsets, other.position_offsets[start:]]))
-        if other.store is None:
+        if other.stores is None:
             return
-        states = other.store[:, :, start : start + new]
-        store = self.store
-        if store is None:  # a cache without rows yet
-            store = states.new_zeros(*states.shape)
-        if store.shape[2] < rows + new or store.shape[4] < states.shape[4]:
-            store = _grow(store, rows, max(store.shape[4], states.shape[4]), rows + new)
-        store[:, :, rows : rows + new, :, : states.shape[4]] = states
-        store[:, :, rows : rows + new, :, states.shape[4] :] = 0
-        self.store = store
+        if self.stores is None:  # a cache without rows yet
+            self.stores = [store.new_zeros(store.shape[0], 2, 0, *store.shape[3:]) for store in other.stores]
+        for i, incoming in enumerate(other.stores):
+            states, store = incoming[:, :, start : start + new], self.stores[i]
+            if store.shape[2] < rows + new or store.shape[4] < states.shape[4]:
+                store = self.stores[i] = _grow(store, rows, max(store.shape[4], states.shape[4]), rows + new)
+            store[:, :, rows : rows + new, :, : states.shape[4]] = states
+            store[:, :, rows : rows + new, :, states.shape[4] :] = 0
 
     @classmethod
     def empty_like(cls, other: RaggedKVCache) -> RaggedKVCache:
@@ -188,16 +195,16 @@ class RaggedKVCache(Cache):
 
     @property
     def capacity(self) -> int:
-        return self.store.shape[4] if self.store is not None else 0
+        return max((store.shape[4] for store in self.stores), default=0) if self.stores is not None else 0
 
     @property
     def keys(self) -> list[torch.Tensor]:
-        """Each layer's keys [rows, heads, capacity, head_dim] (views of the store: every row it holds, live or not)."""
-        return [] if self.store is None else list(self.store[:, 0])
+        """Each layer's keys [rows, heads, capacity, head_dim] (views of its store: every row it holds, live or not)."""
+        return [] if self.stores is None else [layer for store in self.stores for layer in store[:, 0]]
 
     @property
     def values(self) -> list[torch.Tensor]:
-        return [] if self.store is None else list(self.store[:, 1])
+        return [] if self.stores is None else [layer for store in self.stores for layer in store[:, 1]]
 
     @classmethod
     def from_left_padded(cls, hf_cache: Cache, lengths: torch.Tensor, padded_len: int,
@@ -209,7 +216,7 @@ class RaggedKVCache(Cache):
         """
         layers = hf_cache.layers
         cache = cls(len(layers), lengths, layers[0].keys.device, position_offsets)
-        cache.store = _new_store(len(layers), layers[0].keys, len(lengths), padded_len + GROWTH_SLOTS)
+        cache.stores = _new_stores(len(layers), layers[0].keys, len(lengths), padded_len + GROWTH_SLOTS)
         # rows of one length move with one copy a layer (a gather of every slot cost 5.6 ms at batch 32 on the demo
         # world, 16% of a prefill; slices 0.16 ms); prompts of one template are often all of one length
         by_length: dict[int, list[int]] = {}
@@ -218,8 +225,9 @@ class RaggedKVCache(Cache):
         groups = [(length, None if len(rows) == len(cache.lengths) else torch.tensor(rows, device=cache.device))
                   for length, rows in by_length.items()]
         for i, layer in enumerate(layers):
-            _right_align(layer.keys, groups, cache.store[i, 0])
-            _right_align(layer.values, groups, cache.store[i, 1])
+            store = cache.stores[i // LAYERS_PER_STORE][i % LAYERS_PER_STORE]
+            _right_align(layer.keys, groups, store[0])
+            _right_align(layer.values, groups, store[1])
         return cache
 
 
@@ -237,16 +245,20 @@ def _right_align(
             out[rows, :, length - kept : length] = states[rows, :, n - kept :]
 
 
-def _new_store(num_layers: int, states: torch.Tensor, rows: int, capacity: int) -> torch.Tensor:
-    """Zeros [layers, 2, rows, heads, capacity, head_dim] for layers whose states are shaped as `states` [B, heads, q,
-    head_dim] (every layer of a supported model: one head count and head size)."""
-    return states.new_zeros(num_layers, 2, rows, states.shape[1], capacity, states.shape[3])
+def _new_stores(num_layers: int, states: torch.Tensor, rows: int, capacity: int) -> list[torch.Tensor]:
+    """Zeros [layers, 2, rows, heads, capacity, head_dim], LAYERS_PER_STORE layers a store (the last one the rest), for
+    layers whose states are shaped as `states` [B, heads, q, head_dim] (every layer of a supported model: one head
+    count and head size)."""
+    return [states.new_zeros(min(LAYERS_PER_STORE, num_layers - first), 2, rows, states.shape[1], capacity,
+                             states.shape[3])
+            for first in range(0, num_layers, LAYERS_PER_STORE)]
 
 
 def _grow(store: torch.Tensor, rows: int, capacity: int, row_capacity: int | None = None) -> torch.Tensor:
     """A larger store holding the first `rows` rows of this one (the live ones)."""
     grown = store.new_zeros(*store.shape[:2], max(row_capacity or 0, store.shape[2]), store.shape[3], capacity,
                             store.shape[5])
+    rows = min(rows, store.shape[2])  # (a cache given rows but no forward yet holds none)
     grown[:, :, :rows, :, : store.shape[4]] = store[:, :, :rows]
     return grown
 

@@ -3,7 +3,7 @@
 import torch
 from transformers import DynamicCache
 
-from pipeline.engine.kv_cache import GROWTH_SLOTS, RaggedKVCache, attention_masks, layer_types_of
+from pipeline.engine.kv_cache import GROWTH_SLOTS, LAYERS_PER_STORE, RaggedKVCache, attention_masks, layer_types_of
 
 
 def allowed(mask):
@@ -64,22 +64,30 @@ def test_rows_of_one_length_write_one_slice_and_ragged_rows_an_indexed_copy_alik
     """A forward whose rows all start at one slot (batch 1, plain steps of rows of one length) writes its states as
     one slice; ragged rows write through an indexed copy; as rows move from one to the other, slot t holds position
     t in every layer, head and channel (layer l, head h, channel c: t + 1000 l + 100 h + 10 c), keys and values
-    apart (values negated)."""
-    cache = RaggedKVCache(num_layers=2, lengths=torch.tensor([3, 3]), device="cpu")
+    apart (values negated), across the buffers that hold the layers; and a row that moves, every layer of it."""
+    layers = LAYERS_PER_STORE + 2  # two buffers
+    cache = RaggedKVCache(num_layers=layers, lengths=torch.tensor([3, 3, 3]), device="cpu")
     marks = 100 * torch.arange(2)[None, :, None, None] + 10 * torch.arange(3)[None, None, None, :]  # [1, heads, 1, dim]
-    for kept in ([2, 2], [1, 3], [2, 0], [3, 3]):  # equal lengths, ragged, equal again
+    row_marks = torch.tensor([0, 0, 1])[:, None, None, None] * 0.5  # row 2's states apart from row 0's
+    for kept in ([2, 2, 2], [1, 3, 2], [2, 0, 1], [3, 3, 3]):  # equal lengths, ragged, equal again
         positions = cache.begin_forward(3)
         assert (cache._common_start is not None) == (len(set(cache.lengths.tolist())) == 1)
-        for layer in range(2):
-            states = (positions[:, None, :, None] + marks + 1000 * layer).float()  # [rows, 2 heads, q, 3 channels]
-            cache.update(states, -states, layer)
+        for layer in range(layers):
+            states = positions[:, None, :, None] + marks + 1000 * layer + row_marks  # [rows, 2 heads, q, 3 channels]
+            cache.update(states.float(), -states.float(), layer)
         cache.end_forward(3)
         cache.rollback(3 - torch.tensor(kept))
-    assert cache.lengths.tolist() == [11, 11]
-    expected = (torch.arange(3, 11)[None, None, :, None] + marks).float().expand(2, -1, -1, -1)
-    for layer in range(2):
-        assert torch.equal(cache.keys[layer][:2, :, 3:11], expected + 1000 * layer)
-        assert torch.equal(cache.values[layer][:2, :, 3:11], -expected - 1000 * layer)
+    assert cache.lengths.tolist() == [11, 11, 11]
+
+    def expect(rows):
+        written = (torch.arange(3, 11)[None, None, :, None] + marks).float() + row_marks[rows]
+        for layer in range(layers):
+            assert torch.equal(cache.keys[layer][: len(rows), :, 3:11], written + 1000 * layer)
+            assert torch.equal(cache.values[layer][: len(rows), :, 3:11], -written - 1000 * layer)
+
+    expect([0, 1, 2])
+    cache.select_rows(torch.tensor([2, 1]))  # row 0 leaves, row 2 takes its place in every buffer
+    expect([2, 1])
 
 
 def filled(lengths: list[int], first: float) -> RaggedKVCache:
@@ -96,12 +104,12 @@ def test_rows_leave_and_join_without_copying_the_running_rows():
     """Continuous batching: a leaver's place goes to a row from the end (only that row is copied), and admitted
     rows are written into the spare rows of the same buffers, so the running rows stay where they are."""
     cache = filled([0, 0, 0], first=10.0)  # rows hold 10, 11, 12 at their 3 slots
-    store, buffer = cache.store, cache.keys[0]
+    store, buffer = cache.stores[0], cache.keys[0]
     cache.select_rows(torch.tensor([2, 1]))  # row 0 leaves; row 2 takes its place
-    assert cache.store is store and buffer[0, 0, :3, 0].tolist() == [12.0] * 3
+    assert cache.stores[0] is store and buffer[0, 0, :3, 0].tolist() == [12.0] * 3
     assert buffer[1, 0, :3, 0].tolist() == [11.0] * 3
     cache.append_rows(filled([0], first=20.0))  # a row joins in the spare row
-    assert cache.store is store and cache.lengths.tolist() == [3, 3, 3]
+    assert cache.stores[0] is store and cache.lengths.tolist() == [3, 3, 3]
     assert [buffer[i, 0, :3, 0].tolist() for i in range(3)] == [[12.0] * 3, [11.0] * 3, [20.0] * 3]
     cache.begin_forward(1)
     keys, _ = cache.update(torch.zeros(3, 1, 1, 1), torch.zeros(3, 1, 1, 1), 0)
@@ -112,7 +120,7 @@ def test_staged_rows_move_from_the_end_of_their_cache():
     """Rows prefilled ahead join from the end of the staging cache: those that stay behind are not copied, and a
     cache without rows yet takes them as well as one with rows."""
     staged = filled([0, 0, 0, 0], first=30.0)
-    staged_store, staged_buffer = staged.store, staged.keys[0]
+    staged_store, staged_buffer = staged.stores[0], staged.keys[0]
     running = RaggedKVCache.empty_like(staged)
     running.append_rows(staged, start=3)  # the last row joins an empty batch
     staged.select_rows(torch.arange(3))
@@ -121,5 +129,5 @@ def test_staged_rows_move_from_the_end_of_their_cache():
     staged.select_rows(torch.arange(1))
     assert running.lengths.tolist() == [3, 3, 3]
     assert [running.keys[0][i, 0, :3, 0].tolist() for i in range(3)] == [[33.0] * 3, [31.0] * 3, [32.0] * 3]
-    assert staged.store is staged_store and staged.lengths.tolist() == [3]
+    assert staged.stores[0] is staged_store and staged.lengths.tolist() == [3]
     assert staged_buffer[0, 0, :3, 0].tolist() == [30.0] * 3
