@@ -111,11 +111,19 @@ class RowLengths:
 
     def __init__(self, kept: int = LENGTHS_KEPT):
         self.lengths: deque[int] = deque(maxlen=kept)
+        self.counts: Counter[int] = Counter()  # of the kept lengths, kept as they come and go (counted afresh after
+        # every finished row at batch 1, where a row finishes every few steps, they took a tenth of the policy's time)
         self._left: list[float] | None = []  # per t: E[length - t | length > t]; None until recomputed
 
     def observe(self, lengths: Sequence[int]) -> None:
-        if lengths:
-            self.lengths.extend(lengths)
+        for length in lengths:
+            if len(self.lengths) == self.lengths.maxlen:  # the oldest goes as this one comes
+                oldest = self.lengths[0]
+                self.counts[oldest] -= 1
+                if not self.counts[oldest]:
+                    del self.counts[oldest]
+            self.lengths.append(length)
+            self.counts[length] += 1
             self._left = None
 
     def mean_left(self, emitted: Sequence[int]) -> float | None:
@@ -129,7 +137,7 @@ class RowLengths:
         return sum(map(self._left.__getitem__, emitted)) / max(len(emitted), 1)  # (each step decides: kept cheap)
 
     def _expected_left(self) -> list[float]:
-        counts = Counter(self.lengths)
+        counts = self.counts
         longest = max(counts)
         left, rows, tokens = [1.0] * (longest + 1), 0, 0
         for t in range(longest, -1, -1):  # rows longer than t, and their tokens
@@ -575,11 +583,12 @@ class GammaPolicy:
             # last measured position's rate stands in only for a position never measured, and acceptance falls
             # along a draft: letting a measured position fade into its predecessor's rate overrated longer drafts,
             # and auto kept trying them)
+            accepted_rows = Counter(num_accepted).items()
+            memory = self.memory
             for reached, accepted in ((self.reached, self.accepted), (costs.reached, costs.accepted)):
-                for i in range(k):
-                    reached[i] *= self.memory
-                    accepted[i] *= self.memory
-                for n, rows in Counter(num_accepted).items():
+                reached[:k] = [r * memory for r in reached[:k]]
+                accepted[:k] = [a * memory for a in accepted[:k]]
+                for n, rows in accepted_rows:
                     for i in range(min(n + 1, k)):
                         reached[i] += rows
                     for i in range(n):

@@ -342,6 +342,11 @@ def test_the_lengths_of_finished_rows_say_how_many_tokens_a_row_has_left():
     assert lengths.mean_left([25]) == pytest.approx(5)
     assert lengths.mean_left([30]) == lengths.mean_left([99]) == 1.0  # longer than any row seen: about to end
     assert lengths.mean_left([0, 25]) == pytest.approx(12.5)
+    few = RowLengths(kept=3)  # the latest kept: the oldest go as new ones come
+    few.observe([10, 20])
+    few.observe([30, 40, 20])
+    assert list(few.lengths) == [30, 40, 20] and few.counts == {20: 1, 30: 1, 40: 1}
+    assert few.mean_left([15]) == pytest.approx(15)  # rows of 20, 30 and 40: 5, 15 or 25 left
 
 
 def test_plain_steps_right_after_drafting_ones_are_not_timed():
