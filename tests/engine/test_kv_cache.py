@@ -88,6 +88,19 @@ def test_rows_of_one_length_write_one_slice_and_ragged_rows_an_indexed_copy_alik
     expect([0, 1, 2])
     cache.select_rows(torch.tensor([2, 1]))  # row 0 leaves, row 2 takes its place in every buffer
     expect([2, 1])
+    staged = RaggedKVCache(num_layers=layers, lengths=torch.tensor([3]), device="cpu")  # a row prefilled ahead, longer
+    positions = staged.begin_forward(100)  # than the cache holds: the buffers grow as it joins
+    for layer in range(layers):
+        states = positions[:, None, :, None] + marks + 1000 * layer + 0.25
+        staged.update(states.float(), -states.float(), layer)
+    staged.end_forward(100)
+    cache.append_rows(staged)
+    assert cache.lengths.tolist() == [11, 11, 103] and cache.capacity >= 103
+    expect([2, 1])  # the running rows as they were
+    for layer in range(layers):
+        joined = (torch.arange(3, 103)[None, :, None] + marks[0] + 1000 * layer + 0.25).float()
+        assert torch.equal(cache.keys[layer][2, :, 3:103], joined)
+        assert torch.equal(cache.values[layer][2, :, 3:103], -joined)
 
 
 def filled(lengths: list[int], first: float) -> RaggedKVCache:
