@@ -86,7 +86,8 @@ class RaggedKVCache(Cache):
         keys, values = self.stores[group][layer, :, :rows].unbind()  # views: the live rows
         start = self._common_start
         if start is not None:  # every row writes the same slots (batch 1; plain steps of rows of one length): a
-            # slice's copy, not a scatter and its index (a target decode step of the demo world 0.93-0.99x the time)
+            # slice's copy, not a scatter and its index (a target decode step of the demo world 0.93-0.99x the time),
+            # nor an indexed copy
             keys[:, :, start:kv_len].copy_(key_states)
             values[:, :, start:kv_len].copy_(value_states)
         else:  # rows write different slots (ragged rows, as continuous batching and drafting steps make them)
