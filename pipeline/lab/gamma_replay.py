@@ -236,6 +236,7 @@ def replay(policy, answers: list[list[int]], right: list[list[bool]], costs: Ste
             emitted = {i: 1 for i in rows}  # the prefill emits each row's first token
             active = [i for i in rows if len(answers[i]) > 1]
             prefill_waits, first = True, True
+            pending = 1  # what a drafter catches up on: the tokens of these rows since their prefill, not before it
             while active:
                 b = len(active)
                 k = policy.choose(b, prefill_waits, [emitted[i] for i in active], drains=True)  # static batches

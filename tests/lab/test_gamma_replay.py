@@ -10,6 +10,7 @@ from pipeline.job.config import JobConfigError
 from pipeline.lab.benchmark import DEMO_TARGET, Workload, demo_drafters
 from pipeline.lab.demo import BENCH_PROMPTS, DEMO_WORLD
 from pipeline.lab.gamma_replay import (
+    AFTER_PREFILL,
     FixedGamma,
     ReplayConfig,
     StepCosts,
@@ -91,3 +92,36 @@ def test_a_recording_is_replayed_as_recorded(tmp_path):
     with pytest.raises(JobConfigError, match="holds no traces of \\['msd'\\]"):
         run_replay(ReplayConfig(drafters=["msd"], recording=str(recording), output=str(tmp_path / "out")),
                    log=lambda _: None)
+
+
+class _PlainThenDraftAtTheSecondBatch(FixedGamma):
+    """Plain decoding, but 2 drafts on the first step of the second batch; keeps that step's times."""
+
+    def __init__(self):
+        super().__init__(0)
+        self.prefills, self.steps_in_batch, self.drafting_step = 0, 0, None
+
+    def observe_prefill(self) -> None:
+        self.prefills, self.steps_in_batch = self.prefills + 1, 0
+
+    def choose(self, batch_size, prefill_waits=False, emitted=None, drains=False) -> int:
+        self.steps_in_batch += 1
+        return 2 if self.prefills == 2 and self.steps_in_batch == 1 else 0
+
+    def observe(self, k, num_accepted, step) -> None:
+        if k:
+            self.drafting_step = step
+
+
+def test_a_drafter_catches_up_on_its_batchs_tokens_alone():
+    """The drafter's prefill of a batch is put off until a step drafts; that step catches up on the tokens the batch
+    emitted since its prefill, not on every plain step before it (the first batch's, decoded plainly throughout)."""
+    answers = [[1] * 30 for _ in range(16)]
+    right = [[True] * 29 for _ in answers]
+    made_up = costs(0.1e-3)
+    policy = _PlainThenDraftAtTheSecondBatch()
+    replay(policy, answers, right, made_up, 8, seed=1, passes=1, timed_from=0)
+    step = policy.drafting_step
+    catch_up = made_up.draft(8, 1) * 0.05 * 1  # one token since the batch's prefill
+    assert step.draft_s / (step.draft_s + step.verify_s) == pytest.approx(
+        (made_up.draft(8, 2) + catch_up) / (made_up.step(8, 2) * AFTER_PREFILL + catch_up))
