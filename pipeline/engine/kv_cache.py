@@ -150,9 +150,7 @@ class RaggedKVCache(Cache):
         self.lengths = self.lengths[rows]
         self._set_offsets(self.position_offsets[rows])
         moves = [(place, row) for place, row in enumerate(rows.tolist()) if place != row]
-        if not moves:
-            return
-        if self.stores is None:
+        if not moves or self.stores is None:
             return
         if all(row >= len(rows) for _, row in moves):  # in place: no source row is overwritten before it is read
             if self.device.type == "cpu":  # row by row: a row's copy (a store's keys and values) is one strided copy,
@@ -259,7 +257,6 @@ def _grow(store: torch.Tensor, rows: int, capacity: int, row_capacity: int | Non
     """A larger store holding the first `rows` rows of this one (the live ones)."""
     grown = store.new_zeros(*store.shape[:2], max(row_capacity or 0, store.shape[2]), store.shape[3], capacity,
                             store.shape[5])
-    rows = min(rows, store.shape[2])  # (a cache given rows but no forward yet holds none)
     grown[:, :, :rows, :, : store.shape[4]] = store[:, :, :rows]
     return grown
 

@@ -27,6 +27,7 @@ import resource
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -410,7 +411,7 @@ class Benchmark:
             policies = [self._engine_run(name, gamma, batch_size, engines[(name, gamma, i)],
                                          timings[(name, gamma, i)])
                         for i in policies_of(gamma)]
-            run = sorted(policies, key=lambda r: r.measurement.seconds)[len(policies) // 2]  # the median one's
+            run = median_one(policies, lambda r: r.measurement.seconds)
             m = run.measurement
             if gamma == AUTO:
                 m.policies_tokens_per_s = [r.measurement.tokens_per_s for r in policies]
@@ -501,7 +502,7 @@ class Benchmark:
                                             timed.seconds, sum(len(r.tokens) for r in results), None,
                                             rows_per_step=engine.times.mean_rows_per_step, batching=batching,
                                             round_seconds=timed.round_seconds))
-            m = direct[batching] = sorted(measured, key=lambda m: m.seconds)[len(measured) // 2]  # the median one's
+            m = direct[batching] = median_one(measured, lambda m: m.seconds)
             if drafter_name:
                 m.policies_tokens_per_s = [p.tokens_per_s for p in measured]
             self._add(m)
@@ -603,6 +604,12 @@ def round_by_round(m: Measurement, reference: Measurement) -> str:
         return ""
     ratios = sorted(theirs / ours for ours, theirs in zip(m.round_seconds, reference.round_seconds))
     return f", round by round {ratios[0]:.2f}-{ratios[-1]:.2f}"
+
+
+def median_one(runs: list, seconds: Callable) -> object:
+    """The run whose seconds are the median (of an even count, the slower of the middle two): the figure that counts
+    where fresh policies of one code ran in turn."""
+    return sorted(runs, key=seconds)[len(runs) // 2]
 
 
 def identical_rows(tokens: list[list[int]], reference: list[list[int]]) -> int:
