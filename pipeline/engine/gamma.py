@@ -292,6 +292,11 @@ class GammaPolicy:
         costs = self._costs(batch_size)
         behind = self._drafter_behind(prefill_waits)
         recheck = None
+        if costs.decided is not None and costs.decided[1] and costs.decided[2] and not behind:  # drafting, chosen
+            # while the drafter was behind, has caught it up: that choice stands (without the switch's cost drafting
+            # only gains, and the best draft length does not depend on it: a switch adds the same cost to each token
+            # whatever the length); made again, it cost a second decision at each row's start at batch 1
+            costs.decided = (costs.decided[0], costs.decided[1], False)
         held = (costs.decided is not None and costs.steps - costs.decided[0] < REDECIDE
                 and costs.steps < costs.next_probe and costs.decided[2] == behind and not self._after_prefill)
         if not held and prefill_waits and drains and self._drains_into_drafting(batch_size):
@@ -583,12 +588,14 @@ class GammaPolicy:
             # last measured position's rate stands in only for a position never measured, and acceptance falls
             # along a draft: letting a measured position fade into its predecessor's rate overrated longer drafts,
             # and auto kept trying them)
-            accepted_rows = Counter(num_accepted).items()
+            accepted_rows = {}  # rows per accepted count, in first-seen order (a Counter cost 10x as much at 1 row)
+            for n in num_accepted:
+                accepted_rows[n] = accepted_rows.get(n, 0) + 1
             memory = self.memory
             for reached, accepted in ((self.reached, self.accepted), (costs.reached, costs.accepted)):
                 reached[:k] = [r * memory for r in reached[:k]]
                 accepted[:k] = [a * memory for a in accepted[:k]]
-                for n, rows in accepted_rows:
+                for n, rows in accepted_rows.items():
                     for i in range(min(n + 1, k)):
                         reached[i] += rows
                     for i in range(n):

@@ -439,6 +439,28 @@ def test_a_choice_holds_a_few_steps_unless_the_drafter_falls_behind():
     assert policy.choose(1) >= 4
 
 
+def test_a_choice_to_draft_made_while_the_drafter_was_behind_stands_once_it_has_caught_up():
+    """At a row's start the drafter's prefill waits, and drafting is chosen with that switch priced in. Once the
+    drafting step has caught the drafter up, the same data would choose the same draft length (a switch adds the same
+    cost to each token whatever the length, and without it drafting only gains), so the choice is not made again; it
+    still is when the drafter falls behind again (a plain probe)."""
+    policy = policy_after(0.8, draft_s=0.01, verify_s=lambda q: 1.0)
+    policy.observe_finished([24] * 4)  # rows' lengths: a switch is spread over the tokens a row has left
+    policy.observe_drafter_prefill(1, 1, 2.0)  # a dear prefill: it lowers drafting's rate, not the best length
+    costs = policy.buckets[batch_bucket(1)]
+    costs.next_probe = 1000  # no probes here
+    k = policy.choose(1, prefill_waits=True, emitted=[0])
+    assert k >= 4 and costs.decided == (costs.steps, k, True)
+    assert policy.best_gamma(1, prefill_waits=False, emitted=[0]) == k  # the same without the switch
+    made = costs.decided[0]
+    policy.observe(k, [k], StepTimes(0.01 * k, 1.0))  # the drafter caught up in this step
+    assert policy.choose(1, prefill_waits=False, emitted=[k + 1]) == k and costs.decided == (made, k, False)
+    policy.observe(k, [k], StepTimes(0.01 * k, 1.0))
+    policy.observe(0, [0], StepTimes(0.0, 1.0))  # a plain step: the drafter is behind again, the choice made anew
+    policy.choose(1, prefill_waits=False, emitted=[2 * k + 3])
+    assert costs.decided[0] == costs.steps and costs.decided[2]
+
+
 def test_a_choice_is_made_again_when_rows_join():
     """Rows joining (a static batch's next one) make the choice again at once: a switch to drafting has the most tokens
     to pay for the drafter's prefill there, and a choice made mid-batch, with a few tokens a row left, had held on."""
