@@ -20,7 +20,8 @@ choice and drafting is predicted to gain on fewer than a full set of timings, th
 Speculation must beat plain decoding by a margin plus the standard error of the step times compared (see
 best_gamma); plain decoding chosen by less than one timing's noise on a draft length timed once times it again at once
 (see _decide). A choice holds REDECIDE steps, and is made again at once when rows join (a static batch's next one,
-where a switch to drafting has the most tokens left to pay for itself).
+where a switch to drafting has the most tokens left to pay for itself) or when the drafter falls behind; a choice to
+draft made while it was behind stands once it has caught up (see choose).
 
 A step's time is not all that drafting costs: a switch from plain decoding to drafting costs once. A drafter puts its
 prefill off until a step drafts (drafters/put_off.py), so it prefills each row once, and only if the row is drafted
