@@ -293,10 +293,10 @@ class GammaPolicy:
         costs = self._costs(batch_size)
         behind = self._drafter_behind(prefill_waits)
         recheck = None
-        if costs.decided is not None and costs.decided[1] and costs.decided[2] and not behind:  # drafting, chosen
-            # while the drafter was behind, has caught it up: that choice stands (without the switch's cost drafting
-            # only gains, and the best draft length does not depend on it: a switch adds the same cost to each token
-            # whatever the length); made again, it cost a second decision at each row's start at batch 1
+        if costs.decided is not None and costs.decided[1] and costs.decided[2] and not behind:  # a choice to draft
+            # made while the drafter was behind stands once drafting has caught it up: without the switch's cost
+            # drafting only gains, and the best length does not depend on it (a switch adds the same cost to each
+            # token whatever the length); made again, it cost a second decision at each row's start at batch 1
             costs.decided = (costs.decided[0], costs.decided[1], False)
         held = (costs.decided is not None and costs.steps - costs.decided[0] < REDECIDE
                 and costs.steps < costs.next_probe and costs.decided[2] == behind and not self._after_prefill)
