@@ -277,10 +277,13 @@ class PendingPairs:
     An append writes each row's new pairs in place after its count, the capacity doubling when short, so a step costs
     the same however long the head has waited (a plain stretch under `auto`): concatenating and gathering the whole
     buffer at every step, as before, cost 140 us a step at batch 32 on the demo world, and the head, attached but not
-    drafting, cost 7.8% of plain decoding's time. While every row holds as many pairs (`level`: from a prefill on,
-    through plain steps) a plain step's pairs are queued as they are and written in one slice when next read: written
-    at once (a slice, 3 calls fewer than the scatter before it), a plain step's commit took 34 us at batch 32, queued
-    17 us (cProfile), while the head attached but not drafting cost 2-3% of plain decoding's time.
+    drafting, cost 7.8% of plain decoding's time. A plain step's pairs are queued as they are and written when next
+    read: in one slice while every row holds as many pairs (`level`: from a prefill on, through plain steps), else in
+    one scatter for all the queued steps. Written at once (a slice, 3 calls fewer than the scatter before it), a plain
+    step's commit took 34 us at batch 32, queued 17 us (cProfile), while the head attached but not drafting cost 2-3%
+    of plain decoding's time; after a drafting step (counts differ per row) each plain step wrote its own scatter, and
+    plain steps ran 8% slower than the engine's without a drafter for as long as they lasted (batch 1, the demo
+    world; MASSV's, whose drafter keeps no pairs, 1%).
     """
 
     def __init__(self, hidden: torch.Tensor | None, tokens: torch.Tensor | None, counts: torch.Tensor):
@@ -298,31 +301,44 @@ class PendingPairs:
         tokens: torch.Tensor,  # [B, q]: row i's first counts[i] are its new pairs' tokens
         counts: torch.Tensor,  # [B] on the host
     ) -> None:
-        width = tokens.shape[1]
-        if self.level is not None and width == 1:  # every row holds `level` pairs and gets one more (plain steps)
+        if tokens.shape[1] == 1:  # a plain step: every row gets one pair
             self._queued.append((hidden, tokens))
             return
         self._write_queued()
+        self._scatter(hidden, tokens)
+        self.level = None
+        self.counts = self.counts + counts
+
+    def _scatter(
+        self,
+        hidden: torch.Tensor,  # [B, q, H]
+        tokens: torch.Tensor,  # [B, q]
+    ) -> None:
+        """Write each row's q pairs after its count (entries past a row's new count are overwritten by its next
+        pairs); the counts are the caller's to move."""
+        width = tokens.shape[1]
         needed = int(self.counts.max()) + width
         if needed > self.tokens.shape[1]:
             self._widen(2 * needed)
         index = (self.counts[:, None] + torch.arange(width)).to(tokens.device)  # [B, q]
         self.hidden.scatter_(1, index[..., None].expand(-1, -1, hidden.shape[-1]), hidden.to(self.hidden.dtype))
-        self.tokens.scatter_(1, index, tokens)  # entries past a row's count are overwritten by its next pairs
-        self.level = None
-        self.counts = self.counts + counts
+        self.tokens.scatter_(1, index, tokens)
 
     def _write_queued(self) -> None:
-        """Write the queued plain steps' pairs after every row's `level` pairs, in one slice."""
+        """Write the queued plain steps' pairs after every row's pairs: one slice while every row holds `level`, else
+        one scatter for them all."""
         if not self._queued:
             return
         hidden, tokens = (torch.cat(parts, dim=1) for parts in zip(*self._queued))
         self._queued, width = [], tokens.shape[1]
-        if self.level + width > self.tokens.shape[1]:
-            self._widen(2 * (self.level + width))
-        self.hidden[:, self.level : self.level + width] = hidden
-        self.tokens[:, self.level : self.level + width] = tokens
-        self.level += width
+        if self.level is None:
+            self._scatter(hidden, tokens)
+        else:
+            if self.level + width > self.tokens.shape[1]:
+                self._widen(2 * (self.level + width))
+            self.hidden[:, self.level : self.level + width] = hidden
+            self.tokens[:, self.level : self.level + width] = tokens
+            self.level += width
         self.counts = self.counts + width
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -180,8 +180,8 @@ def test_msd_pending_pairs_append_in_place_and_come_out_ragged():
 
 
 def test_msd_pending_pairs_of_plain_steps_go_in_as_a_slice_and_agree_with_a_scatter():
-    """While every row holds as many pairs, plain steps' pairs are queued and go in as one slice when next read; after
-    a step that kept different counts per row, as a scatter; the pairs that come out are the same either way."""
+    """Plain steps' pairs are queued and go in when next read: while every row holds as many pairs as one slice, after
+    a step that kept different counts per row as one scatter for them all; the pairs that come out are the same."""
     from drafters.msd import PendingPairs
 
     pending = PendingPairs(torch.zeros(2, 1, 1), torch.tensor([[1], [2]]), torch.tensor([1, 1]))
@@ -191,9 +191,12 @@ def test_msd_pending_pairs_of_plain_steps_go_in_as_a_slice_and_agree_with_a_scat
     pending.append(torch.ones(2, 2, 1), torch.tensor([[7, 8], [9, -1]]), torch.tensor([2, 1]))  # the queue goes first
     assert pending.level is None
     pending.append(torch.ones(2, 1, 1), torch.tensor([[10], [11]]), torch.tensor([1, 1]))
+    pending.append(torch.full((2, 1, 1), 3.0), torch.tensor([[20], [21]]), torch.tensor([1, 1]))
+    assert len(pending._queued) == 2  # plain steps after a ragged one: written together, when read
     states, tokens, counts = pending.take()
-    assert counts.tolist() == [6, 5] and tokens.tolist() == [[1, 3, 5, 7, 8, 10], [2, 4, 6, 9, 11, 0]]
+    assert counts.tolist() == [7, 6] and tokens.tolist() == [[1, 3, 5, 7, 8, 10, 20], [2, 4, 6, 9, 11, 21, 0]]
     assert states[:, :3, 0].tolist() == [[0.0, 1.0, 2.0]] * 2
+    assert states[0, 5:7, 0].tolist() == [1.0, 3.0] and states[1, 4:6, 0].tolist() == [1.0, 3.0]
     assert pending.level == 0
     pending.append(torch.ones(2, 1, 1), torch.tensor([[12], [13]]), torch.tensor([1, 1]))
     pending.select_rows(torch.tensor([1]))  # rows leaving: what is queued is written first
