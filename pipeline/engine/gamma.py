@@ -102,6 +102,16 @@ def _nearest(measured, k: int) -> int:
     return min(measured, key=lambda m: (abs(m - k), m))
 
 
+def _nearest_each(measured: list[int], count: int) -> list[int]:
+    """_nearest of each k in 0..count-1, measured ascending (the nearest moves only up as k does)."""
+    nearest, j = [], 0
+    for k in range(count):
+        while j + 1 < len(measured) and abs(measured[j + 1] - k) < abs(measured[j] - k):
+            j += 1
+        nearest.append(measured[j])
+    return nearest
+
+
 def batch_bucket(batch_size: int) -> int:
     """1, 2-3, 4-7, 8-15, ... share cost measurements."""
     return max(batch_size, 1).bit_length()
@@ -166,7 +176,8 @@ class _BucketCosts:
     bucket: int = 1  # batch_bucket of the batch sizes it measures
     log_s: dict[int, float] = field(default_factory=dict)  # drafts k -> log S(k) at the machine's usual speed
     relative: dict[int, deque] = field(default_factory=dict)  # drafts k -> its last steps' log times, relative
-    _step_s: tuple[float, dict[int, float]] | None = None  # (the speed it was built at, step_s); None: a step since
+    # (the speed it was built at, S(0..max_gamma)): see step_table; None: observed since
+    _table: tuple[float, list[float]] | None = None
     verify_s: dict[int, float] = field(default_factory=dict)  # tokens verified per row -> besides_drafting_s
     reached: list[float] = field(default_factory=list)  # acceptance counts as GammaPolicy's, at this bucket only
     accepted: list[float] = field(default_factory=list)
@@ -206,7 +217,6 @@ class _BucketCosts:
             speed.log = log_t - self.log_s[k]
         # (neither: a first timing here with nothing just before to set it against; the next step will have this one)
         speed.last_timed = (step, bucket, k)
-        self._step_s = None
 
     def anchors(self, k: int) -> bool:
         """k is the choice here, and measured: its steps set the machine's speed, and every timed step of a probe
@@ -222,12 +232,47 @@ class _BucketCosts:
         """k was timed once here and not probed for free since: its one timing may have been a stall."""
         return len(self.relative.get(k, ())) == 1 and k not in self.checked
 
-    @property
-    def step_s(self) -> dict[int, float]:
-        """S(k) per measured k at the speed now (seconds); built when a decision reads it, not at every step."""
-        if self._step_s is None or self._step_s[0] != self.speed.log:
-            self._step_s = self.speed.log, {m: math.exp(self.speed.log + log_s) for m, log_s in self.log_s.items()}
-        return self._step_s[1]
+    def step_table(self, max_gamma: int) -> list[float]:
+        """S(k) for k = 0..max_gamma at the speed now, in seconds (see GammaPolicy.step_seconds; zeros before any
+        timing), built once per decision: a decision reads S ten times (its contender's rates, the probe's loss, the
+        bucket below's choice), and read one k at a time, S took a third of a decision's time."""
+        speed = self.speed.log
+        if self._table is not None and self._table[0] == speed:
+            return self._table[1]
+        step_s = {m: math.exp(speed + log_s) for m, log_s in self.log_s.items()}
+        table = [0.0] * (max_gamma + 1)
+        if step_s:
+            measured = sorted(step_s)
+            drafting = [m for m in measured if m > 0]  # a drafting step's fixed costs are in these
+            from_any = _nearest_each(measured, max_gamma + 1)
+            from_drafting = _nearest_each(drafting, max_gamma + 1) if drafting else from_any
+            per_draft = (self.draft_s or 0.0) + self.verify_growth(to_plain=False)
+            floor = 1e-9  # the largest measured S(m) with m < k
+            for k in range(max_gamma + 1):
+                if k in step_s:
+                    table[k] = max(step_s[k], step_s.get(0, 0.0), 1e-9)
+                    floor = max(floor, step_s[k])
+                    continue
+                nearest = from_drafting[k] if k > 0 else from_any[k]
+                k_per_draft = (self.draft_s or 0.0) + self.verify_growth(to_plain=True) if k == 0 else per_draft
+                if 0 < k < nearest and 0 in step_s:  # fewer drafts than measured: a draft saves at most its share of
+                    # what drafting adds to a plain step (the rest is the drafting step's fixed cost)
+                    k_per_draft = min(k_per_draft, (step_s[nearest] - step_s[0]) / nearest)
+                table[k] = max(step_s[nearest] + (k - nearest) * k_per_draft, floor)
+        self._table = speed, table
+        return table
+
+    def verify_growth(self, to_plain: bool) -> float:
+        """Seconds the verification grows per verified token, from the widest two widths measured (0 before); with
+        drafts only, unless a plain step's cost is what is predicted. A step that drafts does more than verify one
+        token more (the drafter's inputs, acceptance, rollback): MSD's step with one draft took 1.8 plain steps at 4-7
+        rows, and with that in the growth per token a second draft was predicted at 2.6 and never measured (a
+        prediction too kind is measured and corrected, one too harsh is not)."""
+        widths = sorted(w for w in self.verify_s if to_plain or w > 1)
+        if len(widths) < 2:
+            return 0.0
+        lo, hi = widths[-2], widths[-1]
+        return max((self.verify_s[hi] - self.verify_s[lo]) / (hi - lo), 0.0)
 
 
 @dataclass
@@ -449,7 +494,7 @@ class GammaPolicy:
         once on a slow step held back for good, where one draft does not pay and more do (a drafting step's fixed
         costs: MSD's step with one draft took 1.8 plain steps at 4-7 rows on the demo world)."""
         costs = self._costs(batch_size)
-        candidates = {c for k in costs.step_s or {0} for c in (k - 1, k, k + 1) if 1 <= c <= self.max_gamma}
+        candidates = {c for k in costs.log_s or (0,) for c in (k - 1, k, k + 1) if 1 <= c <= self.max_gamma}
         if not candidates:
             return 0, 0.0, 0.0
         switch_per_token = self.switch_per_token(batch_size, prefill_waits, emitted)
@@ -551,19 +596,7 @@ class GammaPolicy:
         return self._step_seconds(self._costs(batch_size), k)
 
     def _step_seconds(self, costs: _BucketCosts, k: int) -> float:
-        step_s = costs.step_s
-        if not step_s:
-            return 0.0
-        if k in step_s:
-            return max(step_s[k], step_s.get(0, 0.0), 1e-9)
-        drafting = [m for m in step_s if m > 0] if k > 0 else []  # a drafting step's fixed costs are in these
-        nearest = _nearest(drafting or step_s, k)
-        per_draft = (costs.draft_s or 0.0) + self._verify_growth(costs, k == 0)
-        if 0 < k < nearest and 0 in step_s:  # fewer drafts than measured: a draft saves at most its share of what
-            # drafting adds to a plain step (the rest is the drafting step's fixed cost)
-            per_draft = min(per_draft, (step_s[nearest] - step_s[0]) / nearest)
-        seconds = step_s[nearest] + (k - nearest) * per_draft
-        return max([seconds, 1e-9, *(step_s[m] for m in step_s if m < k)])
+        return costs.step_table(self.max_gamma)[k]
 
     def observe(self, k: int, num_accepted: list[int], step: StepTimes) -> None:
         """One step at batch size len(num_accepted): k drafts per row, of which row i kept num_accepted[i]."""
@@ -571,6 +604,7 @@ class GammaPolicy:
             return
         costs = self._costs(len(num_accepted))
         costs.steps += 1
+        costs._table = None
         self._steps += 1
         costs.verify_s[k + 1] = self._average(costs.verify_s.get(k + 1), step.besides_drafting_s)
         # after plain steps (or the drafter's put-off prefill), the drafter's catch-up reads many tokens: not what a
@@ -634,16 +668,3 @@ class GammaPolicy:
 
     def _average(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
-
-    @staticmethod
-    def _verify_growth(costs: _BucketCosts, to_plain: bool) -> float:
-        """Seconds the verification grows per verified token, from the widest two widths measured (0 before); with
-        drafts only, unless a plain step's cost is what is predicted. A step that drafts does more than verify one
-        token more (the drafter's inputs, acceptance, rollback): MSD's step with one draft took 1.8 plain steps at 4-7
-        rows, and with that in the growth per token a second draft was predicted at 2.6 and never measured (a
-        prediction too kind is measured and corrected, one too harsh is not)."""
-        widths = sorted(w for w in costs.verify_s if to_plain or w > 1)
-        if len(widths) < 2:
-            return 0.0
-        lo, hi = widths[-2], widths[-1]
-        return max((costs.verify_s[hi] - costs.verify_s[lo]) / (hi - lo), 0.0)

@@ -195,7 +195,7 @@ def test_the_step_after_a_prefill_is_not_timed():
     assert policy.step_seconds(0, 1) == pytest.approx(1.0)
     policy.observe_prefill()
     policy.observe(3, [3], StepTimes(0.3, 1.0))  # not timed, but its drafts count
-    assert policy.buckets[1].reached[:3] == [1.0, 1.0, 1.0] and 3 not in policy.buckets[1].step_s
+    assert policy.buckets[1].reached[:3] == [1.0, 1.0, 1.0] and 3 not in policy.buckets[1].log_s
 
 
 def test_auto_starts_by_measuring_both_regimes_climbs_then_probes():
@@ -373,7 +373,7 @@ def test_fewer_drafts_than_measured_save_at_most_what_drafting_adds_per_draft():
     policy = policy_after(0.5, draft_s=0.1, verify_s=lambda q: 1.0 if q == 1 else 1.4)  # S(4) 1.8, fixed cost 0.4
     policy.observe(0, [0], StepTimes(0.0, 1.0))
     policy.observe(5, [2], StepTimes(0.5, 3.0))  # catching up, not timed: one wide verification that ran slow
-    assert policy._verify_growth(policy.buckets[1], False) == pytest.approx(1.6)
+    assert policy.buckets[1].verify_growth(to_plain=False) == pytest.approx(1.6)
     assert policy.step_seconds(1, 1) == pytest.approx(1.8 - 3 * (1.8 - 1.0) / 4)
 
 
