@@ -328,6 +328,18 @@ class AlwaysWrongDrafter:
         other.rows -= count
 
 
+def test_the_engine_decodes_without_autograd_state(world, targets):
+    """Decoding runs under torch.inference_mode: the caches the target and the drafter write are inference tensors
+    (no version counters, no view records: every small op of a step costs less than under no_grad)."""
+    target = targets["llava"]
+    drafter = load_drafter(world["llava"]["massv"], target)
+    engine = SpecDecodeEngine(target, drafter, EngineConfig(gamma=3, max_new_tokens=4))
+    engine.generate(prepare_rows(target, ragged_rows(2)))
+    assert not torch.is_inference_mode_enabled()  # only while the engine runs
+    for cache in (target.decoder.cache, drafter.decoder.ragged.cache):
+        assert cache.stores and all(store.is_inference() for store in cache.stores)
+
+
 @pytest.mark.parametrize("family", ["llava", "gemma3"])
 def test_rejections_do_not_grow_kv_memory(targets, family):
     target = targets[family]
