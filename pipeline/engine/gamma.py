@@ -176,8 +176,7 @@ class _BucketCosts:
     bucket: int = 1  # batch_bucket of the batch sizes it measures
     log_s: dict[int, float] = field(default_factory=dict)  # drafts k -> log S(k) at the machine's usual speed
     relative: dict[int, deque] = field(default_factory=dict)  # drafts k -> its last steps' log times, relative
-    # (the speed it was built at, S(0..max_gamma)): see step_table; None: observed since
-    _table: tuple[float, list[float]] | None = None
+    _table: tuple[tuple[float, int], list[float]] | None = None  # ((speed, steps) it was built at, S(0..max_gamma))
     verify_s: dict[int, float] = field(default_factory=dict)  # tokens verified per row -> besides_drafting_s
     reached: list[float] = field(default_factory=list)  # acceptance counts as GammaPolicy's, at this bucket only
     accepted: list[float] = field(default_factory=list)
@@ -237,7 +236,8 @@ class _BucketCosts:
         timing), built once per decision: a decision reads S ten times (its contender's rates, the probe's loss, the
         bucket below's choice), and read one k at a time, S took a third of a decision's time."""
         speed = self.speed.log
-        if self._table is not None and self._table[0] == speed:
+        if self._table is not None and self._table[0] == (speed, self.steps):  # a step since moves steps (GammaPolicy
+            # .observe counts it before it times the step or averages its costs)
             return self._table[1]
         step_s = {m: math.exp(speed + log_s) for m, log_s in self.log_s.items()}
         table = [0.0] * (max_gamma + 1)
@@ -259,7 +259,7 @@ class _BucketCosts:
                     # what drafting adds to a plain step (the rest is the drafting step's fixed cost)
                     k_per_draft = min(k_per_draft, (step_s[nearest] - step_s[0]) / nearest)
                 table[k] = max(step_s[nearest] + (k - nearest) * k_per_draft, floor)
-        self._table = speed, table
+        self._table = (speed, self.steps), table
         return table
 
     def verify_growth(self, to_plain: bool) -> float:
@@ -604,7 +604,6 @@ class GammaPolicy:
             return
         costs = self._costs(len(num_accepted))
         costs.steps += 1
-        costs._table = None
         self._steps += 1
         costs.verify_s[k + 1] = self._average(costs.verify_s.get(k + 1), step.besides_drafting_s)
         # after plain steps (or the drafter's put-off prefill), the drafter's catch-up reads many tokens: not what a
