@@ -18,8 +18,10 @@ from pipeline.lab.benchmark import (
     AUTO,
     CAPTION_JOB,
     CONTINUOUS,
+    CONTROL,
     DIRECT,
     ENGINE,
+    HEAD_TO_HEAD,
     HF_ASSISTED,
     HF_GENERATE,
     NO_DRAFTER,
@@ -58,6 +60,10 @@ def test_quick_run_reports_every_configuration(tmp_path, turns):
                      (ENGINE, NO_DRAFTER, NO_DRAFTER, batch_size, None)}
         expected |= {(ENGINE, d, str(g), batch_size, None)
                      for d in ("text-only", "massv", "msd") for g in QUICK["gammas"]}
+        # auto's goals, head to head: each drafter's best fixed gamma (the one there is) and auto, plain twice
+        expected |= {(HEAD_TO_HEAD, NO_DRAFTER, gamma, batch_size, None) for gamma in (NO_DRAFTER, CONTROL)}
+        expected |= {(HEAD_TO_HEAD, d, str(g), batch_size, None)
+                     for d in ("text-only", "massv", "msd") for g in QUICK["gammas"]}
     assert set(measured) == expected
     assert len(report["measurements"]) == len(expected)
 
@@ -69,6 +75,10 @@ def test_quick_run_reports_every_configuration(tmp_path, turns):
             if key[0] == DIRECT:  # fresh auto policies each way, the row the median one's
                 assert len(m["policies_tokens_per_s"]) == QUICK["auto_policies"], key
                 assert m["tokens"] / m["seconds"] in m["policies_tokens_per_s"], key
+            continue
+        if key[0] == HEAD_TO_HEAD:  # at least head_to_head_batches batches, the rows repeated
+            assert m["rows"] == max(rows, QUICK["head_to_head_batches"] * key[3]) and m["identical"] == m["rows"], key
+            assert (m["policies_tokens_per_s"] is not None) == (m["gamma"] == AUTO), key
             continue
         assert m["rows"] == rows and m["speedup"] > 0, key
         if key[0] != ENGINE:
@@ -98,7 +108,7 @@ def test_quick_run_reports_every_configuration(tmp_path, turns):
                                                         for g in report["goals"])
 
     table = (output / "table.md").read_text()
-    labels = {HF_GENERATE, HF_ASSISTED, ENGINE} | {f"{m}, {b}" for m in (DIRECT, CAPTION_JOB)
+    labels = {HF_GENERATE, HF_ASSISTED, ENGINE, HEAD_TO_HEAD} | {f"{m}, {b}" for m in (DIRECT, CAPTION_JOB)
                                                     for b in (STATIC, CONTINUOUS)}
     assert sum(line.split("|")[1].strip() in labels for line in table.splitlines() if line.startswith("|")) \
         == len(expected)
@@ -113,6 +123,7 @@ def test_quick_run_reports_every_configuration(tmp_path, turns):
     (["--gammas", "2,x"], "--gammas"),
     (["--repeats", "0"], "--repeats must be at least 1"),
     (["--job-rows", "0"], "--job-rows must be at least 1"),
+    (["--head-to-head-batches", "-1"], "--head-to-head-batches must be 0 (no head to head) or more"),
     (["--drafter", "mine=/nonexistent/drafter"], "drafter"),
     (["--assistant", "massv"], "must be a text-only drafter"),
     (["--assistant", "nope"], "is not one of the drafters"),
@@ -188,6 +199,33 @@ def test_goals_judge_each_figure():
     analytic = judged["measured speedup >= 90% of the analytic tau / (v + gamma c), v the measured verify cost"]
     assert analytic["figure"] == pytest.approx(0.8) and not analytic["met"]  # batch 8's, the lower of two medians
     assert "batch 1 0.96, batch 8 0.80" in analytic["detail"]
+
+
+def test_auto_goals_are_judged_head_to_head():
+    """Where the head to head ran, auto's two goals take its figures (the best fixed gamma timed again, not the best
+    of the sweep's noisy figures), and say the control's figure and the sweep's."""
+    sweep = [
+        _m(HF_GENERATE, NO_DRAFTER, NO_DRAFTER, 8, 1.0),
+        _m(ENGINE, NO_DRAFTER, NO_DRAFTER, 8, 1.0),
+        _m(ENGINE, "msd", "4", 8, 0.8),
+        _m(ENGINE, "msd", "5", 8, 0.7),  # the luckiest of the sweep's gammas
+        _m(ENGINE, "msd", AUTO, 8, 0.8),
+    ]
+    head_to_head = [
+        _m(HEAD_TO_HEAD, NO_DRAFTER, NO_DRAFTER, 8, 1.0),
+        _m(HEAD_TO_HEAD, NO_DRAFTER, CONTROL, 8, 1.02),
+        _m(HEAD_TO_HEAD, "msd", "5", 8, 0.76),
+        _m(HEAD_TO_HEAD, "msd", AUTO, 8, 0.78),
+    ]
+    judged = {g["goal"]: g for g in goals(sweep + head_to_head, None)}
+    near_best = judged["gamma=auto within 5% of the best fixed gamma at batch 1 and 8"]
+    assert near_best["figure"] == pytest.approx(0.76 / 0.78) and near_best["met"]
+    assert "control (a second engine without a drafter) 0.98 at batch 8" in near_best["detail"]
+    assert "in the sweep 0.88 (msd at batch 8)" in near_best["detail"]
+    never_below = judged["gamma=auto >= 0.95x the engine without a drafter (same batch size)"]
+    assert never_below["figure"] == pytest.approx(1 / 0.78) and never_below["met"]
+    alone = {g["goal"]: g for g in goals(sweep, None)}  # without a head to head, the sweep's figures
+    assert alone["gamma=auto within 5% of the best fixed gamma at batch 1 and 8"]["figure"] == pytest.approx(0.7 / 0.8)
 
 
 def test_charts_draw_every_series():
