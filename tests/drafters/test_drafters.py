@@ -170,13 +170,45 @@ def test_msd_pending_pairs_append_in_place_and_come_out_ragged():
                    torch.tensor([2, 1]))
     pending.append(hidden([[6.0], [7.0]]), torch.tensor([[6], [7]]), torch.tensor([1, 1]))
     extra = PendingPairs(hidden([[8.0]]), torch.tensor([[8]]), torch.tensor([1]))
-    pending = pending.rows(torch.tensor([1, 0])).followed_by(extra)
+    pending = pending.rows(torch.tensor([1, 0]))
+    pending.extend(extra)
     states, tokens, counts = pending.take()
     assert counts.tolist() == [3, 4, 1]
     assert tokens.tolist() == [[2, 5, 7, 0], [1, 3, 4, 6], [8, 0, 0, 0]]
     assert states[0, :3, 0].tolist() == [2.0, 5.0, 7.0] and states[1, :4, 0].tolist() == [1.0, 3.0, 4.0, 6.0]
     pending.append(hidden([[9.0], [10.0], [11.0]]), torch.tensor([[9], [10], [11]]), torch.tensor([1, 1, 1]))
     assert pending.take()[1].tolist() == [[9], [10], [11]]  # taken pairs are gone
+
+
+def test_msd_pending_pairs_leave_and_join_without_copying_the_rows_that_stay():
+    """Continuous batching: a row that leaves hands its place to the last row (only that row is copied), rows that
+    join go into the spare rows, and the buffers grow only when short; the pairs that come out are each row's own."""
+    from drafters.msd import PendingPairs
+
+    def pairs(values):  # one pair per row: hidden [B, 1, 1], tokens [B, 1]
+        return PendingPairs(torch.tensor(values, dtype=torch.float32)[:, None, None],
+                            torch.tensor(values)[:, None], torch.ones(len(values), dtype=torch.long))
+
+    pending = pairs([1, 2, 3, 4])
+    pending.append(torch.tensor([[[5.0]], [[6.0]], [[7.0]], [[8.0]]]), torch.tensor([[5], [6], [7], [8]]),
+                   torch.tensor([1, 1, 1, 1]))
+    pending.take()  # read: the buffers now hold 4 rows
+    pending.append(torch.tensor([[[9.0, 0.0]], [[10.0, 11.0]], [[12.0, 0.0]], [[13.0, 14.0]]]).transpose(1, 2),
+                   torch.tensor([[9, -1], [10, 11], [12, -1], [13, 14]]), torch.tensor([1, 2, 1, 2]))
+    buffer = pending._tokens
+    pending.select_rows(torch.tensor([0, 3, 2]))  # row 1 left: row 3 takes its place
+    assert pending._tokens is buffer and pending.counts.tolist() == [1, 2, 1]
+    pending.extend(pairs([20]))  # into the spare row
+    assert pending._tokens is buffer and pending.counts.tolist() == [1, 2, 1, 1]
+    pending.extend(pairs([30]))  # no spare row left: the buffers grow
+    assert pending._tokens is not buffer and len(pending._tokens) >= 5
+    states, tokens, counts = pending.take()
+    assert counts.tolist() == [1, 2, 1, 1, 1]
+    assert tokens.tolist() == [[9, 0], [13, 14], [12, 0], [20, 0], [30, 0]]
+    assert states[:, 0, 0].tolist() == [9.0, 13.0, 12.0, 20.0, 30.0] and states[1, 1, 0] == 14.0
+    pending.select_rows(torch.tensor([4, 1]))  # any other order: gathered
+    pending.append(torch.tensor([[[40.0]], [[41.0]]]), torch.tensor([[40], [41]]), torch.tensor([1, 1]))
+    assert pending.take()[1].tolist() == [[40], [41]]
 
 
 def test_msd_pending_pairs_of_plain_steps_go_in_as_a_slice_and_agree_with_a_scatter():
