@@ -68,6 +68,7 @@ CONTROL = "control"  # the gamma of the head to head's second engine without a d
 # sweep's own ranking is noisy (its fastest for MSD at batch 8 was gamma 5 in one run, 1.10x plain decoding, and gamma
 # 2 in the next, 0.95x)
 HEAD_TO_HEAD_GAMMAS = 3
+CONTINUOUS_PART_BATCHES = 4  # with continuous batching, the head to head's parts are this many batches' worth of rows
 NO_DRAFTER = "-"
 STATIC, CONTINUOUS = "static", "continuous"
 
@@ -464,14 +465,20 @@ class Benchmark:
         different rounds (the rounds of one run spread by up to 40% here, and the control's median round put it at
         0.96x the engine it copies, its mean at 1.00x)."""
         config = self.config
-        rows = max(len(self.workload), config.head_to_head_batches * batch_size)
+        # with continuous batching, each part is CONTINUOUS_PART_BATCHES batches' worth of rows decoded with rows
+        # joining (one part for the whole pass left a run one timing a round: the control measured 1.12x the engine
+        # it copies at batch 1)
+        part_rows = batch_size * (CONTINUOUS_PART_BATCHES if config.continuous_batching else 1)
+        rows = max(len(self.workload), config.head_to_head_batches * part_rows)
         prompts = (self.workload.prompts * -(-rows // len(self.workload)))[:rows]
         chosen = {(None, NO_DRAFTER, 0): engines[(None, 0, 0)], (None, CONTROL, 0): self._new_engine(None, 0)}
         for name in self.drafters:
             for fixed in _fastest_fixed(self.measurements, name, batch_size, HEAD_TO_HEAD_GAMMAS):
                 chosen[(name, fixed.gamma, 0)] = engines[(name, int(fixed.gamma), 0)]
             chosen.update({(name, AUTO, i): engines[(name, AUTO, i)] for i in range(config.auto_policies)})
-        runs = {key: decode_parts(engine, prompts, batch_size, config.continuous_batching)
+        runs = {key: [part for i in range(0, rows, part_rows)
+                      for part in decode_parts(engine, prompts[i : i + part_rows], batch_size,
+                                               config.continuous_batching)]
                 for key, engine in chosen.items()}
         if config.turns_by_pass:
             runs = {key: [partial(_whole_pass, parts)] for key, parts in runs.items()}
