@@ -20,8 +20,8 @@ code differ here), each drafter's three fastest fixed gammas of the sweep and it
 `head_to_head_batches` batches (the rows repeated); the fastest of those gammas there is auto's bar. In the sweep,
 about 30 configurations a turn put a run's batch seconds from the engine's it is compared with, and the best of 8
 gammas is the luckiest of 8 noisy figures: a second plain engine in the sweep's turns measured 0.93-1.10x the first at
-batch 32 (2 batches of the 64 rows), 0.95-1.02x at batch 8; head to head, 1.01-1.02x at batch 1, 8 and 32 (256 rows at
-batch 32, mean rounds).
+batch 32 (2 batches of the 64 rows), 0.95-1.02x at batch 8; head to head, 0.99-1.02x at batch 1, 8 and 32 (256 rows at
+batch 32), a row's time paired with the engine without a drafter's round by round (see Benchmark._head_to_head).
 """
 
 from __future__ import annotations
@@ -460,10 +460,12 @@ class Benchmark:
         """auto's goals at this batch size (see the module's docstring): the engine without a drafter, a second one
         (the control, warmed up here), each drafter's HEAD_TO_HEAD_GAMMAS fastest fixed gammas of the sweep and its
         auto policies (warm from the sweep, their policies learning on), timed in turn on at least
-        head_to_head_batches batches. A row's time is its mean round, not the median: every run is timed in every
-        round, so the means compare the same moments of the machine, where two runs' median rounds can fall in
-        different rounds (the rounds of one run spread by up to 40% here, and the control's median round put it at
-        0.96x the engine it copies, its mean at 1.00x)."""
+        head_to_head_batches batches. A row's time is paired with the engine without a drafter's round by round: that
+        engine's mean round times the median of the row's rounds' ratios to it. Every run is timed in every round, so
+        a round's ratio compares the same moments of the machine, where two runs' median rounds can fall in different
+        rounds (the rounds of one run spread by up to 40% here: the control at 0.96x the engine it copies by median
+        rounds); and one round's stall does not move the figure (by mean rounds the control measured 0.79x at batch
+        32, one of its rounds 1.7x the engine's)."""
         config = self.config
         # with continuous batching, each part is CONTINUOUS_PART_BATCHES batches' worth of rows decoded with rows
         # joining (one part for the whole pass left a run one timing a round: the control measured 1.12x the engine
@@ -487,11 +489,16 @@ class Benchmark:
         for engine in chosen.values():
             engine.times = EngineTimes()
         timings = timed_round_robin(runs, config.repeats, self.target.device, warm_up=False)
+        plain_rounds = timings[(None, NO_DRAFTER, 0)].round_seconds
+
+        def paired(rounds: list[float]) -> float:
+            return statistics.fmean(plain_rounds) * statistics.median(r / p for r, p in zip(rounds, plain_rounds))
+
         reference = None
         for drafter, gamma in dict.fromkeys(key[:2] for key in timings):
             measured = []
             for key in (key for key in timings if key[:2] == (drafter, gamma)):
-                timed = dataclasses.replace(timings[key], average=statistics.fmean)
+                timed = dataclasses.replace(timings[key], average=paired)
                 run = self._engine_run(drafter, gamma if drafter else 0, batch_size, chosen[key], timed)
                 reference = reference or run.tokens  # the engine's without a drafter: the first
                 run.measurement.identical = identical_rows(run.tokens, reference)
