@@ -34,6 +34,7 @@ from drafters.put_off import PutOffDecoder
 from pipeline.engine.acceptance import SamplingConfig
 from pipeline.engine.decoder import RaggedDecoder
 from pipeline.engine.fused import FUSED
+from pipeline.engine.kv_cache import moves_in_place
 from pipeline.engine.padding import left_pad
 from pipeline.engine.prompts import PreparedPrompt
 from pipeline.engine.target import Target, TargetPrefill
@@ -300,7 +301,7 @@ class PendingPairs:
 
     def __init__(self, hidden: torch.Tensor | None, tokens: torch.Tensor | None, counts: torch.Tensor):
         self._hidden, self._tokens, self.counts = hidden, tokens, counts  # buffers [R, C, H], [R, C]: R >= B rows
-        self.level: int | None = int(counts[0]) if len(counts) and bool((counts == counts[0]).all()) else None
+        self.level = _level(counts)
         self._queued: list[tuple[torch.Tensor, torch.Tensor]] = []  # plain steps' pairs ([B, 1, H], [B, 1]), unwritten
 
     @classmethod
@@ -386,12 +387,12 @@ class PendingPairs:
         copies nothing, and filling each leaver's place with a row from past the new end copies only those rows (the
         running batch removes rows that way); any other order is gathered."""
         self._write_queued()
-        moves = [(place, row) for place, row in enumerate(rows.tolist()) if place != row]
-        if self._tokens is not None and moves and not all(row >= len(rows) for _, row in moves):
-            kept = self.rows(rows)
-            self._hidden, self._tokens = kept._hidden, kept._tokens
-        elif self._tokens is not None:
-            for place, row in moves:  # in place: no source row is overwritten before it is read
+        if self._tokens is not None:
+            moves = moves_in_place(rows)
+            if moves is None:
+                kept = self.rows(rows)
+                self._hidden, self._tokens = kept._hidden, kept._tokens
+            for place, row in moves or ():
                 self._hidden[place] = self._hidden[row]
                 self._tokens[place] = self._tokens[row]
         self.counts = self.counts[rows]  # the level holds
@@ -406,12 +407,11 @@ class PendingPairs:
         elif other._tokens is not None and len(other.counts):
             rows, new, width = len(self.counts), len(other.counts), other._tokens.shape[1]
             if self._tokens.shape[0] < rows + new or self._tokens.shape[1] < width:
-                self._grow(max(self._tokens.shape[0], rows + new), max(self._tokens.shape[1], width))
+                self._grow(rows + new, width)
             self._hidden[rows : rows + new, :width] = other.hidden.to(self._hidden.dtype)
             self._tokens[rows : rows + new, :width] = other.tokens
             self.counts = torch.cat([self.counts, other.counts])
-        counts = self.counts
-        self.level = int(counts[0]) if len(counts) and bool((counts == counts[0]).all()) else None
+        self.level = _level(self.counts)
 
     def _grow(self, rows: int, capacity: int) -> None:
         """Buffers of at least `rows` rows and `capacity` pairs a row, holding the live rows' pairs."""
@@ -422,3 +422,8 @@ class PendingPairs:
         hidden[:live, : self._tokens.shape[1]] = self.hidden
         tokens[:live, : self._tokens.shape[1]] = self.tokens
         self._hidden, self._tokens = hidden, tokens
+
+
+def _level(counts: torch.Tensor) -> int | None:
+    """The pairs every row holds, where all hold as many (see PendingPairs.level); else None."""
+    return int(counts[0]) if len(counts) and bool((counts == counts[0]).all()) else None

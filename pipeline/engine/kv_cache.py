@@ -149,10 +149,10 @@ class RaggedKVCache(Cache):
         rows = rows.cpu()
         self.lengths = self.lengths[rows]
         self._set_offsets(self.position_offsets[rows])
-        moves = [(place, row) for place, row in enumerate(rows.tolist()) if place != row]
-        if not moves or self.stores is None:
+        moves = moves_in_place(rows)
+        if moves == [] or self.stores is None:
             return
-        if all(row >= len(rows) for _, row in moves):  # in place: no source row is overwritten before it is read
+        if moves is not None:
             if self.device.type == "cpu":  # row by row: a row's copy (a store's keys and values) is one strided copy,
                 # where an indexed copy of the same rows took 4-5x as long (83 against 17 us for 2 rows of the demo
                 # world's cache at batch 32, 238 against 57 for 6; with a buffer per layer, a copy a row and buffer took
@@ -228,6 +228,15 @@ class RaggedKVCache(Cache):
             _right_align(layer.keys, groups, store[0])
             _right_align(layer.values, groups, store[1])
         return cache
+
+
+def moves_in_place(rows: torch.Tensor) -> list[tuple[int, int]] | None:
+    """The (place, row) copies that keep these rows (host indices), in this order, in a buffer of rows without
+    copying the rows already in place: none when the first n are kept; one a leaver filled by a row from past the new
+    end (how the running batch removes rows); None when a copy would overwrite a row a later one reads (gather them
+    instead)."""
+    moves = [(place, row) for place, row in enumerate(rows.tolist()) if place != row]
+    return moves if all(row >= len(rows) for _, row in moves) else None
 
 
 def _right_align(
