@@ -767,27 +767,21 @@ def goals(measurements: list[Measurement], massv: str | None) -> list[dict]:
     head_to_head = any(m.method == HEAD_TO_HEAD and m.gamma == AUTO for m in measurements)
     judged_by = _auto_against(measurements, HEAD_TO_HEAD if head_to_head else ENGINE)
     sweep = _auto_against(measurements, ENGINE) if head_to_head else None
-    controls = {m.batch_size: m.tokens_per_s / plain.tokens_per_s
-                for m in _engine_rows(measurements, NO_DRAFTER, CONTROL, HEAD_TO_HEAD)
-                for plain in _engine_rows(measurements, NO_DRAFTER, NO_DRAFTER, HEAD_TO_HEAD)
-                if plain.batch_size == m.batch_size}
-
-    def context(which: int) -> str:
-        """Where the figure comes from: head to head, with the control's and the sweep's figures."""
-        if not head_to_head:
-            return ""
-        rows = {m.batch_size: m.rows for m in measurements if m.method == HEAD_TO_HEAD}
-        control = ", ".join(f"{controls[b]:.2f} at batch {b}" for b in sorted(controls))
-        earlier = sweep[which]
-        return (f"; head to head ({', '.join(f'{r} rows at batch {b}' for b, r in sorted(rows.items()))}), the "
-                f"control (a second engine without a drafter) {control} of the first"
-                + (f"; in the sweep {earlier[0]:.2f} ({earlier[1]})" if earlier else ""))
-
+    where_from = ""  # head to head: its rows and the control's figures
+    if head_to_head:
+        plain_at = {m.batch_size: m for m in _engine_rows(measurements, NO_DRAFTER, NO_DRAFTER, HEAD_TO_HEAD)}
+        controls = sorted((m.batch_size, m.tokens_per_s / plain_at[m.batch_size].tokens_per_s)
+                          for m in _engine_rows(measurements, NO_DRAFTER, CONTROL, HEAD_TO_HEAD))
+        where_from = (f"; head to head ({', '.join(f'{m.rows} rows at batch {b}' for b, m in sorted(plain_at.items()))}"
+                      f"), the control (a second engine without a drafter) "
+                      f"{', '.join(f'{ratio:.2f} at batch {b}' for b, ratio in controls)} of the first")
     for which, text in enumerate(("gamma=auto >= 0.95x the engine without a drafter (same batch size)",
                                   "gamma=auto within 5% of the best fixed gamma at batch 1 and 8")):
         if judged_by[which]:
             figure, _, detail = judged_by[which]
-            goal(text, figure, 0.95, f"lowest: {detail}{context(which)}")
+            earlier = sweep[which] if sweep else None
+            goal(text, figure, 0.95, f"lowest: {detail}{where_from}"
+                 + (f"; in the sweep {earlier[0]:.2f} ({earlier[1]})" if earlier else ""))
     plain = _engine_rows(measurements, NO_DRAFTER)
     if plain:
         worst = min(plain, key=lambda m: m.speedup)
