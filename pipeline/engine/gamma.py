@@ -19,7 +19,9 @@ probes are predicted to lose exceeds `exploration` of the time (see _probe_loss)
 choice and drafting is predicted to gain on fewer than a full set of timings, that share plus the gain (see _probe).
 Speculation must beat plain decoding by a margin plus the standard error of the step times compared (see
 best_gamma); plain decoding chosen by less than one timing's noise on a draft length timed once times it again at once
-(see _decide). A choice holds REDECIDE steps, and is made again at once when rows join (a static batch's next one,
+(see _decide). A choice holds REDECIDE steps (one of plain decoding until a step drafts: nothing it rests on changes
+meanwhile but the machine's speed, and the tokens left, which only make a switch dearer), and is made again at once
+when rows join (a static batch's next one,
 where a switch to drafting has the most tokens left to pay for itself) or when the drafter falls behind; a choice to
 draft made while it was behind stands once it has caught up (see choose).
 
@@ -183,6 +185,7 @@ class _BucketCosts:
     draft_s: float | None = None  # one drafter forward
     put_off_prefill_s: float | None = None  # the drafter's put-off prefill of the batch
     catch_up_s: float | None = None  # what the first drafting step after plain ones adds to its drafting
+    settle_s: float | None = None  # what the SETTLE plain steps after drafting ones take beyond plain steps' time
     steps: int = 0
     probe_interval: int = 0
     next_probe: int = 0
@@ -190,6 +193,7 @@ class _BucketCosts:
     checked: set[int] = field(default_factory=set)  # draft lengths timed once and probed for free since (see _probe)
     last_best: int = -1
     decided: tuple[int, int, bool] | None = None  # (steps when the choice was made, the choice, the drafter behind)
+    drafted_before: int = 0  # the policy's drafting steps when the choice was made (see choose)
     would_draft: tuple[int, bool] | None = None  # (steps when judged, whether it would draft, drafter prefilled)
     probe_turn: int = 0  # where the rotation over plain decoding and the choice's neighbours starts (see _probe):
     # after the last of them probed; a probe of drafting from plain decoding moves it on by one
@@ -287,7 +291,10 @@ class GammaPolicy:
     prior_acceptance: float = 0.6  # per position, until measured
     margin: float = 0.03  # speculate only when it promises this much more than plain decoding (timing noise) ...
     step_spread: float = 0.15  # ... plus the standard error of the two step times compared (see best_gamma)
-    exploration: float = 0.01  # what probes may cost, as a share of the time between them (see _probe)
+    exploration: float = 0.005  # what probes may cost, as a share of the time between them (see _probe): at 1%,
+    # text-only's probes at batch 1 on the demo world (where no gamma pays) cost 2-2.5% of its time, as each lost more
+    # than predicted (a drafting step's time spreads, and is a mean of logs); at 0.5% 0.5-1%, and a replay of the demo
+    # world (jobs/replay_gamma.py, 32 seeds) chose as well or better in every drafter and batch size
 
     # Acceptance per draft position, as decayed counts: drafts that reached position i (all before it
     # accepted) and how many of those were accepted. Each bucket keeps its own too: in a static batch a bucket is
@@ -300,10 +307,12 @@ class GammaPolicy:
     _costs_of_size: dict[int, _BucketCosts] = field(default_factory=dict, init=False, repr=False)
     _last_k: int = field(default=0, init=False, repr=False)
     _plain_run: int = field(default=SETTLE, init=False, repr=False)  # plain steps in a row (none drafted before)
+    _settling_s: float = field(default=0.0, init=False, repr=False)  # the SETTLE steps' extra time so far
     _probe_steps: list[int] = field(default_factory=list, init=False, repr=False)  # the rest of a probe
     row_lengths: RowLengths = field(default_factory=RowLengths, init=False, repr=False)
     _drafter_prefilled: bool = field(default=False, init=False, repr=False)  # just now: the next step catches up
     _steps: int = field(default=0, init=False, repr=False)  # over every bucket
+    _drafting_steps: int = field(default=0, init=False, repr=False)  # over every bucket
     _after_prefill: bool = field(default=False, init=False, repr=False)
     _speed: _MachineSpeed = field(default_factory=_MachineSpeed, init=False, repr=False)
 
@@ -343,22 +352,23 @@ class GammaPolicy:
             # drafting only gains, and the best length does not depend on it (a switch adds the same cost to each
             # token whatever the length); made again, it cost a second decision at each row's start at batch 1
             costs.decided = (costs.decided[0], costs.decided[1], False)
-        held = (costs.decided is not None and costs.steps - costs.decided[0] < REDECIDE
-                and costs.steps < costs.next_probe and costs.decided[2] == behind and not self._after_prefill)
+        held = (costs.decided is not None and costs.steps < costs.next_probe and costs.decided[2] == behind
+                and not self._after_prefill and (costs.steps - costs.decided[0] < REDECIDE or (
+                    costs.decided[1] == 0 and costs.drafted_before == self._drafting_steps)))
         if not held and prefill_waits and drains and self._drains_into_drafting(batch_size):
             prefill_waits = False  # paid on the way down
         if held:
             best = costs.decided[1]
         elif len(costs.log_s) <= 1 and self._neighbour_decodes_plainly(costs.bucket):
             best = 0  # no exploring here either, but probes as any choice does
-            costs.decided = (costs.steps, best, behind)
+            costs.decided, costs.drafted_before = (costs.steps, best, behind), self._drafting_steps
         elif 0 not in costs.log_s:
             return 0  # measure plain decoding first
         elif len(costs.log_s) == 1:
             return min(self.first_gamma, self.max_gamma)  # then a speculative step
         else:
             best, recheck = self._decide(batch_size, prefill_waits, emitted)
-            costs.decided = (costs.steps, best, behind)
+            costs.decided, costs.drafted_before = (costs.steps, best, behind), self._drafting_steps
         if best not in costs.log_s:
             return best  # a neighbour that promises more: measure it
         if best != costs.last_best:  # the choice moved: watch more closely again
@@ -423,18 +433,22 @@ class GammaPolicy:
 
     def _probe_loss(self, batch_size: int, best: int, probe: int, steps: int, prefill_waits: bool) -> float:
         """What a probe of `steps` steps with k = probe instead of the choice is predicted to cost, in steps of the
-        choice: the steps' lower rate, and a switch to drafting and back (the drafter's put-off prefill, catch-ups).
-        Probes are made while what they lose in all stays within `exploration` of the bucket's steps (see _probe). A
-        probe of drafting in a static batch pays the drafter's prefill of the whole batch and a catch-up on what the
-        rows emitted (text-only at batch 32 on the demo world: 2.2 and 0.5 ms, with two steps of one draft at 2.0x a
-        plain step's 2.4 ms: 3.3 plain steps' time for 3.2 rows' tokens), and probes every 16 to 64 steps there cost
-        5-8% of the time. Priced only after it (the next probe waiting on the last one's cost), each bucket's first
-        probe came at its 16th step whatever it cost: MSD at batch 32 (its head's prefill of the batch 4.6 ms, two
-        plain steps) lost 10% in the passes its buckets' first probes fell in."""
+        choice: the steps' lower rate, and a switch to drafting and back (the drafter's put-off prefill, catch-ups, and
+        the SETTLE plain steps after drafting, which run slow: text-only at batch 1 on the demo world 1.17 and 1.12
+        plain steps, where probes predicted to lose 1.2 steps each lost about 1.7). Probes are made while what they lose
+        in all stays within `exploration` of the bucket's steps (see _probe). A probe of drafting in a static batch pays
+        the drafter's prefill of the whole batch and a catch-up on what the rows emitted (text-only at batch 32 on the
+        demo world: 2.2 and 0.5 ms, with two steps of one draft at 2.0x a plain step's 2.4 ms: 3.3 plain steps' time for
+        3.2 rows' tokens), and probes every 16 to 64 steps there cost 5-8% of the time. Priced only after it (the next
+        probe waiting on the last one's cost), each bucket's first probe came at its 16th step whatever it cost: MSD at
+        batch 32 (its head's prefill of the batch 4.6 ms, two plain steps) lost 10% in the passes its buckets' first
+        probes fell in."""
         rates = self._rates(sorted({best, probe}), batch_size, switch_per_token=0.0)  # the switch is counted below
         best_s = self.step_seconds(best, batch_size)
         slower = steps * max(1.0 - rates[probe] / rates[best], 0.0) * self.step_seconds(probe, batch_size) / best_s
-        switch = self._switch_seconds(batch_size, prefill_waits and probe > 0, (probe == 0) != (best == 0))
+        switches = (probe == 0) != (best == 0)  # to drafting and back, or back and to drafting again
+        switch = (self._switch_seconds(batch_size, prefill_waits and probe > 0, switches)
+                  + (max(self._nearest_measured(batch_size, "settle_s"), 0.0) if switches else 0.0))
         return slower + switch / best_s
 
     def _neighbour_decodes_plainly(self, bucket: int) -> bool:
@@ -617,7 +631,13 @@ class GammaPolicy:
                 costs.draft_s = self._average(costs.draft_s, step.draft_s / k)
         elif catching_up and costs.draft_s is not None:
             costs.catch_up_s = self._average(costs.catch_up_s, max(step.draft_s - k * costs.draft_s, 0.0))
+        elif k == 0 and 0 in costs.log_s and not self._after_prefill:  # a plain step settling after drafting
+            self._settling_s += step.draft_s + step.besides_drafting_s - math.exp(costs.speed.log + costs.log_s[0])
+            if self._plain_run == SETTLE:
+                costs.settle_s = self._average(costs.settle_s, self._settling_s)
         if k > 0:
+            self._settling_s = 0.0
+            self._drafting_steps += 1
             # only the positions this step drafted forget: a position beyond k keeps what it last measured (the
             # last measured position's rate stands in only for a position never measured, and acceptance falls
             # along a draft: letting a measured position fade into its predecessor's rate overrated longer drafts,

@@ -199,7 +199,7 @@ def test_the_step_after_a_prefill_is_not_timed():
 
 
 def test_auto_starts_by_measuring_both_regimes_climbs_then_probes():
-    policy = GammaPolicy(gamma="auto", max_gamma=6, probe_every=4)
+    policy = GammaPolicy(gamma="auto", max_gamma=6, probe_every=4, exploration=0.01)  # the budget the spacings assume
     choices = []
     for _ in range(1500):  # every draft accepted, each costing a hundredth of a step: longer drafts always pay
         set_acceptance(policy, [1.0] * 6)
@@ -383,7 +383,7 @@ def test_a_probe_of_drafting_from_plain_decoding_lasts_until_it_is_timed():
     is predicted to gain (only the switch costs then), one once it is predicted to lose."""
     policy = policy_after(0.2, draft_s=0.1, verify_s=lambda q: 1.0, batch_size=1)  # one draft: 9% gain predicted
     choices = []
-    for _ in range(250):
+    for _ in range(600):  # probes predicted to lose a step each, at most `exploration` (0.5%) of the steps
         set_acceptance(policy, [0.2] * 8)
         k = policy.choose(1)
         choices.append(k)
@@ -438,6 +438,44 @@ def test_a_choice_holds_a_few_steps_unless_the_drafter_falls_behind():
     set_acceptance(policy, [0.8] * 8)  # drafting pays again, and the drafter is behind now: chosen at once
     assert policy.choose(1) >= 4
 
+
+
+def test_a_choice_of_plain_decoding_holds_until_a_step_drafts():
+    """While plain decoding is the choice nothing it rests on changes but the machine's speed and the tokens left (which
+    only make a switch to drafting dearer), so it is made again only after a step drafts (a probe: new timings and
+    acceptance) or when rows join, not every REDECIDE steps: at batch 1 the choices made every 8 steps cost 1-1.5% of
+    text-only's time on the demo world, where it decodes plainly."""
+    from pipeline.engine.gamma import REDECIDE
+
+    policy = policy_after(0.2, draft_s=0.1, verify_s=lambda q: 1.0 + q)  # drafting loses
+    costs = policy.buckets[batch_bucket(1)]
+    costs.next_probe = 1000  # no probes here
+    policy.observe(0, [0], StepTimes(0.0, 2.0))  # the drafter behind from here on
+    assert policy.choose(1) == 0
+    made = costs.decided[0]
+    for _ in range(3 * REDECIDE):
+        policy.observe(0, [0], StepTimes(0.0, 2.0))
+        assert policy.choose(1) == 0
+    assert costs.decided[0] == made  # held
+    policy.observe(4, [1], StepTimes(0.4, 6.0))  # a step drafts (a probe's): the choice is made again
+    policy.choose(1)
+    assert costs.decided[0] == costs.steps
+
+
+def test_probes_are_charged_the_plain_steps_that_settle_after_drafting():
+    """The SETTLE plain steps after drafting run slow and are not timed as plain decoding's cost; what they take beyond
+    plain steps is measured and charged to a probe that drafts and comes back (or goes back and drafts again)."""
+    policy = policy_after(0.2, draft_s=0.1, verify_s=lambda q: 1.0 + q)  # plain steps 2 s
+    policy.observe(4, [1], StepTimes(0.4, 6.0))
+    for _ in range(SETTLE):  # each 0.5 s slower than a plain step
+        policy.observe(0, [0], StepTimes(0.0, 2.5))
+    policy.observe(0, [0], StepTimes(0.0, 2.0))  # settled: timed, no charge
+    costs = policy.buckets[batch_bucket(1)]
+    assert costs.settle_s == pytest.approx(0.5 * SETTLE, rel=1e-3)
+    charged = policy._probe_loss(1, 0, 4, 2, prefill_waits=False)
+    costs.settle_s = None
+    assert charged == pytest.approx(policy._probe_loss(1, 0, 4, 2, prefill_waits=False) + 0.5 * SETTLE / 2.0)
+    assert policy._probe_loss(1, 0, 0, 1, prefill_waits=False) == 0.0  # no switch, no charge
 
 def test_a_choice_to_draft_made_while_the_drafter_was_behind_stands_once_it_has_caught_up():
     """At a row's start the drafter's prefill waits, and drafting is chosen with that switch priced in. Once the
