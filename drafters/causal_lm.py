@@ -178,8 +178,9 @@ class CausalLMDrafter:
                target_hidden_states: torch.Tensor | None = None) -> None:
         """num_accepted [B] and output_tokens [B, k+1] on the host."""
         self.decoder.drafting = k > 0  # rows joining after a plain step keep their prefill waiting (put_off.py)
-        if k == 0:  # a plain step: each row's one token waits for the next draft (a step's Python, kept short)
-            for row, token in zip(self.pending, output_tokens[:, 0].tolist()):
+        if k == 0:  # a plain step: each row's one token waits for the next draft (a step's Python, kept short: the
+            # [B, 1] tokens as rows of one, not a column's slice first)
+            for row, (token,) in zip(self.pending, output_tokens.tolist()):
                 row.append(token)
             return
         # propose(k) appended the first k-1 drafts to the cache; roll back those after the first rejection.
