@@ -68,6 +68,7 @@ BUCKET_REACHED = 8.0  # decayed drafts reaching a position at a bucket before th
 # decoding's cost, they made it look slower than it is whenever drafting was the choice. So the first SETTLE plain
 # steps after drafting are not timed, and a probe of plain decoding lasts SETTLE + 1 steps.
 SETTLE = 2
+ANCHOR_SAMPLES = 2  # timings of a choice before its steps set the machine's speed (see _BucketCosts.anchors)
 REDECIDE = 8  # steps a bucket's choice holds before it is made again (unless a probe falls due, the drafter's state
 # changes or rows join): made every step it cost 48 us a step at batch 32 on the demo world, 2% of a plain step (15 us
 # in a loop); so does the choice to decode plainly like a neighbouring bucket (made every step, it cost 34 us a step
@@ -228,8 +229,13 @@ class _BucketCosts:
         10% slow (see SETTLE), so each raised plain decoding's level, its steady steps then read the machine as that
         much faster, and drafting's samples trailed plain decoding's rising level. `jobs/gamma_truth.py` at batch 32
         (512 rows a pass, 3 fresh policies): S(3) / S(0) at 32-63 rows read 0.28 log cheap with text-only, 0.19 with
-        MSD; measured against the choice, 0.06 and 0.04."""
-        return self.decided is not None and self.decided[1] == k and k in self.log_s
+        MSD; measured against the choice, 0.06 and 0.04. A choice timed once is not an anchor until its own next step
+        has timed it again (a sample like a probe's): anchored on one timing, its level held still at a lucky step's,
+        and as an anchor it counted as a full set of timings against which nothing could win (MSD at a static batch of
+        32 on the demo world drafted at 8-15 rows on one timing of 3 drafts at 2.31 plain steps, where other policies
+        read 2.99-4.22, and ran 0.93x plain decoding)."""
+        return (self.decided is not None and self.decided[1] == k and k in self.log_s
+                and len(self.relative.get(k, ())) >= ANCHOR_SAMPLES)
 
     def timed_once(self, k: int) -> bool:
         """k was timed once here and not probed for free since: its one timing may have been a stall."""
@@ -444,12 +450,12 @@ class GammaPolicy:
         batch 32 (its head's prefill of the batch 4.6 ms, two plain steps) lost 10% in the passes its buckets' first
         probes fell in."""
         rates = self._rates(sorted({best, probe}), batch_size, switch_per_token=0.0)  # the switch is counted below
-        best_s = self.step_seconds(best, batch_size)
-        slower = steps * max(1.0 - rates[probe] / rates[best], 0.0) * self.step_seconds(probe, batch_size) / best_s
+        table = self._costs(batch_size).step_table(self.max_gamma)
+        slower = steps * max(1.0 - rates[probe] / rates[best], 0.0) * table[probe] / table[best]
         switches = (probe == 0) != (best == 0)  # to drafting and back, or back and to drafting again
         switch = (self._switch_seconds(batch_size, prefill_waits and probe > 0, switches)
                   + (max(self._nearest_measured(batch_size, "settle_s"), 0.0) if switches else 0.0))
-        return slower + switch / best_s
+        return slower + switch / table[best]
 
     def _neighbour_decodes_plainly(self, bucket: int) -> bool:
         """An adjacent bucket (twice or half the rows, the larger first) has measured drafting and chooses plain

@@ -440,6 +440,29 @@ def test_a_choice_holds_a_few_steps_unless_the_drafter_falls_behind():
 
 
 
+
+def test_a_choice_timed_once_is_timed_again_before_it_anchors():
+    """A draft length chosen on one timing (perhaps a lucky step) is timed again by its own next step before its steps
+    set the machine's speed and its level holds still: anchored at once, a lucky first timing stood for good."""
+    from pipeline.engine.gamma import ANCHOR_SAMPLES
+
+    policy = GammaPolicy(gamma="auto", max_gamma=3)  # first_gamma 3, no longer neighbour to climb to
+    observe_plain(policy, 1, 1.0)
+    costs = policy.buckets[batch_bucket(1)]
+    k = policy.choose(1)
+    assert k > 0
+    policy.observe(k, [k], StepTimes(0.1 * k, 1.0))  # catches up: not timed
+    policy.observe(k, [k], StepTimes(0.1 * k, 1.0))  # a lucky step: 1.3 plain steps
+    set_acceptance(policy, [0.9] * 3)
+    chosen = policy.choose(1)
+    assert chosen == k and not costs.anchors(k) and len(costs.relative[k]) == 1
+    lucky = costs.log_s[k]
+    policy.observe(k, [k], StepTimes(0.1 * k, 2.0))  # its own next step, slower: a second timing
+    assert costs.log_s[k] > lucky and len(costs.relative[k]) == ANCHOR_SAMPLES
+    set_acceptance(policy, [0.9] * 3)
+    policy.choose(1)
+    assert costs.anchors(costs.decided[1])
+
 def test_a_choice_of_plain_decoding_holds_until_a_step_drafts():
     """While plain decoding is the choice nothing it rests on changes but the machine's speed and the tokens left (which
     only make a switch to drafting dearer), so it is made again only after a step drafts (a probe: new timings and
