@@ -17,13 +17,12 @@ neighbour or of plain decoding, measured against the choice's steps around it (t
 see _BucketCosts.anchors), at intervals that double while the choice stays the same, and never so often that what the
 probes are predicted to lose exceeds `exploration` of the time (see _probe_loss), or, while plain decoding is the
 choice and drafting is predicted to gain on fewer than a full set of timings, that share plus the gain (see _probe).
-Speculation must beat plain decoding by a margin plus the standard error of the step times compared (see
-best_gamma); plain decoding chosen by less than one timing's noise on a draft length timed once times it again at once
-(see _decide). A choice holds REDECIDE steps (one of plain decoding until a step drafts: nothing it rests on changes
-meanwhile but the machine's speed, and the tokens left, which only make a switch dearer), and is made again at once
-when rows join (a static batch's next one,
-where a switch to drafting has the most tokens left to pay for itself) or when the drafter falls behind; a choice to
-draft made while it was behind stands once it has caught up (see choose).
+Speculation must beat plain decoding by a margin plus the standard error of the step times compared (see best_gamma);
+plain decoding chosen by less than one timing's noise on a draft length timed once times it again at once (see _decide).
+A choice holds REDECIDE steps (one of plain decoding until a step drafts: nothing it rests on changes meanwhile but the
+machine's speed, and the tokens left, which only make a switch dearer), and is made again at once when rows join (a
+static batch's next one, where a switch to drafting has the most tokens left to pay for itself) or when the drafter
+falls behind; a choice to draft made while it was behind stands once it has caught up (see choose).
 
 A step's time is not all that drafting costs: a switch from plain decoding to drafting costs once. A drafter puts its
 prefill off until a step drafts (drafters/put_off.py), so it prefills each row once, and only if the row is drafted
@@ -367,14 +366,14 @@ class GammaPolicy:
             best = costs.decided[1]
         elif len(costs.log_s) <= 1 and self._neighbour_decodes_plainly(costs.bucket):
             best = 0  # no exploring here either, but probes as any choice does
-            costs.decided, costs.drafted_before = (costs.steps, best, behind), self._drafting_steps
+            self._made(costs, best, behind)
         elif 0 not in costs.log_s:
             return 0  # measure plain decoding first
         elif len(costs.log_s) == 1:
             return min(self.first_gamma, self.max_gamma)  # then a speculative step
         else:
             best, recheck = self._decide(batch_size, prefill_waits, emitted)
-            costs.decided, costs.drafted_before = (costs.steps, best, behind), self._drafting_steps
+            self._made(costs, best, behind)
         if best not in costs.log_s:
             return best  # a neighbour that promises more: measure it
         if best != costs.last_best:  # the choice moved: watch more closely again
@@ -385,6 +384,11 @@ class GammaPolicy:
             if probe is not None:
                 return probe
         return best
+
+    def _made(self, costs: _BucketCosts, best: int, behind: bool) -> None:
+        """The choice here is made now (the policy's drafting steps so far kept: a choice of plain decoding holds until
+        one more)."""
+        costs.decided, costs.drafted_before = (costs.steps, best, behind), self._drafting_steps
 
     def _probe(self, costs: _BucketCosts, batch_size: int, best: int, prefill_waits: bool,
                emitted: Sequence[int] | None, recheck: int | None = None) -> int | None:
