@@ -456,12 +456,13 @@ class GammaPolicy:
         batch 32 (its head's prefill of the batch 4.6 ms, two plain steps) lost 10% in the passes its buckets' first
         probes fell in."""
         rates = self._rates(sorted({best, probe}), batch_size, switch_per_token=0.0)  # the switch is counted below
-        table = self._costs(batch_size).step_table(self.max_gamma)
-        slower = steps * max(1.0 - rates[probe] / rates[best], 0.0) * table[probe] / table[best]
+        costs = self._costs(batch_size)
+        best_s = self._step_seconds(costs, best)
+        slower = steps * max(1.0 - rates[probe] / rates[best], 0.0) * self._step_seconds(costs, probe) / best_s
         switches = (probe == 0) != (best == 0)  # to drafting and back, or back and to drafting again
         switch = (self._switch_seconds(batch_size, prefill_waits and probe > 0, switches)
                   + (max(self._nearest_measured(batch_size, "settle_s"), 0.0) if switches else 0.0))
-        return slower + switch / table[best]
+        return slower + switch / best_s
 
     def _neighbour_decodes_plainly(self, bucket: int) -> bool:
         """An adjacent bucket (twice or half the rows, the larger first) has measured drafting and chooses plain
