@@ -14,8 +14,12 @@ rows (continuous batching) one after the other, the one going first moving round
 teaches each `auto` what a long job's actor would have learnt. And one policy's history sets its later choices (two
 engines of the same code, on the same rows in one process, ran 0.89x and 0.94x plain decoding), so each side is
 several fresh engines. Prints per engine its seconds in each round, its speed against plain decoding per round and
-their median, per side the median over its engines' rounds, and the draft lengths each `auto` chose per batch-size
-bucket; checks that every engine gave the same tokens (greedy); writes results.json under --output.
+their median, per side the median over its engines' rounds, where each engine's time went against plain decoding's
+(prefill, the drafter's put-off prefills among it, the steps, the rest; how many steps drafted), and the draft lengths
+each `auto` chose per batch-size bucket; checks that every engine gave the same tokens (greedy); writes results.json
+under --output. The split says what a speed is made of: at MASSV's static batch of 32 on the demo world, a policy
+that decoded plainly lost 2.4-2.7% to its calls and its probes' drafter prefills, one that drafted in every batch
+3.5-4.5% to the drafter's prefills its steps did not earn back (the twenty-fifth session, docs/journal.md).
 
 The baseline's gamma.py is loaded as a module of its own, so its GammaPolicy must still fit the engine's calls
 (`choose(batch_size, prefill_waits, emitted, drains)`, `observe`, ...): revisions from before a change of that
@@ -42,6 +46,7 @@ from drafters import load_drafter
 from pipeline.engine import gamma
 from pipeline.engine.engine import EngineConfig, SpecDecodeEngine
 from pipeline.engine.gamma import AUTO, batch_bucket
+from pipeline.engine.stats import EngineTimes
 from pipeline.engine.target import Target
 from pipeline.job.cli import flag
 from pipeline.job.config import JobConfigError, require_at_least_one
@@ -133,12 +138,14 @@ def load_policy_module(source: str, constants: dict[str, int]) -> ModuleType:
 
 
 class _CountedChoices:
-    """A gamma policy that also counts the draft lengths it ran per batch-size bucket, in the timed rounds only."""
+    """A gamma policy that also counts, in the timed rounds only, the draft lengths it ran per batch-size bucket and
+    the drafter's put-off prefills (how many, their seconds)."""
 
     def __init__(self, policy):
         self.policy = policy
         self.counting = False
         self.choices: Counter = Counter()  # (bucket, k) -> steps
+        self.drafter_prefills, self.drafter_prefill_s = 0, 0.0
 
     def __getattr__(self, name):  # the engine calls the policy's other methods as they are
         return getattr(self.policy, name)
@@ -147,6 +154,21 @@ class _CountedChoices:
         if self.counting:
             self.choices[(batch_bucket(len(num_accepted)), k)] += 1
         self.policy.observe(k, num_accepted, step)
+
+    def observe_drafter_prefill(self, batch_size: int, rows: int, seconds: float) -> None:
+        if self.counting:
+            self.drafter_prefills += 1
+            self.drafter_prefill_s += seconds
+        self.policy.observe_drafter_prefill(batch_size, rows, seconds)
+
+
+def time_against(times: EngineTimes, plain: EngineTimes) -> dict[str, float]:
+    """Where an engine's time went against plain decoding's over the same rows, in seconds more (negative: less):
+    prefill (the drafter's put-off prefills are in it), the steps (drafting and verification), the rest (bookkeeping,
+    the policy's calls, admission, the loop) and the whole."""
+    return {"prefill": times.prefill_s - plain.prefill_s,
+            "steps": times.draft_s + times.verify_s - plain.draft_s - plain.verify_s,
+            "other": times.other_s - plain.other_s, "total": times.total_s - plain.total_s}
 
 
 def run_ab(config: ABConfig, log=print) -> dict:
@@ -173,6 +195,9 @@ def run_ab(config: ABConfig, log=print) -> dict:
     for round_ in range(1 + config.repeats):  # round 0 warms up, untimed
         for name in names[1:]:
             engines[name].gamma_policy.counting = round_ > 0
+        if round_ == 1:
+            for engine in engines.values():
+                engine.times = EngineTimes()
         for i in range(len(parts[PLAIN])):
             turn = (round_ + i) % len(names)  # who goes first moves round
             for name in names[turn:] + names[:turn]:
@@ -196,8 +221,19 @@ def run_ab(config: ABConfig, log=print) -> dict:
                            for (bucket, k), steps in sorted(engines[name].gamma_policy.choices.items())}
                     for name in names[1:]},
         "identical": all(tokens[name] == tokens[PLAIN] for name in names),
+        "time_against_plain": {name: {**time_against(engines[name].times, engines[PLAIN].times),
+                                      "plain_total": engines[PLAIN].times.total_s,
+                                      "steps_run": engines[name].times.num_steps,
+                                      "drafting_steps": sum(steps for (_, k), steps in
+                                                            getattr(engines[name].gamma_policy, "choices", {}).items()
+                                                            if k),
+                                      "drafter_prefills": getattr(engines[name].gamma_policy, "drafter_prefills", 0),
+                                      "drafter_prefill_s": getattr(engines[name].gamma_policy, "drafter_prefill_s",
+                                                                   0.0)}
+                               for name in names},
     }
     log(ab_table(results))
+    log(time_table(results))
     for side in sides:
         log(f"{side}: {results['side_median_vs_plain'][side]:.3f}x plain decoding, the median of its engines' "
             f"rounds")
@@ -214,6 +250,20 @@ def ab_table(results: dict) -> str:
              " ".join(f"{r:.3f}" for r in results["vs_plain"][name]), f"{results['median_vs_plain'][name]:.3f}"]
             for name in results["seconds"]]
     return markdown_table(["engine", "seconds per round", "x plain decoding per round", "median"], rows)
+
+
+def time_table(results: dict) -> str:
+    """Where each engine's time went against plain decoding's over the timed rounds (EngineTimes), in ms and as a
+    share of plain decoding's whole time."""
+    rows = []
+    for name, split in results["time_against_plain"].items():
+        share = split["plain_total"] or 1.0
+        cells = [f"{1e3 * split[part]:+.1f} ({100 * split[part] / share:+.1f}%)"
+                 for part in ("prefill", "steps", "other", "total")]
+        rows.append([name, *cells, f"{split['drafter_prefills']} ({1e3 * split['drafter_prefill_s']:.1f} ms)",
+                     f"{split['drafting_steps']} / {split['steps_run']}"])
+    return markdown_table(["engine", "prefill", "steps (draft + verify)", "other", "all", "drafter prefills",
+                           "drafting steps / steps"], rows)
 
 
 def choices_line(choices: dict[str, int]) -> str:

@@ -33,6 +33,17 @@ def test_every_engine_decodes_the_same_rows_in_turn_to_the_same_tokens(tmp_path)
     for choices in results["choices"].values():
         assert 0 < sum(choices.values()) <= 2 * 2 * 16  # rounds x batches x steps a batch at most
     assert any("draft lengths chosen" in line for line in lines)
+    # where each engine's time went against plain decoding's, over the timed rounds
+    split = results["time_against_plain"]
+    assert split[PLAIN]["total"] == split[PLAIN]["steps"] == 0.0 and split[PLAIN]["steps_run"] > 0
+    for name, parts in split.items():
+        assert parts["prefill"] + parts["steps"] + parts["other"] == pytest.approx(parts["total"], abs=1e-3)
+        assert parts["drafting_steps"] <= parts["steps_run"]
+        if name != PLAIN:  # the timed rounds' steps, as counted by the choices
+            assert parts["steps_run"] == sum(results["choices"][name].values())
+        if parts["drafting_steps"]:  # a static batch that drafts pays its drafter's put-off prefill first
+            assert parts["drafter_prefills"] > 0 and parts["drafter_prefill_s"] > 0
+    assert any("drafter prefills" in line for line in lines)
     saved = json.loads((Path(tmp_path) / "results.json").read_text())
     assert saved["config"]["baseline_constants"] == "SETTLE=4"
 
