@@ -171,6 +171,18 @@ def time_against(times: EngineTimes, plain: EngineTimes) -> dict[str, float]:
             "other": times.other_s - plain.other_s, "total": times.total_s - plain.total_s}
 
 
+def engine_split(engine: SpecDecodeEngine, plain: SpecDecodeEngine) -> dict[str, float]:
+    """time_against, with plain decoding's whole time, the engine's steps, how many drafted, and its drafter's
+    prefills (an `auto` engine's, counted by _CountedChoices)."""
+    policy = engine.gamma_policy
+    counted = isinstance(policy, _CountedChoices)
+    return {**time_against(engine.times, plain.times), "plain_total": plain.times.total_s,
+            "steps_run": engine.times.num_steps,
+            "drafting_steps": sum(steps for (_, k), steps in policy.choices.items() if k) if counted else 0,
+            "drafter_prefills": policy.drafter_prefills if counted else 0,
+            "drafter_prefill_s": policy.drafter_prefill_s if counted else 0.0}
+
+
 def run_ab(config: ABConfig, log=print) -> dict:
     """Decode in turn, compare, print and save; returns the results."""
     log(f"gamma A/B config: {json.dumps(dataclasses.asdict(config))}")
@@ -221,16 +233,7 @@ def run_ab(config: ABConfig, log=print) -> dict:
                            for (bucket, k), steps in sorted(engines[name].gamma_policy.choices.items())}
                     for name in names[1:]},
         "identical": all(tokens[name] == tokens[PLAIN] for name in names),
-        "time_against_plain": {name: {**time_against(engines[name].times, engines[PLAIN].times),
-                                      "plain_total": engines[PLAIN].times.total_s,
-                                      "steps_run": engines[name].times.num_steps,
-                                      "drafting_steps": sum(steps for (_, k), steps in
-                                                            getattr(engines[name].gamma_policy, "choices", {}).items()
-                                                            if k),
-                                      "drafter_prefills": getattr(engines[name].gamma_policy, "drafter_prefills", 0),
-                                      "drafter_prefill_s": getattr(engines[name].gamma_policy, "drafter_prefill_s",
-                                                                   0.0)}
-                               for name in names},
+        "time_against_plain": {name: engine_split(engines[name], engines[PLAIN]) for name in names},
     }
     log(ab_table(results))
     log(time_table(results))
