@@ -321,6 +321,8 @@ class GammaPolicy:
     _steps: int = field(default=0, init=False, repr=False)  # over every bucket
     _drafting_steps: int = field(default=0, init=False, repr=False)  # over every bucket
     _after_prefill: bool = field(default=False, init=False, repr=False)
+    _draining: bool = field(default=False, init=False, repr=False)  # the last choice's batch drains (see observe)
+    _rows_before: int = field(default=0, init=False, repr=False)  # the last step's rows
     _speed: _MachineSpeed = field(default_factory=_MachineSpeed, init=False, repr=False)
 
     def __post_init__(self):
@@ -349,6 +351,7 @@ class GammaPolicy:
         (continuous batching), the rows at this bucket finish there, and only drafting here prefills them."""
         if not self.auto:
             return self.gamma
+        self._draining = drains
         if self._probe_steps:
             return self._probe_steps.pop()
         costs = self._costs(batch_size)
@@ -635,16 +638,25 @@ class GammaPolicy:
         costs.verify_s[k + 1] = self._average(costs.verify_s.get(k + 1), step.besides_drafting_s)
         # after plain steps (or the drafter's put-off prefill), the drafter's catch-up reads many tokens: not what a
         # step with k drafts costs, but what a switch to drafting does; plain steps right after drafting ones run slow
-        # (see SETTLE), and so does the step after a prefill (see observe_prefill)
+        # (see SETTLE), and so do the step after a prefill (see observe_prefill) and the step after rows leave a static
+        # batch
         self._plain_run = self._plain_run + 1 if k == 0 else 0
         catching_up = k > 0 and (self._last_k == 0 or self._drafter_prefilled)
-        if (self._plain_run > SETTLE if k == 0 else not catching_up) and not self._after_prefill:
+        # the first step after rows leave a draining batch runs slow too (text-only at a static batch of 8 on the demo
+        # world: plain steps 7-15% over the next ones at the same rows, drafting ones 0-9%, about 0.05 ms each): timed
+        # as a bucket's first plain step, it made drafting look cheaper in the small buckets, by 9-20% in
+        # `jobs/gamma_truth.py`, and `auto` drafted at 4-7 rows on 52% of its steps where every gamma ran 0.91x plain
+        # decoding or slower (13% once left untimed). Under continuous batching rows leave at almost every step: those
+        # steps are what a step costs there, and are timed.
+        shrank = self._draining and len(num_accepted) < self._rows_before
+        settled = not (self._after_prefill or shrank)
+        if (self._plain_run > SETTLE if k == 0 else not catching_up) and settled:
             costs.observe_step(k, step.draft_s + step.besides_drafting_s, self._steps)
             if k > 0:
                 costs.draft_s = self._average(costs.draft_s, step.draft_s / k)
         elif catching_up and costs.draft_s is not None:
             costs.catch_up_s = self._average(costs.catch_up_s, max(step.draft_s - k * costs.draft_s, 0.0))
-        elif k == 0 and 0 in costs.log_s and not self._after_prefill:  # a plain step settling after drafting
+        elif k == 0 and 0 in costs.log_s and settled:  # a plain step settling after drafting
             self._settling_s += step.draft_s + step.besides_drafting_s - math.exp(costs.speed.log + costs.log_s[0])
             if self._plain_run == SETTLE:
                 costs.settle_s = self._average(costs.settle_s, self._settling_s)
@@ -667,7 +679,7 @@ class GammaPolicy:
                         reached[i] += rows
                     for i in range(n):
                         accepted[i] += rows
-        self._last_k = k
+        self._last_k, self._rows_before = k, len(num_accepted)
         self._after_prefill = self._drafter_prefilled = False
 
     def observe_drafter_prefill(self, batch_size: int, rows: int, seconds: float) -> None:

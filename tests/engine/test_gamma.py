@@ -198,6 +198,22 @@ def test_the_step_after_a_prefill_is_not_timed():
     assert policy.buckets[1].reached[:3] == [1.0, 1.0, 1.0] and 3 not in policy.buckets[1].log_s
 
 
+def test_the_step_after_rows_leave_a_draining_batch_is_not_timed():
+    """Rows leaving a static batch slow its next step (text-only at batch 8 on the demo world: plain steps 7-15%):
+    timed, it raised the bucket's plain decoding and drafting looked cheaper there. Under continuous batching rows
+    leave at almost every step, and such a step is what a step costs: it is timed."""
+    for drains, timed in ((True, False), (False, True)):
+        policy = GammaPolicy(gamma="auto")
+        policy.choose(6, drains=drains)
+        policy.observe(0, [0] * 6, StepTimes(0.0, 1.0))  # the first timed step: plain decoding at 4-7 rows
+        policy.choose(5, drains=drains)
+        policy.observe(0, [0] * 5, StepTimes(0.0, 2.0))  # a row has left
+        assert (policy.step_seconds(0, 5) > 1.0) == timed
+        policy.choose(5, drains=drains)
+        policy.observe(0, [0] * 5, StepTimes(0.0, 1.0))  # the same rows again: timed either way
+        assert policy.buckets[3].speed.last_timed[0] == 3
+
+
 def test_auto_starts_by_measuring_both_regimes_climbs_then_probes():
     policy = GammaPolicy(gamma="auto", max_gamma=6, probe_every=4, exploration=0.01)  # the budget the spacings assume
     choices = []
