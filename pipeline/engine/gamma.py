@@ -639,7 +639,7 @@ class GammaPolicy:
         # after plain steps (or the drafter's put-off prefill), the drafter's catch-up reads many tokens: not what a
         # step with k drafts costs, but what a switch to drafting does; plain steps right after drafting ones run slow
         # (see SETTLE), and so do the step after a prefill (see observe_prefill) and the step after rows leave a static
-        # batch
+        # batch (below)
         self._plain_run = self._plain_run + 1 if k == 0 else 0
         catching_up = k > 0 and (self._last_k == 0 or self._drafter_prefilled)
         # the first step after rows leave a draining batch runs slow too (text-only at a static batch of 8 on the demo
@@ -648,7 +648,8 @@ class GammaPolicy:
         # `jobs/gamma_truth.py`, and `auto` drafted at 4-7 rows on 52% of its steps where every gamma ran 0.91x plain
         # decoding or slower (13% once left untimed). Under continuous batching rows leave at almost every step: those
         # steps are what a step costs there, and are timed.
-        shrank = self._draining and len(num_accepted) < self._rows_before
+        batch_rows = len(num_accepted)
+        shrank = self._draining and batch_rows < self._rows_before
         settled = not (self._after_prefill or shrank)
         if (self._plain_run > SETTLE if k == 0 else not catching_up) and settled:
             costs.observe_step(k, step.draft_s + step.besides_drafting_s, self._steps)
@@ -679,7 +680,7 @@ class GammaPolicy:
                         reached[i] += rows
                     for i in range(n):
                         accepted[i] += rows
-        self._last_k, self._rows_before = k, len(num_accepted)
+        self._last_k, self._rows_before = k, batch_rows
         self._after_prefill = self._drafter_prefilled = False
 
     def observe_drafter_prefill(self, batch_size: int, rows: int, seconds: float) -> None:

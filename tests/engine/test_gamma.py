@@ -6,6 +6,7 @@ import re
 import pytest
 
 from pipeline.engine.gamma import (
+    ANCHOR_SAMPLES,
     AUTO,
     CONTENDER_STEPS,
     SETTLE,
@@ -455,13 +456,9 @@ def test_a_choice_holds_a_few_steps_unless_the_drafter_falls_behind():
     assert policy.choose(1) >= 4
 
 
-
-
 def test_a_choice_timed_once_is_timed_again_before_it_anchors():
     """A draft length chosen on one timing (perhaps a lucky step) is timed again by its own next step before its steps
     set the machine's speed and its level holds still: anchored at once, a lucky first timing stood for good."""
-    from pipeline.engine.gamma import ANCHOR_SAMPLES
-
     policy = GammaPolicy(gamma="auto", max_gamma=3)  # first_gamma 3, no longer neighbour to climb to
     observe_plain(policy, 1, 1.0)
     costs = policy.buckets[batch_bucket(1)]
@@ -478,6 +475,7 @@ def test_a_choice_timed_once_is_timed_again_before_it_anchors():
     set_acceptance(policy, [0.9] * 3)
     policy.choose(1)
     assert costs.anchors(costs.decided[1])
+
 
 def test_a_choice_of_plain_decoding_holds_until_a_step_drafts():
     """While plain decoding is the choice nothing it rests on changes but the machine's speed and the tokens left (which
