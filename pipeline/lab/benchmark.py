@@ -17,7 +17,8 @@ al.) and tau / (v + gamma * c) (what the goal judges).
 `auto`'s two goals are judged head to head: after the sweep over every gamma, each batch size times again, in a
 shorter turn, the engine without a drafter, a second engine without a drafter (the control: how far two runs of one
 code differ here), each drafter's three fastest fixed gammas of the sweep and its `auto` policies, on at least
-`head_to_head_batches` batches (the rows repeated); the fastest of those gammas there is auto's bar. In the sweep,
+`head_to_head_batches` batches and `head_to_head_seconds` of the engine's decoding (the rows repeated; see
+head_to_head_rows); the fastest of those gammas there is auto's bar. In the sweep,
 about 30 configurations a turn put a run's batch seconds from the engine's it is compared with, and the best of 8
 gammas is the luckiest of 8 noisy figures: a second plain engine in the sweep's turns measured 0.93-1.10x the first at
 batch 32 (2 batches of the 64 rows), 0.95-1.02x at batch 8; head to head, 0.99-1.02x at batch 1, 8 and 32 (256 rows at
@@ -30,6 +31,7 @@ import argparse
 import dataclasses
 import io
 import json
+import math
 import os
 import platform
 import resource
@@ -76,9 +78,9 @@ STATIC, CONTINUOUS = "static", "continuous"
 DEMO_TARGET = str(DEMO_WORLD / "target")
 DTYPES = ("auto", "float32", "bfloat16")
 FULL = dict(rows=64, batch_sizes=[1, 8, 32], gammas=[*range(1, 9), AUTO], max_new_tokens=48, repeats=3, job_rows=2048,
-            auto_policies=3, head_to_head_batches=8)
+            auto_policies=3, head_to_head_batches=8, head_to_head_seconds=0.75)
 QUICK = dict(rows=4, batch_sizes=[1, 4], gammas=[2, AUTO], max_new_tokens=8, repeats=1, job_rows=8,
-             auto_policies=2, head_to_head_batches=2)  # CI: seconds
+             auto_policies=2, head_to_head_batches=2, head_to_head_seconds=0.0)  # CI: seconds
 
 
 def demo_drafters() -> dict[str, str]:
@@ -136,6 +138,9 @@ class BenchConfig:
     head_to_head_batches: int | None = field(default=None, metadata=flag(
         "auto's goals: batches of the head to head at each batch size, the rows repeated where they\n"
         f"are fewer (0 skips it, and the goals take the sweep's figures) ({_presets('head_to_head_batches')})"))
+    head_to_head_seconds: float | None = field(default=None, metadata=flag(
+        "and at least as many rows as the engine without a drafter decodes in this many seconds in\n"
+        f"the sweep, in whole batches ({_presets('head_to_head_seconds')})"))
     caption_job: bool = field(default=True, metadata=flag(
         "skip the caption job comparison (the Ray job against the engine called directly, static\n"
         "and continuous batching)"))
@@ -175,6 +180,8 @@ class BenchConfig:
         if self.head_to_head_batches < 0:
             raise JobConfigError(f"--head-to-head-batches must be 0 (no head to head) or more, got "
                                  f"{self.head_to_head_batches}.")
+        if self.head_to_head_seconds < 0:
+            raise JobConfigError(f"--head-to-head-seconds must be 0 or more, got {self.head_to_head_seconds}.")
         for name, path in {"target": self.target, "prompts": self.prompts, **self.drafters}.items():
             if not Path(path).exists():
                 raise JobConfigError(f"{name} {path} does not exist: pass an existing local path.")
@@ -304,6 +311,17 @@ def timed_round_robin(runs: dict[object, list], repeats: int, device: torch.devi
                     outputs[key][repeat] += parts[i]()
                     seconds[key][repeat] += synchronized_time(device) - start
     return {key: Timed(seconds[key], outputs[key], peaks[key]) for key in runs}
+
+
+def head_to_head_rows(rows: int, part_rows: int, parts: int, plain_rows: float) -> int:
+    """Rows of a batch size's head to head: the workload's, at least `parts` parts of `part_rows` (a batch, or a
+    continuous-batching part), and at least `plain_rows` (what the engine without a drafter decodes in
+    head_to_head_seconds) in whole parts. Sized by batches alone, batch 8's 64 rows took each engine 0.24 s a round
+    against 0.77 s at batch 1, and the control (a second engine without a drafter) read 0.96-1.07x the first there
+    in four `make bench` runs (0.98-1.03 at batch 1 and 32); at 256 rows a round, in five one-row runs each, 0.99-1.00
+    against 0.98-1.02 at 64 (`jobs/bench.py --drafter massv=demo_world/massv --batch-sizes 8 --gammas 3,4,5,auto
+    --no-caption-job --head-to-head-batches 32`, the twenty-sixth session in docs/journal.md)."""
+    return max(rows, parts * part_rows, math.ceil(plain_rows / part_rows) * part_rows)
 
 
 def analytic_speedup(tau: float, mean_gamma: float, cost_ratio: float, verify_cost: float = 1.0) -> float:
@@ -459,19 +477,21 @@ class Benchmark:
     def _head_to_head(self, batch_size: int, engines: dict) -> None:
         """auto's goals at this batch size (see the module's docstring): the engine without a drafter, a second one
         (the control, warmed up here), each drafter's HEAD_TO_HEAD_GAMMAS fastest fixed gammas of the sweep and its
-        auto policies (warm from the sweep, their policies learning on), timed in turn on at least
-        head_to_head_batches batches. A row's time is paired with the engine without a drafter's round by round: that
-        engine's mean round times the median of the row's rounds' ratios to it. Every run is timed in every round, so
-        a round's ratio compares the same moments of the machine, where two runs' median rounds can fall in different
-        rounds (the rounds of one run spread by up to 40% here: the control at 0.96x the engine it copies by median
-        rounds); and one round's stall does not move the figure (by mean rounds the control measured 0.79x at batch
-        32, one of its rounds 1.7x the engine's)."""
+        auto policies (warm from the sweep, their policies learning on), timed in turn on head_to_head_rows rows. A
+        row's time is paired with the engine without a drafter's round by round: that engine's mean round times the
+        median of the row's rounds' ratios to it. Every run is timed in every round, so a round's ratio compares the
+        same moments of the machine, where two runs' median rounds can fall in different rounds (the rounds of one run
+        spread by up to 40% here: the control at 0.96x the engine it copies by median rounds); and one round's stall
+        does not move the figure (by mean rounds the control measured 0.79x at batch 32, one of its rounds 1.7x the
+        engine's)."""
         config = self.config
         # with continuous batching, each part is CONTINUOUS_PART_BATCHES batches' worth of rows decoded with rows
         # joining (one part for the whole pass left a run one timing a round: the control measured 1.12x the engine
         # it copies at batch 1)
         part_rows = batch_size * (CONTINUOUS_PART_BATCHES if config.continuous_batching else 1)
-        rows = max(len(self.workload), config.head_to_head_batches * part_rows)
+        plain = next(m for m in _engine_rows(self.measurements, NO_DRAFTER) if m.batch_size == batch_size)
+        rows = head_to_head_rows(len(self.workload), part_rows, config.head_to_head_batches,
+                                 config.head_to_head_seconds * plain.rows_per_s)
         prompts = (self.workload.prompts * -(-rows // len(self.workload)))[:rows]
         chosen = {(None, NO_DRAFTER, 0): engines[(None, 0, 0)], (None, CONTROL, 0): self._new_engine(None, 0)}
         for name in self.drafters:

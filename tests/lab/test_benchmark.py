@@ -31,6 +31,7 @@ from pipeline.lab.benchmark import (
     Measurement,
     analytic_speedup,
     goals,
+    head_to_head_rows,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -124,6 +125,7 @@ def test_quick_run_reports_every_configuration(tmp_path, turns):
     (["--repeats", "0"], "--repeats must be at least 1"),
     (["--job-rows", "0"], "--job-rows must be at least 1"),
     (["--head-to-head-batches", "-1"], "--head-to-head-batches must be 0 (no head to head) or more"),
+    (["--head-to-head-seconds", "-0.5"], "--head-to-head-seconds must be 0 or more"),
     (["--drafter", "mine=/nonexistent/drafter"], "drafter"),
     (["--assistant", "massv"], "must be a text-only drafter"),
     (["--assistant", "nope"], "is not one of the drafters"),
@@ -149,6 +151,15 @@ def test_analytic_speedup():
     assert analytic_speedup(tau=4.0, mean_gamma=3, cost_ratio=1.0) == 1.0
     assert analytic_speedup(tau=3.0, mean_gamma=4, cost_ratio=0.25) == 1.5
     assert analytic_speedup(tau=3.0, mean_gamma=4, cost_ratio=0.25, verify_cost=2.0) == 1.0
+
+
+def test_head_to_head_rows_cover_batches_and_seconds():
+    # (the workload's rows, rows a part, parts at least, what plain decoding covers in head_to_head_seconds)
+    assert head_to_head_rows(64, 1, 8, 62.0) == 64  # batch 1: the workload's rows already take longer
+    assert head_to_head_rows(64, 8, 8, 215.0) == 216  # batch 8: whole batches past what plain decoding covers
+    assert head_to_head_rows(64, 32, 8, 0.0) == 256  # no seconds asked: the batches alone
+    assert head_to_head_rows(64, 32, 8, 604.0) == 608
+    assert head_to_head_rows(64, 128, 2, 300.0) == 384  # continuous batching: whole parts
 
 
 def _m(method, drafter, gamma, batch_size, seconds, **extra) -> Measurement:
