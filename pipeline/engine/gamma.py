@@ -168,6 +168,7 @@ class _MachineSpeed:
 
     log: float = 0.0  # log of how much slower than usual
     last_timed: tuple[int, int, int] | None = None  # (step, bucket, k) of the last timed step
+    stalled: bool = False  # the last timed step was left out as a stall (see _BucketCosts.observe_step)
 
 
 @dataclass
@@ -202,6 +203,14 @@ class _BucketCosts:
         """A whole step with k drafts at this bucket, the policy's step number `step` (over every bucket), took
         `seconds`."""
         log_t, speed, bucket = math.log(max(seconds, 1e-9)), self.speed, self.bucket
+        if k in self.log_s and log_t - self.log_s[k] - speed.log > math.log(STALL) and not speed.stalled:
+            # a stall (interference, not the machine's speed): it neither sets the speed nor is a step "just before"
+            # a probe's. Taken as the speed, one plain step of 2.9 ms (0.56 ms around it) at text-only's batch 8 on
+            # the demo world read the machine 4.5x slow, a probe of 4 drafts two steps later was rated 0.49 ms (1.4
+            # in truth), and that bucket drafted on for good at 0.92x plain decoding. Two in a row are the machine.
+            speed.stalled = True
+            return
+        speed.stalled = False
         recent = speed.last_timed is not None and step - speed.last_timed[0] <= PAIR_GAP
         anchor = self.anchors(k)
         probe = self.decided is not None and not anchor

@@ -695,3 +695,27 @@ def test_probes_are_measured_against_the_choice_whose_level_holds_still():
     costs = policy.buckets[batch_bucket(32)]
     assert costs.decided[1] == 0
     assert costs.log_s[3] - costs.log_s[0] == pytest.approx(math.log(2.0), abs=0.01)
+
+
+def test_a_stalled_step_neither_sets_the_machines_speed_nor_is_a_probes_reference():
+    """Plain decoding is the choice (as above) and every seventh step stalls, five times its cost (the VM's
+    interference). Taken as the machine's speed, a stall read it several times slow, and a probe of drafting right
+    after was measured against that: drafting read far cheaper than it is (text-only at batch 8 on the demo world: a
+    plain step of 2.9 ms among 0.56 ms ones, then 4 drafts rated 0.49 ms where they cost 1.4, and that bucket drafted
+    on for good). A stall is left out; two slow steps in a row are the machine itself."""
+    policy = GammaPolicy(gamma="auto", max_gamma=4)
+    for step in range(3000):
+        set_acceptance(policy, [0.5] * 4)
+        k = policy.choose(32)
+        stall = 5.0 if step % 7 == 6 else 1.0
+        policy.observe(k, [2] * 32, StepTimes(0.1 * k * stall, (1.7 if k else 1.0) * stall))
+    costs = policy.buckets[batch_bucket(32)]
+    assert costs.decided[1] == 0
+    assert costs.log_s[3] - costs.log_s[0] == pytest.approx(math.log(2.0), abs=0.05)
+    slower = GammaPolicy(gamma="auto", max_gamma=4)  # the machine slows down for good: it follows
+    for step in range(200):
+        set_acceptance(slower, [0.5] * 4)
+        k = slower.choose(32)
+        slower.observe(k, [2] * 32, StepTimes(0.1 * k, 1.7 if k else 1.0) if step < 100 else
+                       StepTimes(0.3 * k, 5.1 if k else 3.0))
+    assert slower._speed.log == pytest.approx(math.log(3.0), abs=0.05)
