@@ -206,7 +206,7 @@ class _BucketCosts:
         if k in self.log_s and log_t - self.log_s[k] - speed.log > math.log(STALL) and not speed.stalled:
             # a stall (interference, not the machine's speed): it neither sets the speed nor is a step "just before"
             # a probe's. Taken as the speed, one plain step of 2.9 ms (0.56 ms around it) at text-only's batch 8 on
-            # the demo world read the machine 4.5x slow, a probe of 4 drafts two steps later was rated 0.49 ms (1.4
+            # the demo world read the machine 4.5x slow, a probe of 4 drafts three steps later was rated 0.49 ms (1.35
             # in truth), and that bucket drafted on for good at 0.92x plain decoding. Two in a row are the machine.
             speed.stalled = True
             return

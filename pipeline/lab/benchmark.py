@@ -18,11 +18,11 @@ al.) and tau / (v + gamma * c) (what the goal judges).
 shorter turn, the engine without a drafter, a second engine without a drafter (the control: how far two runs of one
 code differ here), each drafter's three fastest fixed gammas of the sweep and its `auto` policies, on at least
 `head_to_head_batches` batches and `head_to_head_seconds` of the engine's decoding (the rows repeated; see
-head_to_head_rows); the fastest of those gammas there is auto's bar. In the sweep,
-about 30 configurations a turn put a run's batch seconds from the engine's it is compared with, and the best of 8
-gammas is the luckiest of 8 noisy figures: a second plain engine in the sweep's turns measured 0.93-1.10x the first at
-batch 32 (2 batches of the 64 rows), 0.95-1.02x at batch 8; head to head, 0.99-1.02x at batch 1, 8 and 32 (256 rows at
-batch 32), a row's time paired with the engine without a drafter's round by round (see Benchmark._head_to_head).
+head_to_head_rows); the fastest of those gammas there is auto's bar. In the sweep, about 30 configurations a turn put
+a run's batch seconds from the engine's it is compared with, and the best of 8 gammas is the luckiest of 8 noisy
+figures: a second plain engine in the sweep's turns measured 0.93-1.10x the first at batch 32 (2 batches of the 64
+rows), 0.95-1.02x at batch 8; head to head, 0.99-1.02x at batch 1, 8 and 32 (256 rows at batch 32), a row's time
+paired with the engine without a drafter's round by round (see Benchmark._head_to_head).
 """
 
 from __future__ import annotations
