@@ -35,6 +35,16 @@ lengths of finished rows, less what it has emitted: a static batch's tail is its
 at batch 32 on the demo world: at 14 rows about 10 tokens a row were left, 3 steps with 3 drafts, over which the
 drafter's prefill, 2.0 ms, and its catch-up, 0.7 ms, cost what drafting saved; spread over whole rows, 24 tokens, the
 switch looked cheap and `auto` drafted there at 0.90x plain decoding).
+
+In a static batch's drain (no row joins before it empties) the batch steps until its slowest row is done, and drafting
+spreads how many steps a row takes for its tokens left: there drafting's rate is divided by how much later than plain
+decoding's it expects the slowest row to end (see _rates). Whether rows end together is in their lengths: the demo
+world's answers are 14, 22 or 30 tokens, so at a batch's start plain decoding's end is as uncertain and drafting adds
+little, while its last rows all end at 30. Text-only at a static batch of 8 there drafted in the tail, where a token was
+1.27x cheaper a step at 2-3 rows, and 1.08x over the tail. The offline replay (`jobs/replay_gamma.py`, 64 seeds, batch
+8 / 32, against plain decoding), before -> after: text-only 0.980 / 0.952 -> 0.987 / 0.962, MSD 1.019 / 0.962 -> 1.019 /
+0.987, MASSV 1.142 / 0.993 -> 1.146 / 0.982; in the engine within the runs' spread at batch 8 (docs/journal.md, the
+twenty-seventh session).
 """
 
 from __future__ import annotations
@@ -43,6 +53,8 @@ import math
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
+from statistics import NormalDist
 
 from pipeline.engine.stats import StepTimes
 
@@ -114,6 +126,12 @@ def _nearest_each(measured: list[int], count: int) -> list[int]:
     return nearest
 
 
+@lru_cache(maxsize=None)
+def expected_maximum(rows: int) -> float:
+    """The expected maximum of `rows` standard normal draws (Blom's approximation, within 0.01 to 32 rows)."""
+    return NormalDist().inv_cdf((rows - 0.375) / (rows + 0.25)) if rows > 1 else 0.0
+
+
 def batch_bucket(batch_size: int) -> int:
     """1, 2-3, 4-7, 8-15, ... share cost measurements."""
     return max(batch_size, 1).bit_length()
@@ -127,6 +145,7 @@ class RowLengths:
         self.counts: Counter[int] = Counter()  # of the kept lengths, kept as they come and go (counted afresh after
         # every finished row at batch 1, where a row finishes every few steps, they took a tenth of the policy's time)
         self._left: list[float] | None = []  # per t: E[length - t | length > t]; None until recomputed
+        self._variance: list[float] = []  # per t: Var[length | length > t]
 
     def observe(self, lengths: Sequence[int]) -> None:
         for length in lengths:
@@ -143,24 +162,41 @@ class RowLengths:
         """Mean over the rows of the tokens each has left (at least 1); None before any row has finished."""
         if not self.lengths:
             return None
-        if self._left is None:
-            self._left = self._expected_left()
-        if emitted and max(emitted) >= len(self._left):  # longer than any row seen: about to end
-            self._left += [1.0] * (max(emitted) + 1 - len(self._left))
+        self._extend(emitted)
         return sum(map(self._left.__getitem__, emitted)) / max(len(emitted), 1)  # (each step decides: kept cheap)
 
-    def _expected_left(self) -> list[float]:
-        """Per t: the mean length of the rows longer than t, less t (at least 1); rebuilt for the first decision after a
-        row finishes (kept lean: at batch 8 on the demo world that is a third of the decisions)."""
+    def left_variance(self, emitted: Sequence[int]) -> float | None:
+        """Mean over the rows of the variance of the tokens each has left; None before any row has finished."""
+        if not self.lengths:
+            return None
+        self._extend(emitted)
+        return sum(map(self._variance.__getitem__, emitted)) / max(len(emitted), 1)
+
+    def _extend(self, emitted: Sequence[int]) -> None:
+        """The tables built, and long enough for these rows (one longer than any row seen is about to end)."""
+        if self._left is None:
+            self._build()
+        if emitted and max(emitted) >= len(self._left):
+            more = max(emitted) + 1 - len(self._left)
+            self._left += [1.0] * more
+            self._variance += [0.0] * more
+
+    def _build(self) -> None:
+        """Per t, over the rows longer than t: their mean length less t (at least 1) and their lengths' variance;
+        rebuilt for the first decision after a row finishes (kept lean: at batch 8 on the demo world that is a third of
+        the decisions)."""
         get, longest = self.counts.get, max(self.counts)
-        left, rows, tokens = [1.0] * (longest + 1), 0, 0
-        for t in range(longest, -1, -1):  # rows longer than t, and their tokens
-            if rows and tokens / rows - t > 1.0:
-                left[t] = tokens / rows - t
+        left, variance, rows, tokens, squares = [1.0] * (longest + 1), [0.0] * (longest + 1), 0, 0, 0
+        for t in range(longest, -1, -1):  # rows longer than t, their tokens and the tokens' squares
+            if rows:
+                mean = tokens / rows
+                if mean - t > 1.0:
+                    left[t] = mean - t
+                variance[t] = max(squares / rows - mean * mean, 0.0)
             count = get(t)
             if count:
-                rows, tokens = rows + count, tokens + t * count
-        return left
+                rows, tokens, squares = rows + count, tokens + t * count, squares + t * t * count
+        self._left, self._variance = left, variance
 
 
 @dataclass
@@ -541,7 +577,11 @@ class GammaPolicy:
         if not candidates:
             return 0, 0.0, 0.0
         switch_per_token = self.switch_per_token(batch_size, prefill_waits, emitted)
-        rates = self._rates(sorted(candidates | {0}), batch_size, switch_per_token, costs)
+        drain = None
+        if self._draining and self.row_lengths.lengths:
+            emitted_now = emitted or [0] * batch_size
+            drain = self.row_lengths.mean_left(emitted_now), self.row_lengths.left_variance(emitted_now)
+        rates = self._rates(sorted(candidates | {0}), batch_size, switch_per_token, costs, drain)
         plain = rates.pop(0)
         best = max(rates, key=rates.get)
         # (the choice, which probes are measured against, is read again at each of its steps: a full set)
@@ -581,13 +621,29 @@ class GammaPolicy:
         return self._rates([k], batch_size, self.switch_per_token(batch_size, prefill_waits, emitted))[k]
 
     def _rates(self, ks: list[int], batch_size: int, switch_per_token: float,
-               costs: _BucketCosts | None = None) -> dict[int, float]:
+               costs: _BucketCosts | None = None, drain: tuple[float, float] | None = None) -> dict[int, float]:
         """expected_rate of each k (ks ascending) with a switch to drafting costing switch_per_token seconds a token,
-        with one pass over the acceptance (each step decides)."""
+        with one pass over the acceptance (each step decides); drain: where the batch drains, the tokens a row has left
+        and their variance over the rows, with which drafting's rate counts its slowest row."""
         costs = costs or self._costs(batch_size)
         tokens = self._expected_tokens_upto(ks[-1], batch_size)
-        return {k: tokens[k] / max(self._step_seconds(costs, k) + (tokens[k] * switch_per_token if k else 0.0), 1e-9)
-                for k in ks}
+        rates = {k: tokens[k] / max(self._step_seconds(costs, k) + (tokens[k] * switch_per_token if k else 0.0), 1e-9)
+                 for k in ks}
+        if drain is not None and batch_size > 1:
+            # the batch ends with its slowest row: plain decoding after max L_i steps, L_i a row's tokens left (mean L,
+            # variance s2 over the rows), about L + z sqrt(s2), z = expected_maximum(rows). A row drafting emits X
+            # tokens a step, E(k) on average (P(X > j) = E(j) - E(j-1), so E[X^2] = sum (2j+1) P(X > j)), so its steps
+            # for L_i tokens spread by L Var X / E^3 more (a renewal count): in tokens, L Var X / E; so it ends after
+            # about L + z sqrt(s2 + L Var X / E) tokens' worth of steps
+            left, variance = drain
+            z, second_moment = expected_maximum(batch_size), 1.0
+            plain_end = left + z * math.sqrt(variance)
+            for j in range(1, ks[-1] + 1):
+                second_moment += (2 * j + 1) * (tokens[j] - tokens[j - 1])
+                if j in rates:
+                    spread = max(second_moment - tokens[j] ** 2, 0.0) * left / tokens[j]
+                    rates[j] /= (left + z * math.sqrt(variance + spread)) / plain_end
+        return rates
 
     def switch_per_token(self, batch_size: int, prefill_waits: bool, emitted: Sequence[int] | None = None) -> float:
         """Seconds a switch to drafting adds per token a row emits from now on: the drafter's put-off prefill of the

@@ -329,10 +329,38 @@ def test_a_static_batch_draining_into_a_bucket_that_drafts_pays_the_prefill_ther
         set_acceptance(policy, [0.6] * 8)
         policy.step_spread = 0.0  # step times exact
         policy.observe_drafter_prefill(batch_size=8, rows=8, seconds=3.0)
-        policy.observe_finished([10, 10])
+        policy.observe_finished([5, 15])  # 10 tokens a row: the prefill 0.3 plain steps a token (lengths that
+        # differ: the slowest row ends about when it would decoding plainly, see the next test)
         assert policy.best_gamma(4) == (draft_step_at_4 < 2.0)
         assert policy.best_gamma(8, prefill_waits=True) == 0  # the prefill counted
         assert policy.choose(8, prefill_waits=True, drains=drains) == drafts
+
+
+def test_in_a_draining_batch_drafting_is_rated_by_its_slowest_row():
+    """1 draft at 0.6 acceptance: 1.6 tokens a step for 1.4 plain steps' time, 1.14x plain decoding a step. Rows that
+    join as others finish (continuous batching) take that. A static batch's drain steps until its slowest row is done,
+    and drafting spreads how many steps a row takes (its tokens a step vary: variance 0.24). 4 rows of 44 tokens with 4
+    left each: plain decoding ends them after 4 steps, drafting after the slowest row's, on average 1.049 spreads
+    (expected_maximum(4)) more than 4 / 1.6 steps, a relative spread of sqrt(0.24 / (1.6 * 4)) = 0.19: 1.14 / 1.20,
+    0.95x plain decoding. With 40 tokens left the spread is a third of that, and drafting still pays; so it does where
+    the rows' lengths differ (41-47): plain decoding's end is about as uncertain then."""
+    def fresh_policy(lengths: list[int]) -> GammaPolicy:
+        policy = GammaPolicy(gamma="auto", max_gamma=1)
+        observe_plain(policy, 4, 1.0)
+        for _ in range(2):  # the first catches up: not timed
+            policy.observe(1, [1] * 4, StepTimes(0.4, 1.0))
+        set_acceptance(policy, [0.6])
+        policy.step_spread = 0.0  # step times exact
+        policy.observe_finished(lengths)
+        return policy
+
+    same = [44, 44]
+    assert fresh_policy(same).choose(4, emitted=[40] * 4, drains=False) == 1  # 4 tokens left
+    assert fresh_policy(same).choose(4, emitted=[40] * 4, drains=True) == 0
+    assert fresh_policy(same).choose(4, emitted=[4] * 4, drains=True) == 1  # 40 left
+    assert fresh_policy([41, 42, 46, 47]).choose(4, emitted=[40] * 4, drains=True) == 1  # 4 left on average
+    assert fresh_policy(same)._rates([0, 1], 4, 0.0, drain=(4.0, 0.0))[1] == pytest.approx(
+        1.6 / 1.4 / (1 + 1.049 * math.sqrt(0.24 / (1.6 * 4))), rel=1e-3)
 
 
 def test_a_switch_to_drafting_costs_the_drafters_catch_up_too():
@@ -364,6 +392,7 @@ def test_the_lengths_of_finished_rows_say_how_many_tokens_a_row_has_left():
     few.observe([30, 40, 20])
     assert list(few.lengths) == [30, 40, 20] and few.counts == {20: 1, 30: 1, 40: 1}
     assert few.mean_left([15]) == pytest.approx(15)  # rows of 20, 30 and 40: 5, 15 or 25 left
+    assert few.left_variance([15]) == pytest.approx(200 / 3) and few.left_variance([35]) == 0.0
 
 
 def test_plain_steps_right_after_drafting_ones_are_not_timed():
