@@ -42,8 +42,8 @@ decoding's it expects the slowest row to end (see _rates). Whether rows end toge
 world's answers are 14, 22 or 30 tokens, so at a batch's start plain decoding's end is as uncertain and drafting adds
 little, while its last rows all end at 30. Text-only at a static batch of 8 there drafted in the tail, where a token was
 1.27x cheaper a step at 2-3 rows, and 1.08x over the tail. The offline replay (`jobs/replay_gamma.py`, 64 seeds, batch
-8 / 32, against plain decoding), before -> after: text-only 0.980 / 0.952 -> 0.987 / 0.962, MSD 1.019 / 0.962 -> 1.019 /
-0.987, MASSV 1.142 / 0.993 -> 1.146 / 0.982; in the engine within the runs' spread at batch 8 (docs/journal.md, the
+8 / 32, against plain decoding), before -> after: text-only 0.980 / 0.952 -> 0.985 / 0.960, MSD 1.019 / 0.962 -> 1.019 /
+0.980, MASSV 1.142 / 0.993 -> 1.145 / 0.983; in the engine within the runs' spread at batch 8 (docs/journal.md, the
 twenty-seventh session).
 """
 
@@ -95,6 +95,10 @@ REDECIDE = 8  # steps a bucket's choice holds before it is made again (unless a 
 # there) decoded plainly in 3 of 4 bench runs.
 CONTENDER_STEPS = 3
 PAIR_GAP = SETTLE + 1  # steps apart that are still "just before" (steps after a change to or from plain are not timed)
+# What a step of the slowest rows, once the others are done, costs against a step of the whole batch: it has fewer
+# rows. Drafting steps on the demo world (the replay's recording, 8 drafts): 1 row against 2 0.70-0.76, 4 against 8
+# 0.75-0.83, 16 against 32 0.64-0.66 (see _rates). In the replay within a point of 0.5 and 1.0.
+STRAGGLER_STEP = 0.7
 LENGTHS_KEPT = 512  # finished rows' lengths kept: their distribution says how many tokens a row has left
 
 
@@ -634,7 +638,7 @@ class GammaPolicy:
             # variance s2 over the rows), about L + z sqrt(s2), z = expected_maximum(rows). A row drafting emits X
             # tokens a step, E(k) on average (P(X > j) = E(j) - E(j-1), so E[X^2] = sum (2j+1) P(X > j)), so its steps
             # for L_i tokens spread by L Var X / E^3 more (a renewal count): in tokens, L Var X / E; so it ends after
-            # about L + z sqrt(s2 + L Var X / E) tokens' worth of steps
+            # about L + z sqrt(s2 + L Var X / E) tokens' worth of steps, the later ones with fewer rows
             left, variance = drain
             z, second_moment = expected_maximum(batch_size), 1.0
             plain_end = left + z * math.sqrt(variance)
@@ -642,7 +646,7 @@ class GammaPolicy:
                 second_moment += (2 * j + 1) * (tokens[j] - tokens[j - 1])
                 if j in rates:
                     spread = max(second_moment - tokens[j] ** 2, 0.0) * left / tokens[j]
-                    rates[j] /= (left + z * math.sqrt(variance + spread)) / plain_end
+                    rates[j] /= 1.0 + STRAGGLER_STEP * ((left + z * math.sqrt(variance + spread)) / plain_end - 1.0)
         return rates
 
     def switch_per_token(self, batch_size: int, prefill_waits: bool, emitted: Sequence[int] | None = None) -> float:

@@ -11,6 +11,7 @@ from pipeline.engine.gamma import (
     CONTENDER_STEPS,
     SETTLE,
     STEP_SAMPLES,
+    STRAGGLER_STEP,
     GammaPolicy,
     RowLengths,
     batch_bucket,
@@ -341,9 +342,10 @@ def test_in_a_draining_batch_drafting_is_rated_by_its_slowest_row():
     join as others finish (continuous batching) take that. A static batch's drain steps until its slowest row is done,
     and drafting spreads how many steps a row takes (its tokens a step vary: variance 0.24). 4 rows of 44 tokens with 4
     left each: plain decoding ends them after 4 steps, drafting after the slowest row's, on average 1.049 spreads
-    (expected_maximum(4)) more than 4 / 1.6 steps, a relative spread of sqrt(0.24 / (1.6 * 4)) = 0.19: 1.14 / 1.20,
-    0.95x plain decoding. With 40 tokens left the spread is a third of that, and drafting still pays; so it does where
-    the rows' lengths differ (41-47): plain decoding's end is about as uncertain then."""
+    (expected_maximum(4)) more than 4 / 1.6 steps, a relative spread of sqrt(0.24 / (1.6 * 4)) = 0.19, in steps that
+    cost 0.7 of the batch's (STRAGGLER_STEP): 1.14 / 1.14, not the margin more than plain decoding drafting must
+    promise. With 40 tokens left the spread is a third of that, and drafting pays; so it does where the rows' lengths
+    differ (41-47): plain decoding's end is about as uncertain then."""
     def fresh_policy(lengths: list[int]) -> GammaPolicy:
         policy = GammaPolicy(gamma="auto", max_gamma=1)
         observe_plain(policy, 4, 1.0)
@@ -360,7 +362,7 @@ def test_in_a_draining_batch_drafting_is_rated_by_its_slowest_row():
     assert fresh_policy(same).choose(4, emitted=[4] * 4, drains=True) == 1  # 40 left
     assert fresh_policy([41, 42, 46, 47]).choose(4, emitted=[40] * 4, drains=True) == 1  # 4 left on average
     assert fresh_policy(same)._rates([0, 1], 4, 0.0, drain=(4.0, 0.0))[1] == pytest.approx(
-        1.6 / 1.4 / (1 + 1.049 * math.sqrt(0.24 / (1.6 * 4))), rel=1e-3)
+        1.6 / 1.4 / (1 + STRAGGLER_STEP * 1.049 * math.sqrt(0.24 / (1.6 * 4))), rel=1e-3)
 
 
 def test_a_switch_to_drafting_costs_the_drafters_catch_up_too():
