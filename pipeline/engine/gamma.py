@@ -94,6 +94,7 @@ REDECIDE = 8  # steps a bucket's choice holds before it is made again (unless a 
 # without the switch. With one step a probe, MSD at batch 8 on the demo world (drafting worth 1.2x plain decoding
 # there) decoded plainly in 3 of 4 bench runs.
 CONTENDER_STEPS = 3
+FIRST_GAMMA = 3  # the draft length a bucket times first, once plain decoding has been
 PAIR_GAP = SETTLE + 1  # steps apart that are still "just before" (steps after a change to or from plain are not timed)
 # What a step of the slowest rows, once the others are done, costs against a step of the whole batch: it has fewer
 # rows. Drafting steps on the demo world (the replay's recording, 8 drafts): 1 row against 2 0.70-0.76, 4 against 8
@@ -343,7 +344,7 @@ class _BucketCosts:
 class GammaPolicy:
     gamma: int | str = 3
     max_gamma: int = 8
-    first_gamma: int = 3  # the first speculative k measured, once plain decoding has been
+    first_gamma: int = FIRST_GAMMA  # the first speculative k measured, once plain decoding has been
     probe_every: int = 16  # first interval between probes (plain decoding or a neighbour of the choice)
     max_probe_every: int = 64  # (256 before: see _neighbour_decodes_plainly)
     smoothing: float = 0.3  # weight of the newest measurement in the running averages of verify and draft times
