@@ -6,12 +6,12 @@
 On a VM whose speed moves by 10% from run to run, two `make bench` runs of one policy differ by more than two
 policies do, so a change to `auto` cannot be judged there. Here the policy (the engine's own GammaPolicy, or any
 object with its methods) decodes static batches of recorded rows, seeded:
-- acceptance: the target's greedy answer per row and, per drafter, whether the drafter's greedy prediction after each
-  answer token is the next answer token (teacher-forced through the drafter's own catch-up forward). With greedy
-  decoding a draft is accepted exactly while the drafter's predictions from the true prefix are right, so k drafts at
-  a row's position t keep the run of right predictions from t, at most k: the engine's acceptance, row by row.
-  an MSD head drafts from its own predicted features, which teacher forcing does not give: its traces are read off
-  the engine decoding each row at max_gamma (`decoded_traces`), an approximation;
+- acceptance: the target's greedy answer per row and, per drafter, how many drafts in a row the target accepts after
+  each answer token, drafted by the engine's own steps (`accepted_runs`). With greedy decoding a step with k drafts
+  after token t keeps the least of k and that run, whatever the steps before kept: the engine's acceptance, row by row,
+  an MSD head's too (it drafts from its own predicted features: teacher forcing, as the replay read a causal LM's
+  traces before, would rate its later drafts too well; read off the engine decoding at 8 drafts, as it read an MSD
+  head's, a position's rate was that of whichever draft had covered it);
 - costs: the median seconds of real engine steps with k drafts at batch sizes b (fitted linear in k per b, then
   interpolated in b), one drafter forward's share, and the drafter's put-off prefill;
 - the machine: a drifting speed, a step-to-step spread, stalls, and plain steps right after drafting ones run slow
@@ -34,10 +34,10 @@ import numpy as np
 import torch
 
 from drafters import load_drafter
+from pipeline.engine.acceptance import SamplingConfig
 from pipeline.engine.batch import Row, RunningBatch
 from pipeline.engine.engine import EngineConfig, SpecDecodeEngine
 from pipeline.engine.gamma import AUTO, GammaPolicy
-from pipeline.engine.padding import right_pad
 from pipeline.engine.stats import StepTimes, synchronized_time
 from pipeline.engine.target import Target
 from pipeline.job.cli import flag
@@ -53,54 +53,43 @@ AFTER_PREFILL = 1.15  # the first step after a prefill (gamma.py, observe_prefil
 @dataclass
 class Traces:
     answers: list[list[int]]  # the target's greedy tokens per row
-    right: dict[str, list[list[bool]]]  # per drafter, per row: its prediction after answer token j is token j + 1
+    runs: dict[str, list[list[int]]]  # per drafter, per row: after answer token j, how many of max_gamma drafts in a
+    # row the target accepts (its j+1, j+2, ... tokens)
 
 
 def record_traces(target: Target, drafters: dict, prompts: list, max_new_tokens: int, max_gamma: int = 8) -> Traces:
-    """The target's greedy answers and each drafter's teacher-forced predictions along them (an MSD head's read off
-    the engine's steps: `decoded_traces`)."""
+    """The target's greedy answers and, per drafter, the drafts the target accepts after each answer token
+    (`accepted_runs`)."""
     plain = SpecDecodeEngine(target, None, EngineConfig(gamma=0, max_new_tokens=max_new_tokens))
     answers = [r.tokens for r in plain.generate(prompts)]
-    right = {}
-    for name, drafter in drafters.items():
-        if drafter.reads_target_hidden_states:
-            right[name] = decoded_traces(target, drafter, prompts, answers, max_new_tokens, max_gamma)
-            continue
-        rows = []
-        for prompt, answer in zip(prompts, answers):
-            batch = RunningBatch(target, drafter)
-            batch.admit([Row(max_new_tokens, frozenset())], [prompt], lambda logits: logits.argmax(dim=-1))
-            drafter.prefill_put_off()
-            ids, counts = right_pad([answer], drafter.pad_token_id, drafter.device)
-            with torch.no_grad():
-                logits = drafter.decoder.forward(input_ids=ids, num_new=counts).logits[0, :, :target.vocab_size]
-            predicted = logits.argmax(dim=-1).tolist()
-            rows.append([predicted[j] == answer[j + 1] for j in range(len(answer) - 1)])
-        right[name] = rows
-    return Traces(answers, right)
+    runs = {name: [accepted_runs(target, drafter, prompt, answer, max_gamma)
+                   for prompt, answer in zip(prompts, answers)] for name, drafter in drafters.items()}
+    return Traces(answers, runs)
 
 
-def decoded_traces(target: Target, drafter, prompts: list, answers: list[list[int]], max_new_tokens: int,
-                   gamma: int) -> list[list[bool]]:
-    """right[j] per row, read off the engine decoding each row alone with `gamma` drafts a step: a step's kept drafts
-    were right, the draft after them wrong. For an MSD head, which drafts from its own predicted features, teacher
-    forcing (its true features at every position) would rate its later drafts too well; read off decoding, a
-    position's rate is that of the draft that covered it in that run (any of 1..gamma), an approximation of what
-    other gammas would see."""
-    recorder = RecordingGamma(gamma)
-    engine = SpecDecodeEngine(target, drafter, EngineConfig(max_new_tokens=max_new_tokens))
-    engine.gamma_policy = recorder
-    rows = []
-    for prompt, answer in zip(prompts, answers):
-        recorder.kept = []
-        if engine.generate([prompt])[0].tokens != answer:
-            raise RuntimeError("greedy decoding with the drafter changed an answer: no trace can be read off it")
-        right, emitted = [False] * (len(answer) - 1), 1
-        for [kept] in recorder.kept:  # kept <= the tokens the row had left: within the answer
-            right[emitted - 1 : emitted - 1 + kept] = [True] * kept
-            emitted += kept + 1
-        rows.append(right)
-    return rows
+@torch.no_grad()
+def accepted_runs(target: Target, drafter, prompt, answer: list[int], max_gamma: int) -> list[int]:
+    """After each answer token j, the drafts (of max_gamma) the target accepts, drafted by the engine's own steps: the
+    row decoded alone, each step drafting max_gamma and keeping none of them, so that it moves on by one token and
+    drafts again from every position. Greedy, a step with k drafts after token j keeps min(run, k) of them, whatever
+    the steps before kept: the target's states are its own at every position, and a drafter's are rebuilt from them
+    (a causal LM's from the tokens, an MSD head's from the target's features: it drafts from its own predicted ones,
+    so teacher forcing along the answer would rate its later drafts too well)."""
+    batch = RunningBatch(target, drafter)
+    batch.admit([Row(len(answer), frozenset())], [prompt], lambda logits: logits.argmax(dim=-1))
+    greedy, runs = SamplingConfig(), []
+    kept = torch.zeros(1, dtype=torch.long)
+    for j in range(len(answer) - 1):
+        drafts = batch.draft(max_gamma, greedy, None)[0][0].tolist()
+        batch.verify(torch.tensor([drafts], device=target.device))
+        run = 0
+        while run < max_gamma and j + 1 + run < len(answer) and drafts[run] == answer[j + 1 + run]:
+            run += 1
+        runs.append(run)
+        output = torch.tensor([[answer[j + 1]] + drafts], dtype=torch.long)  # only the target's own token kept
+        batch.rollback(max_gamma, kept, output)
+        batch.emit(max_gamma, kept, output)
+    return runs
 
 
 @dataclass
@@ -210,18 +199,7 @@ class FixedGamma:
         pass
 
 
-class RecordingGamma(FixedGamma):
-    """FixedGamma that keeps each step's kept drafts per row."""
-
-    def __init__(self, k: int):
-        super().__init__(k)
-        self.kept: list[list[int]] = []
-
-    def observe(self, k, num_accepted, step) -> None:
-        self.kept.append(num_accepted)
-
-
-def replay(policy, answers: list[list[int]], right: list[list[bool]], costs: StepCosts, batch_size: int, seed: int,
+def replay(policy, answers: list[list[int]], runs: list[list[int]], costs: StepCosts, batch_size: int, seed: int,
            passes: int = 4, timed_from: int = 1) -> float:
     """Seconds the policy takes over the rows in static batches of batch_size, `passes` times (the policy learns
     throughout; passes before timed_from are not counted, as the bench's warm-up)."""
@@ -253,7 +231,7 @@ def replay(policy, answers: list[list[int]], right: list[list[bool]], costs: Ste
                 step_s, draft_s = (step + catch_up) * speed, (costs.draft(b, k) + catch_up) * speed if k else 0.0
                 kept, finished = [], []
                 for i in active:
-                    length, run = len(answers[i]), accepted_run(right[i], emitted[i], k)
+                    length, run = len(answers[i]), accepted_run(runs[i], emitted[i], k)
                     left = length - emitted[i]
                     kept.append(min(run, left))  # as the engine tells the policy: a row's last token may be a draft
                     emitted[i] += min(run + 1, left)
@@ -271,33 +249,29 @@ def replay(policy, answers: list[list[int]], right: list[list[bool]], costs: Ste
     return total
 
 
-def steps_with(right: list[bool], length: int, k: int) -> int:
+def steps_with(runs: list[int], length: int, k: int) -> int:
     """Steps a row of `length` tokens takes with k drafts a step (the prefill emits its first token)."""
     emitted, steps = 1, 0
     while emitted < length:
-        emitted += min(accepted_run(right, emitted, k) + 1, length - emitted)
+        emitted += min(accepted_run(runs, emitted, k) + 1, length - emitted)
         steps += 1
     return steps
 
 
-def accepted_run(right: list[bool], emitted: int, k: int) -> int:
-    """The drafts the target accepts in a step with k drafts, `emitted` answer tokens out: the run of right
-    predictions from the row's last token on, at most k (the answer's last token the furthest)."""
-    run = 0
-    while run < k and emitted - 1 + run < len(right) and right[emitted - 1 + run]:
-        run += 1
-    return run
+def accepted_run(runs: list[int], emitted: int, k: int) -> int:
+    """The drafts the target accepts in a step with k drafts, `emitted` answer tokens out (within the answer)."""
+    return min(runs[emitted - 1], k) if emitted - 1 < len(runs) else 0
 
 
 def compare(make_policy, traces: Traces, costs: dict[str, StepCosts], batch_sizes: list[int], seeds: int,
             max_gamma: int) -> list[dict]:
     """Per drafter and batch size: mean seconds over the seeds of plain decoding, each fixed gamma and the policy."""
     results = []
-    for name, right in traces.right.items():
+    for name, accepted in traces.runs.items():
         for batch_size in batch_sizes:
             runs = {"plain": lambda: FixedGamma(0), **{str(k): (lambda k=k: FixedGamma(k))
                                                       for k in range(1, max_gamma + 1)}, "policy": make_policy}
-            seconds = {label: statistics.mean(replay(make(), traces.answers, right, costs[name], batch_size, seed)
+            seconds = {label: statistics.mean(replay(make(), traces.answers, accepted, costs[name], batch_size, seed)
                                               for seed in range(seeds)) for label, make in runs.items()}
             best = min((s, label) for label, s in seconds.items() if label not in ("plain", "policy"))
             results.append({"drafter": name, "batch_size": batch_size, "seconds": seconds, "best_gamma": best[1],
@@ -356,11 +330,11 @@ def run_replay(config: ReplayConfig, make_policy=None, log=print) -> list[dict]:
             save_recording(config.recording, traces, costs)
             log(f"recorded the traces and step costs in {config.recording}")
     for name in config.drafters:
-        right = [x for row in traces.right[name] for x in row]
+        runs = [run for row in traces.runs[name] for run in row]
         steps = ", ".join(f"{b}: {costs[name].step(b, 0) * 1e3:.2f} / {costs[name].step(b, config.max_gamma) * 1e3:.2f}"
                           for b in sizes)
-        log(f"{name}: right after {sum(right) / max(len(right), 1):.2f} of answer tokens; a step's ms plain / with "
-            f"{config.max_gamma} drafts at batch size {steps}")
+        log(f"{name}: {sum(runs) / max(len(runs), 1):.2f} of {config.max_gamma} drafts accepted after an answer token "
+            f"on average; a step's ms plain / with {config.max_gamma} drafts at batch size {steps}")
     make_policy = make_policy or (lambda: GammaPolicy(gamma=AUTO, max_gamma=config.max_gamma))
     results = compare(make_policy, traces, costs, config.batch_sizes, config.seeds, config.max_gamma)
     log(results_table(results))
@@ -380,7 +354,7 @@ def record(config: ReplayConfig, sizes: list[int]) -> tuple[Traces, dict[str, St
 
 
 def save_recording(path: str, traces: Traces, costs: dict[str, StepCosts]) -> None:
-    recording = {"answers": traces.answers, "right": traces.right,
+    recording = {"answers": traces.answers, "runs": traces.runs,
                  "costs": {name: {"step_s": [[b, k, s] for (b, k), s in c.step_s.items()],
                                   "draft_s": [[b, s] for b, s in c.draft_s.items()],
                                   "put_off_prefill_s": [[b, s] for b, s in c.put_off_prefill_s.items()]}
@@ -392,11 +366,14 @@ def save_recording(path: str, traces: Traces, costs: dict[str, StepCosts]) -> No
 def load_recording(path: str, drafters: list[str]) -> tuple[Traces, dict[str, StepCosts]]:
     """save_recording's traces and costs, of these drafters (a JobConfigError names any the recording lacks)."""
     recording = json.loads(Path(path).read_text())
-    missing = [name for name in drafters if name not in recording["right"] or name not in recording["costs"]]
+    if "runs" not in recording:
+        raise JobConfigError(f"--recording {path} holds traces of an older kind (the drafters' right predictions, not "
+                             f"their accepted runs): record anew at another path.")
+    missing = [name for name in drafters if name not in recording["runs"] or name not in recording["costs"]]
     if missing:
         raise JobConfigError(f"--recording {path} holds no traces of {missing} (it has "
-                             f"{', '.join(recording['right'])}): replay those drafters, or record anew elsewhere.")
+                             f"{', '.join(recording['runs'])}): replay those drafters, or record anew elsewhere.")
     costs = {name: StepCosts({(b, k): s for b, k, s in c["step_s"]}, {b: s for b, s in c["draft_s"]},
                              {b: s for b, s in c["put_off_prefill_s"]})
              for name, c in recording["costs"].items() if name in drafters}
-    return Traces(recording["answers"], {name: recording["right"][name] for name in drafters}), costs
+    return Traces(recording["answers"], {name: recording["runs"][name] for name in drafters}), costs

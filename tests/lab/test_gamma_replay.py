@@ -15,6 +15,7 @@ from pipeline.lab.gamma_replay import (
     ReplayConfig,
     StepCosts,
     Traces,
+    accepted_run,
     compare,
     record_traces,
     replay,
@@ -24,37 +25,41 @@ from pipeline.lab.gamma_replay import (
 )
 
 
-@pytest.mark.parametrize("name", ["text-only", "massv"])
+@pytest.mark.parametrize("name", ["text-only", "massv", "msd"])
 def test_replayed_steps_are_the_engines(name):
-    """Greedy drafts are kept while the drafter's predictions from the true prefix are right: the teacher-forced
-    traces give each row the engine's own number of steps at every gamma."""
+    """Greedy, a step with k drafts keeps the least of k and the drafts the target accepts from that position: the
+    recorded runs give each row the engine's own steps and accepted drafts at every gamma, an MSD head's too (it
+    drafts from its own predicted features: read off the engine decoding at max_gamma, its traces matched the engine
+    at that gamma only)."""
     target = Target.load(DEMO_TARGET)
     drafter = load_drafter(demo_drafters()[name], target)
     prompts = Workload(target, str(DEMO_WORLD / BENCH_PROMPTS), 6).prompts
-    traces = record_traces(target, {name: drafter}, prompts, max_new_tokens=24)
-    assert any(traces.right[name][0]) and not all(x for row in traces.right[name] for x in row)
+    traces = record_traces(target, {name: drafter}, prompts, max_new_tokens=24, max_gamma=5)
+    runs = traces.runs[name]
+    assert any(runs[0]) and {run for row in runs for run in row} > {0, 5}  # drafts kept, refused, and all kept
     for k in (1, 3, 5):
         engine = SpecDecodeEngine(target, drafter, EngineConfig(gamma=k, max_new_tokens=24))
         results = [engine.generate([prompt])[0] for prompt in prompts]
         assert [r.tokens for r in results] == traces.answers
         assert [r.counts.num_steps for r in results] == [
-            steps_with(right, len(answer), k) for right, answer in zip(traces.right[name], traces.answers)]
+            steps_with(row, len(answer), k) for row, answer in zip(runs, traces.answers)]
+        assert [r.counts.num_accepted for r in results] == [
+            accepted_with(row, len(answer), k) for row, answer in zip(runs, traces.answers)]
 
 
-def test_an_msd_heads_traces_are_read_off_its_decoding():
-    """An MSD head drafts from its own predicted features, so its traces come from the engine decoding each row at
-    max_gamma: replayed at that gamma, each row takes the engine's own steps."""
-    target = Target.load(DEMO_TARGET)
-    drafter = load_drafter(demo_drafters()["msd"], target)
-    prompts = Workload(target, str(DEMO_WORLD / BENCH_PROMPTS), 6).prompts
-    traces = record_traces(target, {"msd": drafter}, prompts, max_new_tokens=24, max_gamma=4)
-    assert any(traces.right["msd"][0]) and not all(x for row in traces.right["msd"] for x in row)
-    engine = SpecDecodeEngine(target, drafter, EngineConfig(gamma=4, max_new_tokens=24))
-    results = [engine.generate([prompt])[0] for prompt in prompts]
-    assert [r.tokens for r in results] == traces.answers
-    assert [r.counts.num_steps for r in results] == [
-        steps_with(right, len(answer), 4) for right, answer in zip(traces.right["msd"], traces.answers)]
-    assert [r.counts.num_accepted for r in results] == [sum(right) for right in traces.right["msd"]]
+def accepted_with(runs: list[int], length: int, k: int) -> int:
+    """The drafts a row of `length` tokens keeps with k drafts a step (its last token may be a draft)."""
+    emitted, accepted = 1, 0
+    while emitted < length:
+        run = accepted_run(runs, emitted, k)
+        accepted, emitted = accepted + run, emitted + min(run + 1, length - emitted)
+    return accepted
+
+
+def runs_of(right: list[bool], max_gamma: int = 8) -> list[int]:
+    """Runs (Traces.runs) of a drafter whose prediction after answer token j is right where right[j] is."""
+    return [next((n for n, ok in enumerate(right[j:j + max_gamma]) if not ok), min(max_gamma, len(right) - j))
+            for j in range(len(right))]
 
 
 def costs(draft_s: float) -> StepCosts:
@@ -67,13 +72,13 @@ def test_the_replay_ranks_policies():
     """Drafts right 9 times in 10 and cheap: drafting pays, `auto` comes near the best fixed gamma; drafts always wrong:
     plain decoding is best and `auto` stays near it. The replay is seeded: the same seed, the same seconds."""
     answers = [[1] * 30 for _ in range(16)]
-    good = Traces(answers, {"good": [[j % 10 != 9 for j in range(29)] for _ in answers]})
+    good = Traces(answers, {"good": [runs_of([j % 10 != 9 for j in range(29)]) for _ in answers]})
     [cheap] = compare(lambda: GammaPolicy(gamma="auto", max_gamma=4), good, {"good": costs(0.1e-3)}, [8], 3, 4)
     assert cheap["best_vs_plain"] > 2 and cheap["policy_vs_best"] > 0.8
-    useless = Traces(answers, {"useless": [[False] * 29 for _ in answers]})
+    useless = Traces(answers, {"useless": [[0] * 29 for _ in answers]})
     [wrong] = compare(lambda: GammaPolicy(gamma="auto", max_gamma=4), useless, {"useless": costs(0.2e-3)}, [8], 3, 4)
     assert wrong["best_vs_plain"] < 1 and wrong["policy_vs_plain"] > 0.9
-    once = [replay(FixedGamma(2), answers, good.right["good"], costs(0.1e-3), 8, seed=5) for _ in range(2)]
+    once = [replay(FixedGamma(2), answers, good.runs["good"], costs(0.1e-3), 8, seed=5) for _ in range(2)]
     assert once[0] == once[1]
 
 
@@ -81,7 +86,7 @@ def test_a_recording_is_replayed_as_recorded(tmp_path):
     """Policies of two checkouts compare on one recording: replayed from it (no model loaded, nothing timed), the
     table is the one the recorded traces and costs give; a drafter the recording lacks is named at once."""
     answers = [[1] * 30 for _ in range(8)]
-    traces = Traces(answers, {"massv": [[j % 10 != 9 for j in range(29)] for _ in answers]})
+    traces = Traces(answers, {"massv": [runs_of([j % 10 != 9 for j in range(29)]) for _ in answers]})
     recording = tmp_path / "recording.json"
     save_recording(str(recording), traces, {"massv": costs(0.1e-3)})
     config = ReplayConfig(drafters=["massv"], batch_sizes=[8], max_gamma=4, seeds=2, output=str(tmp_path / "out"),
@@ -117,10 +122,10 @@ def test_a_drafter_catches_up_on_its_batchs_tokens_alone():
     """The drafter's prefill of a batch is put off until a step drafts; that step catches up on the tokens the batch
     emitted since its prefill, not on every plain step before it (the first batch's, decoded plainly throughout)."""
     answers = [[1] * 30 for _ in range(16)]
-    right = [[True] * 29 for _ in answers]
+    runs = [runs_of([True] * 29) for _ in answers]
     made_up = costs(0.1e-3)
     policy = _PlainThenDraftAtTheSecondBatch()
-    replay(policy, answers, right, made_up, 8, seed=1, passes=1, timed_from=0)
+    replay(policy, answers, runs, made_up, 8, seed=1, passes=1, timed_from=0)
     step = policy.drafting_step
     catch_up = made_up.draft(8, 1) * 0.05 * 1  # one token since the batch's prefill
     assert step.draft_s / (step.draft_s + step.verify_s) == pytest.approx(
