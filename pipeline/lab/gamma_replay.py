@@ -202,14 +202,16 @@ class FixedGamma:
 def replay(policy, answers: list[list[int]], runs: list[list[int]], costs: StepCosts, batch_size: int, seed: int,
            passes: int = 4, timed_from: int = 1) -> float:
     """Seconds the policy takes over the rows in static batches of batch_size, `passes` times (the policy learns
-    throughout; passes before timed_from are not counted, as the bench's warm-up)."""
+    throughout; passes before timed_from are not counted, as the bench's warm-up), at the machine's usual speed: the
+    machine's noise is in what the policy times, not in the score (a run's drift moved its seconds by about a tenth
+    from seed to seed, more than policies differ, and 32 seeds' means by 2 points)."""
     machine = Machine(seed)
     total, plain_run, pending = 0.0, len(AFTER_DRAFTING), 1
     for done_passes in range(passes):
         seconds = 0.0
         for start in range(0, len(answers), batch_size):
             rows = list(range(start, min(start + batch_size, len(answers))))
-            seconds += costs.target_prefill(len(rows)) * machine.factor()
+            seconds += costs.target_prefill(len(rows))
             policy.observe_prefill()
             emitted = {i: 1 for i in rows}  # the prefill emits each row's first token
             active = [i for i in rows if len(answers[i]) > 1]
@@ -219,9 +221,8 @@ def replay(policy, answers: list[list[int]], runs: list[list[int]], costs: StepC
                 b = len(active)
                 k = policy.choose(b, prefill_waits, [emitted[i] for i in active], drains=True)  # static batches
                 if k and prefill_waits:
-                    prefill = costs.put_off_prefill(b) * machine.factor()
-                    seconds += prefill
-                    policy.observe_drafter_prefill(b, b, prefill)
+                    seconds += costs.put_off_prefill(b)
+                    policy.observe_drafter_prefill(b, b, costs.put_off_prefill(b) * machine.factor())
                     prefill_waits = False
                 speed = machine.factor()
                 step = costs.step(b, k) * (AFTER_PREFILL if first else 1.0)
@@ -240,7 +241,7 @@ def replay(policy, answers: list[list[int]], runs: list[list[int]], costs: StepC
                 policy.observe(k, kept, StepTimes(draft_s, step_s - draft_s))
                 policy.observe_finished(finished)
                 active = [i for i in active if emitted[i] < len(answers[i])]
-                seconds += step_s
+                seconds += step + catch_up
                 plain_run = plain_run + 1 if k == 0 else 0
                 pending = pending + 1 if k == 0 else 1
                 first = False
