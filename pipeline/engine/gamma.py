@@ -17,7 +17,8 @@ neighbour or of plain decoding, measured against the choice's steps around it (t
 see _BucketCosts.anchors), at intervals that double while the choice stays the same, and never so often that what the
 probes are predicted to lose exceeds `exploration` of the time (see _probe_loss), or, while plain decoding is the
 choice and drafting is predicted to gain on fewer than a full set of timings, that share plus the gain (see _probe).
-Speculation must beat plain decoding by a margin plus the standard error of the step times compared (see best_gamma);
+Speculation must beat plain decoding by a margin plus the standard error of the step times compared, from how far this
+machine's timings stray (see best_gamma);
 plain decoding chosen by less than one timing's noise on a draft length timed once times it again at once (see _decide).
 A choice holds REDECIDE steps (one of plain decoding until a step drafts: nothing it rests on changes meanwhile but the
 machine's speed, and the tokens left, which only make a switch dearer), and is made again at once when rows join (a
@@ -100,6 +101,16 @@ PAIR_GAP = SETTLE + 1  # steps apart that are still "just before" (steps after a
 # rows. Drafting steps on the demo world (the replay's recording, 8 drafts): 1 row against 2 0.70-0.76, 4 against 8
 # 0.75-0.83, 16 against 32 0.64-0.66 (see _rates). In the replay within a point of 0.5 and 1.0.
 STRAGGLER_STEP = 0.7
+# The standard error that drafting must clear (see best_gamma) is that of the machine's own timings: the spread of
+# its steady steps around the speed just before them, `step_spread` (this VM's) worth PRIOR_RESIDUALS of them, each
+# counting with weight RESIDUAL_MEMORY once there are more. Assumed at 15%, a machine whose steps time alike (a GPU's)
+# would hold drafting back wherever it gains under 12% (the margin plus the error of six timings a side): the replay
+# (`jobs/replay_gamma.py`, 32 seeds) of a machine with 1% spread, against the best fixed gamma, MSD at batch 8 0.931
+# -> 0.962, text-only at batch 1 0.979 -> 0.988, the rest within a point or better; with this VM's noise (10% spread,
+# drift, stalls) each configuration within 0.3 points, and in the engine here (`jobs/gamma_truth.py`, two rounds of
+# six policies a side) within one point (docs/journal.md, the twenty-eighth session).
+PRIOR_RESIDUALS = 20
+RESIDUAL_MEMORY = 0.01
 LENGTHS_KEPT = 512  # finished rows' lengths kept: their distribution says how many tokens a row has left
 
 
@@ -215,6 +226,21 @@ class _MachineSpeed:
     log: float = 0.0  # log of how much slower than usual
     last_timed: tuple[int, int, int] | None = None  # (step, bucket, k) of the last timed step
     stalled: bool = False  # the last timed step was left out as a stall (see _BucketCosts.observe_step)
+    residuals: int = 0  # steady steps timed against the speed just before them
+    residual_square: float = 0.0  # the mean of their squared log residuals (the latest 1 / RESIDUAL_MEMORY, decayed)
+
+    def observe_residual(self, residual: float) -> None:
+        """A steady step's log time less its k's level and the speed just before: how far a timing strays."""
+        self.residuals += 1
+        weight = max(1.0 / self.residuals, RESIDUAL_MEMORY)
+        self.residual_square += weight * (residual * residual - self.residual_square)
+
+    def spread(self, prior: float) -> float:
+        """How far a step's log time strays from its level at the speed just before: the steady steps' measured
+        spread, with `prior` counted as PRIOR_RESIDUALS of them (a timed step of a probe is set against the speed just
+        before it as a steady step is, so it strays as far)."""
+        n = self.residuals
+        return math.sqrt((PRIOR_RESIDUALS * prior * prior + n * self.residual_square) / (PRIOR_RESIDUALS + n))
 
 
 @dataclass
@@ -262,6 +288,7 @@ class _BucketCosts:
         probe = self.decided is not None and not anchor
         if recent and speed.last_timed[1:] == (bucket, k) and k in self.log_s and not probe:  # steady: the
             # machine's speed now
+            speed.observe_residual(log_t - self.log_s[k] - speed.log)
             speed.log += SPEED_SMOOTHING * (log_t - self.log_s[k] - speed.log)
         elif (recent or speed.last_timed is None) and not anchor:  # a probe's step, a first timing or a change
             # before any choice here: this cost against the speed just before (the first timed step of all sets it)
@@ -352,7 +379,8 @@ class GammaPolicy:
     memory: float = 0.98  # per speculative step, how much of the past acceptance counts stays
     prior_acceptance: float = 0.6  # per position, until measured
     margin: float = 0.03  # speculate only when it promises this much more than plain decoding (timing noise) ...
-    step_spread: float = 0.15  # ... plus the standard error of the two step times compared (see best_gamma)
+    step_spread: float = 0.15  # ... plus the standard error of the two step times compared, a timing's spread
+    # measured by the machine's steady steps with this as its prior (see best_gamma, PRIOR_RESIDUALS; 0: none)
     exploration: float = 0.005  # what probes may cost, as a share of the time between them (see _probe): at 1%,
     # text-only's probes at batch 1 on the demo world (where no gamma pays) cost 2-2.5% of its time, as each lost more
     # than predicted (a drafting step's time spreads, and is a mean of logs); at 0.5% 0.5-1%, and a replay of the demo
@@ -541,12 +569,13 @@ class GammaPolicy:
 
     def best_gamma(self, batch_size: int, prefill_waits: bool = False, emitted: Sequence[int] | None = None) -> int:
         """The candidate k with the best predicted rate; 0 unless speculating beats plain decoding by the margin plus
-        the standard error of the two step times compared: a step's time spreads by `step_spread` (log) around the
-        machine's speed on this VM, and S(k) is the mean of at most STEP_SAMPLES, so with few samples (a bucket a
-        static batch drains through in a few steps, or a k measured once) speculating must promise more. Without
-        it, text-only at batch 32 on the demo world drafted in the batches' tails on one or two timings, where no
-        gamma beats plain decoding (0.92x plain decoding, 0.94x with it, three bench runs each in turn; MSD there
-        0.88x and 0.92x). Candidates: the measured k and their neighbours."""
+        the standard error of the two step times compared: a step's time spreads around the machine's speed by what
+        its steady steps measure (`step_spread`, log, this VM's, the prior: see PRIOR_RESIDUALS), and S(k) is the mean
+        of at most STEP_SAMPLES, so with few samples (a bucket a static batch drains through in a few steps, or a k
+        measured once) speculating must promise more. Without it, text-only at batch 32 on the demo world drafted in
+        the batches' tails on one or two timings, where no gamma beats plain decoding (0.92x plain decoding, 0.94x with
+        it, three bench runs each in turn; MSD there 0.88x and 0.92x). Candidates: the measured k and their
+        neighbours."""
         return self._decide(batch_size, prefill_waits, emitted)[0]
 
     def _decide(self, batch_size: int, prefill_waits: bool, emitted: Sequence[int] | None) -> tuple[int, int | None]:
@@ -592,7 +621,8 @@ class GammaPolicy:
         best = max(rates, key=rates.get)
         # (the choice, which probes are measured against, is read again at each of its steps: a full set)
         samples = [STEP_SAMPLES if costs.anchors(k) else max(len(costs.relative.get(k, ())), 1) for k in (0, best)]
-        return best, rates[best] / plain - 1.0, self.step_spread * math.sqrt(sum(1 / n for n in samples))
+        spread = self._speed.spread(self.step_spread) if self.step_spread else 0.0
+        return best, rates[best] / plain - 1.0, spread * math.sqrt(sum(1 / n for n in samples))
 
     def acceptance_per_position(self, batch_size: int | None = None, upto: int | None = None) -> list[float]:
         """a_i (for the first `upto` positions), measured where drafts reached position i, else the last measured

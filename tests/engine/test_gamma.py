@@ -750,3 +750,30 @@ def test_a_stalled_step_neither_sets_the_machines_speed_nor_is_a_probes_referenc
         slower.observe(k, [2] * 32, StepTimes(0.1 * k, 1.7 if k else 1.0) if step < 100 else
                        StepTimes(0.3 * k, 5.1 if k else 3.0))
     assert slower._speed.log == pytest.approx(math.log(3.0), abs=0.05)
+
+
+def timed_rounds(policy: GammaPolicy, drafting_s: float, noise: list[float], rounds: int = 6, steady: int = 30) -> None:
+    """At 8 rows, one draft keeping half the drafts: rounds of plain steps (1 s) and then a switch to one draft
+    (its catch-up untimed, then a step of drafting_s), each step's time times the next of `noise`, cycled."""
+    factors = iter(noise * (rounds * (steady + SETTLE + 3)))
+    for _ in range(rounds):
+        for _ in range(SETTLE + 1 + steady):
+            policy.observe(0, [0] * 8, StepTimes(0.0, next(factors)))
+        for _ in range(2):
+            policy.observe(1, [1, 0] * 4, StepTimes(0.0, drafting_s * next(factors)))
+    set_acceptance(policy, [0.5])
+
+
+def test_the_bar_for_drafting_is_the_machines_own_timing_noise():
+    """One draft runs 1.08x plain decoding, timed six times: under the margin plus the standard error of six timings
+    spreading by `step_spread` (0.15: this VM's), over it where the machine's steady steps time alike (a GPU's), so
+    there it drafts; where its steps spread by 15% it decodes plainly. Against an assumed 15% spread, a GPU's timings
+    would hold drafting back wherever it gains under 12%."""
+    drafting_s = 1.5 / 1.08  # a step with one draft emits 1.5 tokens a row
+    quiet, noisy = GammaPolicy(gamma="auto", max_gamma=1), GammaPolicy(gamma="auto", max_gamma=1)
+    timed_rounds(quiet, drafting_s, [1.0])
+    timed_rounds(noisy, drafting_s, [math.exp(0.15), math.exp(-0.15)])
+    for policy in (quiet, noisy):
+        contender, gain, _ = policy._contender(8, False, None)
+        assert contender == 1 and gain == pytest.approx(0.08, abs=0.03)
+    assert quiet.best_gamma(8) == 1 and noisy.best_gamma(8) == 0
