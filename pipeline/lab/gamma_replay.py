@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from drafters import load_drafter
-from pipeline.engine.acceptance import SamplingConfig
+from pipeline.engine.acceptance import SamplingConfig, accept_greedy
 from pipeline.engine.batch import Row, RunningBatch
 from pipeline.engine.engine import EngineConfig, SpecDecodeEngine
 from pipeline.engine.gamma import AUTO, GammaPolicy
@@ -77,18 +77,15 @@ def accepted_runs(target: Target, drafter, prompt, answer: list[int], max_gamma:
     so teacher forcing along the answer would rate its later drafts too well)."""
     batch = RunningBatch(target, drafter)
     batch.admit([Row(len(answer), frozenset())], [prompt], lambda logits: logits.argmax(dim=-1))
-    greedy, runs = SamplingConfig(), []
-    kept = torch.zeros(1, dtype=torch.long)
+    greedy, runs, none = SamplingConfig(), [], torch.zeros(1, dtype=torch.long)
     for j in range(len(answer) - 1):
-        drafts = batch.draft(max_gamma, greedy, None)[0][0].tolist()
-        batch.verify(torch.tensor([drafts], device=target.device))
-        run = 0
-        while run < max_gamma and j + 1 + run < len(answer) and drafts[run] == answer[j + 1 + run]:
-            run += 1
-        runs.append(run)
-        output = torch.tensor([[answer[j + 1]] + drafts], dtype=torch.long)  # only the target's own token kept
-        batch.rollback(max_gamma, kept, output)
-        batch.emit(max_gamma, kept, output)
+        drafts = batch.draft(max_gamma, greedy, None)[0]
+        accepted, output = (t.cpu() for t in accept_greedy(drafts, batch.verify(drafts)))
+        if int(output[0, 0]) != answer[j + 1]:  # (output[0, 0] is the target's token after the answer's first j + 1)
+            raise RuntimeError("the target's greedy token moved with the drafts verified beside it: no trace is exact")
+        runs.append(min(int(accepted[0]), len(answer) - 1 - j))  # (drafts past the answer's end are of no use)
+        batch.rollback(max_gamma, none, output)  # keep none of them: the next step drafts from the next token
+        batch.emit(max_gamma, none, output)
     return runs
 
 
