@@ -288,8 +288,9 @@ class _BucketCosts:
         probe = self.decided is not None and not anchor
         if recent and speed.last_timed[1:] == (bucket, k) and k in self.log_s and not probe:  # steady: the
             # machine's speed now
-            speed.observe_residual(log_t - self.log_s[k] - speed.log)
-            speed.log += SPEED_SMOOTHING * (log_t - self.log_s[k] - speed.log)
+            residual = log_t - self.log_s[k] - speed.log
+            speed.observe_residual(residual)
+            speed.log += SPEED_SMOOTHING * residual
         elif (recent or speed.last_timed is None) and not anchor:  # a probe's step, a first timing or a change
             # before any choice here: this cost against the speed just before (the first timed step of all sets it)
             samples = self.relative.setdefault(k, deque(maxlen=STEP_SAMPLES))

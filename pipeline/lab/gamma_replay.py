@@ -218,8 +218,9 @@ def replay(policy, answers: list[list[int]], runs: list[list[int]], costs: StepC
                 b = len(active)
                 k = policy.choose(b, prefill_waits, [emitted[i] for i in active], drains=True)  # static batches
                 if k and prefill_waits:
-                    seconds += costs.put_off_prefill(b)
-                    policy.observe_drafter_prefill(b, b, costs.put_off_prefill(b) * machine.factor())
+                    prefill = costs.put_off_prefill(b)
+                    seconds += prefill
+                    policy.observe_drafter_prefill(b, b, prefill * machine.factor())
                     prefill_waits = False
                 speed = machine.factor()
                 step = costs.step(b, k) * (AFTER_PREFILL if first else 1.0)
@@ -229,10 +230,10 @@ def replay(policy, answers: list[list[int]], runs: list[list[int]], costs: StepC
                 step_s, draft_s = (step + catch_up) * speed, (costs.draft(b, k) + catch_up) * speed if k else 0.0
                 kept, finished = [], []
                 for i in active:
-                    length, run = len(answers[i]), accepted_run(runs[i], emitted[i], k)
-                    left = length - emitted[i]
-                    kept.append(min(run, left))  # as the engine tells the policy: a row's last token may be a draft
-                    emitted[i] += min(run + 1, left)
+                    length = len(answers[i])
+                    drafts, tokens = row_step(runs[i], emitted[i], length, k)
+                    kept.append(drafts)  # as the engine tells the policy
+                    emitted[i] += tokens
                     if emitted[i] >= length:
                         finished.append(length)
                 policy.observe(k, kept, StepTimes(draft_s, step_s - draft_s))
@@ -247,13 +248,21 @@ def replay(policy, answers: list[list[int]], runs: list[list[int]], costs: StepC
     return total
 
 
-def steps_with(runs: list[int], length: int, k: int) -> int:
-    """Steps a row of `length` tokens takes with k drafts a step (the prefill emits its first token)."""
-    emitted, steps = 1, 0
+def row_step(runs: list[int], emitted: int, length: int, k: int) -> tuple[int, int]:
+    """A step with k drafts of a row of `length` tokens, `emitted` of them out: the drafts it keeps and the tokens it
+    emits (its last token may be a draft)."""
+    run, left = accepted_run(runs, emitted, k), length - emitted
+    return min(run, left), min(run + 1, left)
+
+
+def steps_and_kept(runs: list[int], length: int, k: int) -> tuple[int, int]:
+    """The steps a row of `length` tokens takes with k drafts a step (the prefill emits its first token), and the
+    drafts it keeps."""
+    emitted, steps, kept = 1, 0, 0
     while emitted < length:
-        emitted += min(accepted_run(runs, emitted, k) + 1, length - emitted)
-        steps += 1
-    return steps
+        drafts, tokens = row_step(runs, emitted, length, k)
+        emitted, steps, kept = emitted + tokens, steps + 1, kept + drafts
+    return steps, kept
 
 
 def accepted_run(runs: list[int], emitted: int, k: int) -> int:

@@ -15,13 +15,12 @@ from pipeline.lab.gamma_replay import (
     ReplayConfig,
     StepCosts,
     Traces,
-    accepted_run,
     compare,
     record_traces,
     replay,
     run_replay,
     save_recording,
-    steps_with,
+    steps_and_kept,
 )
 
 
@@ -41,19 +40,9 @@ def test_replayed_steps_are_the_engines(name):
         engine = SpecDecodeEngine(target, drafter, EngineConfig(gamma=k, max_new_tokens=24))
         results = [engine.generate([prompt])[0] for prompt in prompts]
         assert [r.tokens for r in results] == traces.answers
-        assert [r.counts.num_steps for r in results] == [
-            steps_with(row, len(answer), k) for row, answer in zip(runs, traces.answers)]
-        assert [r.counts.num_accepted for r in results] == [
-            accepted_with(row, len(answer), k) for row, answer in zip(runs, traces.answers)]
-
-
-def accepted_with(runs: list[int], length: int, k: int) -> int:
-    """The drafts a row of `length` tokens keeps with k drafts a step (its last token may be a draft)."""
-    emitted, accepted = 1, 0
-    while emitted < length:
-        run = accepted_run(runs, emitted, k)
-        accepted, emitted = accepted + run, emitted + min(run + 1, length - emitted)
-    return accepted
+        replayed = [steps_and_kept(row, len(answer), k) for row, answer in zip(runs, traces.answers)]
+        assert [r.counts.num_steps for r in results] == [steps for steps, _ in replayed]
+        assert [r.counts.num_accepted for r in results] == [kept for _, kept in replayed]
 
 
 def runs_of(right: list[bool], max_gamma: int = 8) -> list[int]:
