@@ -46,6 +46,11 @@ little, while its last rows all end at 30. Text-only at a static batch of 8 ther
 8 / 32, against plain decoding), before -> after: text-only 0.980 / 0.952 -> 0.985 / 0.960, MSD 1.019 / 0.962 -> 1.019 /
 0.980, MASSV 1.142 / 0.993 -> 1.145 / 0.983; in the engine within the runs' spread at batch 8 (docs/journal.md, the
 twenty-seventh session).
+
+Below a bucket whose choice drafts, a static batch that drafted its last step goes on drafting unless plain decoding
+beats drafting there by the margin plus the standard error: drafting pays at least as well with fewer rows (a
+verification costs less as the batch shrinks, a draft no more), and a drain passes through its small buckets in a few
+steps a batch, too few timings for drafting to clear the bar there on their own (see _drafts_above).
 """
 
 from __future__ import annotations
@@ -592,6 +597,8 @@ class GammaPolicy:
         contender, gain, standard_error = self._contender(batch_size, prefill_waits, emitted)
         if gain > self.margin + standard_error:
             return contender, None
+        if gain > -(self.margin + standard_error) and self._drafts_above(costs):
+            return contender, None
         step_s, plain_s = self._step_seconds(costs, contender), self._step_seconds(costs, 0)
         optimistic = (1.0 + gain) * step_s / max(step_s * math.exp(-standard_error), plain_s, 1e-9) - 1.0
         drafting = [k for k in costs.log_s if k > 0]
@@ -600,6 +607,24 @@ class GammaPolicy:
         rests_on = _nearest(drafting, contender)  # the contender itself where it is measured
         return 0, rests_on if costs.timed_once(rests_on) else None
 
+    def _drafts_above(self, costs: _BucketCosts) -> bool:
+        """The batch drains, its last step drafted, and the nearest larger bucket that has chosen chose to draft: then
+        plain decoding is what must show that it wins here (see _decide), and the batch's draft length is a candidate
+        (see _contender). MSD at a static batch of 8 on the demo world drafted at its top buckets and decoded plainly on
+        most steps at 1-3 rows, where 5 drafts ran 1.23-1.51x plain decoding a step (its fixed engines' steps there):
+        those buckets' first timings of drafting, one or two, fell under the bar, a probe came every few batches, and a
+        bucket with no drafting timed copied its plain neighbour. Forced to 5 drafts at 1-3 rows it ran 0.948 of
+        gamma 5 against 0.916 (eight fresh policies a side, wall time in turn with plain decoding and gamma 5). With
+        this rule, against the code before (`auto` alone in turn, the same harness): MSD at batch 8 0.929 -> 0.939 of
+        gamma 5 (16 policies a side, 12 won), MASSV 0.943 -> 0.950, text-only 1.035 -> 1.040 against gamma 3; at batch
+        32 (128 rows) MSD 0.980 -> 0.958 and 0.964 -> 0.973 in two rounds of 8 and 12, text-only 0.978 -> 0.974x and
+        MASSV 0.970 -> 0.973x plain decoding; the replay (32 seeds) batch 8 +0.4 to +1.0 points, batch 32 within 0.1
+        (docs/journal.md, the twenty-ninth session)."""
+        if not (self._draining and self._last_k > 0):
+            return False
+        above = [b for b, other in self.buckets.items() if b > costs.bucket and other.decided is not None]
+        return bool(above) and self.buckets[min(above)].decided[1] > 0
+
     def _contender(self, batch_size: int, prefill_waits: bool,
                    emitted: Sequence[int] | None) -> tuple[int, float, float]:
         """The candidate k > 0 with the best predicted rate, what it is predicted to gain over plain decoding (0.2:
@@ -607,9 +632,13 @@ class GammaPolicy:
         choice, probes time the contender, each probe shrinking the standard error that holds it back, until its mean
         says whether it pays. Probes of one draft instead (plain decoding's neighbour) could leave a contender timed
         once on a slow step held back for good, where one draft does not pay and more do (a drafting step's fixed
-        costs: MSD's step with one draft took 1.8 plain steps at 4-7 rows on the demo world)."""
+        costs: MSD's step with one draft took 1.8 plain steps at 4-7 rows on the demo world). Below a bucket that
+        drafts, the batch's own draft length is a candidate too (see _drafts_above): a small bucket that has timed only
+        one draft, MSD's dearest per token, would otherwise climb from there one length a decision."""
         costs = self._costs(batch_size)
         candidates = {c for k in costs.log_s or (0,) for c in (k - 1, k, k + 1) if 1 <= c <= self.max_gamma}
+        if self._drafts_above(costs):
+            candidates.add(self._last_k)
         if not candidates:
             return 0, 0.0, 0.0
         switch_per_token = self.switch_per_token(batch_size, prefill_waits, emitted)

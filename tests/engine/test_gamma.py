@@ -777,3 +777,32 @@ def test_the_bar_for_drafting_is_the_machines_own_timing_noise():
         contender, gain, _ = policy._contender(8, False, None)
         assert contender == 1 and gain == pytest.approx(0.08, abs=0.03)
     assert quiet.best_gamma(8) == 1 and noisy.best_gamma(8) == 0
+
+
+def test_below_a_bucket_that_drafts_a_draining_batch_decodes_plainly_only_where_plain_decoding_wins():
+    """Drafting pays at least as well with fewer rows (a verification costs less with the batch, a draft no more), and
+    a static batch drains through its small buckets in a few steps each, too few timings for drafting to clear the bar
+    there on their own. So where the nearest larger bucket drafts and the batch's last step drafted, a bucket drafts
+    unless plain decoding beats drafting by the bar: at 2 rows 3 drafts timed once at 2.0 plain steps (2.18 tokens a
+    step), plain decoding once, are drafted, under the margin plus their standard error; at 3.0 plain steps plain
+    decoding wins. Where the batch decoded plainly above, or rows join (continuous batching), the bucket's own timings
+    decide as before."""
+    def draining_from_8(draft_step_at_2: float, draft_step_at_8: float, drains: bool = True) -> GammaPolicy:
+        policy = GammaPolicy(gamma="auto", max_gamma=3)
+        for rows, draft_step in ((2, draft_step_at_2), (8, draft_step_at_8)):
+            observe_plain(policy, rows, 1.0)
+            for _ in range(2):  # the first catches up: not timed
+                policy.observe(3, [3] * rows, StepTimes(0.9, draft_step - 0.9))
+        set_acceptance(policy, [0.6] * 3)  # 3 drafts: 2.18 tokens a step
+        policy.observe_prefill()
+        k = policy.choose(8, drains=drains)  # the batch's top bucket decides
+        policy.observe(k, [min(k, 2)] * 8, StepTimes(0.9 if k else 0.0, draft_step_at_8 - 0.9 if k else 1.0))
+        return policy
+
+    drafting_above = draining_from_8(draft_step_at_2=2.0, draft_step_at_8=1.4)
+    contender, gain, standard_error = drafting_above._contender(2, False, None)
+    assert contender > 0 and 0 < gain < drafting_above.margin + standard_error  # on its own: plain decoding
+    assert drafting_above.best_gamma(2) == contender
+    assert draining_from_8(draft_step_at_2=3.0, draft_step_at_8=1.4).best_gamma(2) == 0  # plain decoding wins
+    assert draining_from_8(draft_step_at_2=2.0, draft_step_at_8=2.6).best_gamma(2) == 0  # plain above
+    assert draining_from_8(draft_step_at_2=2.0, draft_step_at_8=1.4, drains=False).best_gamma(2) == 0
