@@ -430,14 +430,15 @@ class GammaPolicy:
         over depends on it; unknown: rows at their start); drains: no row will join the batch before it empties (a
         static batch), so it passes through the smaller buckets.
 
-        A static batch draining into a bucket that, its drafter prefilled, would draft pays the drafter's prefill on
-        its way down whatever it does here (for its rows then still running: a prefill costs mostly its call,
-        text-only's 0.74 ms at 1 row, 2.2 ms at 32), so the choice here leaves it out. Counted, it held MSD's batch 8
-        on the demo world on plain decoding at its top bucket for 60-78% of the steps (4-7 rows drafting, gamma 5 at
-        1.24x plain decoding): 0.875-0.906 of gamma 5's step time, and left out 0.924-0.941 (`jobs/gamma_truth.py
-        --drafter msd --batch-size 8 --gammas 0,3,5 --reps 24`, three rounds in turn; the bucket below's last choice
-        in its place drafted at text-only's batch 32 on a timing or two, and lost 2 points there). Where rows join
-        (continuous batching), the rows at this bucket finish there, and only drafting here prefills them."""
+        A static batch draining into a bucket that would draft, paying the drafter's prefill over the rows' tokens left,
+        pays it on its way down whatever it does here (for its rows then still running: a prefill costs mostly its
+        call, text-only's 0.74 ms at 1 row, 2.2 ms at 32), so the choice here leaves it out (see
+        _drains_into_drafting). Counted, it held MSD's batch 8 on the demo world on plain decoding at its top bucket
+        for 60-78% of the steps (4-7 rows drafting, gamma 5 at 1.24x plain decoding): 0.875-0.906 of gamma 5's step
+        time, and left out 0.924-0.941 (`jobs/gamma_truth.py --drafter msd --batch-size 8 --gammas 0,3,5 --reps 24`,
+        three rounds in turn; the bucket below's last choice in its place drafted at text-only's batch 32 on a timing
+        or two, and lost 2 points there). Where rows join (continuous batching), the rows at this bucket finish there,
+        and only drafting here prefills them."""
         if not self.auto:
             return self.gamma
         self._draining = drains
@@ -454,7 +455,7 @@ class GammaPolicy:
         held = (costs.decided is not None and costs.steps < costs.next_probe and costs.decided[2] == behind
                 and not self._after_prefill and (costs.steps - costs.decided[0] < REDECIDE or (
                     costs.decided[1] == 0 and costs.drafted_before == self._drafting_steps)))
-        if not held and prefill_waits and drains and self._drains_into_drafting(batch_size):
+        if not held and prefill_waits and drains and self._drains_into_drafting(batch_size, emitted):
             prefill_waits = False  # paid on the way down
         if held:
             best = costs.decided[1]
@@ -718,16 +719,25 @@ class GammaPolicy:
         left = self.row_lengths.mean_left(emitted if emitted is not None else [0] * batch_size) if seconds else None
         return seconds / left if left else 0.0
 
-    def _drains_into_drafting(self, batch_size: int) -> bool:
-        """The next smaller bucket has timed plain decoding and drafting, and would draft, its drafter prefilled. Judged
-        again only once that bucket has stepped since (a static batch's top bucket asks at each of its choices while
-        the bucket below waits: judged every time, it took a third of `choose`'s time at text-only's batch 32)."""
+    def _drains_into_drafting(self, batch_size: int, emitted: Sequence[int] | None) -> bool:
+        """The next smaller bucket has timed plain decoding and drafting, and would draft paying the drafter's prefill
+        over these rows' tokens left. Judged with its drafter prefilled, as it was, neither bucket counted the prefill:
+        in continuous batching's final drain (each `generate` call ends in one) MSD at batch 32 drafted at 16-31 rows
+        with about 12 tokens a row left, paying its head's prefill of those rows (3.9-7.4 ms, 3-5 plain steps) and a
+        catch-up, where the bucket below, charged the prefill, would decode plainly: 0.897x plain decoding, and 0.951x
+        decoding plainly in the drains. Judged paying it (the code before and after as fresh policies in turn with plain
+        decoding and gamma 6, 256 rows in calls of 128): 0.905 -> 0.933x and 0.915 -> 0.921x plain decoding (12 and 8
+        a side, the new code winning 19 of 20); static batches: MSD at batch 8 0.925 -> 0.936 of gamma 5 (16 a side),
+        MASSV 0.942 -> 0.937 (8), text-only at batch 32 0.986 -> 0.985x plain decoding (docs/journal.md, the
+        twenty-ninth session). Judged again only once that bucket has stepped since (a static batch's top bucket asks
+        at each of its choices while the bucket below waits: judged every time, it took a third of `choose`'s time at
+        text-only's batch 32)."""
         below = batch_bucket(batch_size) - 1
         costs = self.buckets.get(below)
         if costs is None or 0 not in costs.log_s or len(costs.log_s) < 2:
             return False
         if costs.would_draft is None or costs.would_draft[0] != costs.steps:
-            costs.would_draft = costs.steps, self.best_gamma(2 ** (below - 1)) > 0
+            costs.would_draft = costs.steps, self.best_gamma(2 ** (below - 1), prefill_waits=True, emitted=emitted) > 0
         return costs.would_draft[1]
 
     def _drafter_behind(self, prefill_waits: bool) -> bool:

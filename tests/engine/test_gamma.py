@@ -317,11 +317,13 @@ def test_the_drafters_put_off_prefill_counts_against_drafting():
 
 def test_a_static_batch_draining_into_a_bucket_that_drafts_pays_the_prefill_there_anyway():
     """As above (1 draft 1.14x plain decoding a step at 8 rows, the drafter's prefill 0.3 plain steps a token). Where
-    4-7 rows, their drafter prefilled, would draft too, a static batch of 8 (it drains: no row joins) pays the
-    drafter's prefill on its way down whatever its top bucket does: there the prefill is not drafting's cost, and
-    drafting pays from the start. Where they would decode plainly, or rows join the batch (continuous batching: its
-    rows finish at 8), drafting at 8 rows is what pays the prefill."""
-    for draft_step_at_4, drains, drafts in ((1.4, True, 1), (2.0, True, 0), (1.4, False, 0)):
+    4-7 rows would draft too, even paying the drafter's prefill over the rows' tokens left (1 draft there at 1.0 plain
+    steps: 1.6 tokens for 1.0 + 1.6 * 0.3), a static batch of 8 (it drains: no row joins) pays the prefill on its way
+    down whatever its top bucket does: there the prefill is not drafting's cost, and drafting pays from the start.
+    Where 4-7 rows would draft only with their drafter prefilled (1 draft at 1.4 plain steps), judged so, neither
+    bucket counted the prefill; where they would decode plainly, or rows join the batch (continuous batching: its rows
+    finish at 8), drafting at 8 rows is what pays the prefill."""
+    for draft_step_at_4, drains, drafts in ((1.0, True, 1), (1.4, True, 0), (2.0, True, 0), (1.0, False, 0)):
         policy = GammaPolicy(gamma="auto", max_gamma=8)
         for rows, draft_step in ((8, 1.4), (4, draft_step_at_4)):
             observe_plain(policy, rows, 1.0)
@@ -333,6 +335,7 @@ def test_a_static_batch_draining_into_a_bucket_that_drafts_pays_the_prefill_ther
         policy.observe_finished([5, 15])  # 10 tokens a row: the prefill 0.3 plain steps a token (lengths that
         # differ: the slowest row ends about when it would decoding plainly, see the next test)
         assert policy.best_gamma(4) == (draft_step_at_4 < 2.0)
+        assert policy.best_gamma(4, prefill_waits=True) == (draft_step_at_4 < 1.4)
         assert policy.best_gamma(8, prefill_waits=True) == 0  # the prefill counted
         assert policy.choose(8, prefill_waits=True, drains=drains) == drafts
 
