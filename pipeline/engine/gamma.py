@@ -729,9 +729,9 @@ class GammaPolicy:
         decoding and gamma 6, 256 rows in calls of 128): 0.905 -> 0.933x and 0.915 -> 0.921x plain decoding (12 and 8
         a side, the new code winning 19 of 20); static batches: MSD at batch 8 0.925 -> 0.936 of gamma 5 (16 a side),
         MASSV 0.942 -> 0.937 (8), text-only at batch 32 0.986 -> 0.985x plain decoding (docs/journal.md, the
-        twenty-ninth session). Judged again only once that bucket has stepped since (a static batch's top bucket asks
-        at each of its choices while the bucket below waits: judged every time, it took a third of `choose`'s time at
-        text-only's batch 32)."""
+        twenty-ninth session). Judged again only once that bucket has stepped since, at the rows' tokens left then (a
+        static batch's top bucket asks at each of its choices while the bucket below waits: judged every time, it took
+        a third of `choose`'s time at text-only's batch 32)."""
         below = batch_bucket(batch_size) - 1
         costs = self.buckets.get(below)
         if costs is None or 0 not in costs.log_s or len(costs.log_s) < 2:

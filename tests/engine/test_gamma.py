@@ -40,6 +40,12 @@ def observe_plain(policy: GammaPolicy, batch_size: int, seconds: float) -> None:
         policy.observe(0, [0] * batch_size, StepTimes(0.0, seconds))
 
 
+def observe_drafting(policy: GammaPolicy, batch_size: int, k: int, draft_s: float, step_s: float) -> None:
+    """Steps of k drafts, each row keeping all, until one is timed (the first after plain steps catches up)."""
+    for _ in range(2):
+        policy.observe(k, [k] * batch_size, StepTimes(draft_s, step_s - draft_s))
+
+
 def policy_after(acceptance, draft_s, verify_s, batch_size=1):
     """A policy that has measured plain decoding and two speculative steps of 4 drafts a row."""
     policy = GammaPolicy(gamma="auto", max_gamma=8)
@@ -327,8 +333,7 @@ def test_a_static_batch_draining_into_a_bucket_that_drafts_pays_the_prefill_ther
         policy = GammaPolicy(gamma="auto", max_gamma=8)
         for rows, draft_step in ((8, 1.4), (4, draft_step_at_4)):
             observe_plain(policy, rows, 1.0)
-            for _ in range(2):  # the first catches up: not timed
-                policy.observe(1, [1] * rows, StepTimes(0.4, draft_step - 0.4))
+            observe_drafting(policy, rows, 1, 0.4, draft_step)
         set_acceptance(policy, [0.6] * 8)
         policy.step_spread = 0.0  # step times exact
         policy.observe_drafter_prefill(batch_size=8, rows=8, seconds=3.0)
@@ -794,8 +799,7 @@ def test_below_a_bucket_that_drafts_a_draining_batch_decodes_plainly_only_where_
         policy = GammaPolicy(gamma="auto", max_gamma=3)
         for rows, draft_step in ((2, draft_step_at_2), (8, draft_step_at_8)):
             observe_plain(policy, rows, 1.0)
-            for _ in range(2):  # the first catches up: not timed
-                policy.observe(3, [3] * rows, StepTimes(0.9, draft_step - 0.9))
+            observe_drafting(policy, rows, 3, 0.9, draft_step)
         set_acceptance(policy, [0.6] * 3)  # 3 drafts: 2.18 tokens a step
         policy.observe_prefill()
         k = policy.choose(8, drains=drains)  # the batch's top bucket decides
