@@ -11,11 +11,11 @@ as rows finish; acceptance is learnt overall and per bucket (see `reached`). A k
 yet is predicted from the nearest measured one plus, per extra draft, one drafter forward
 and the verification's measured growth per token; only the measured k and their
 neighbours are candidates, so the choice climbs one step at a time and each step is
-measured before the next. Plain decoding (k = 0) is measured first and is chosen unless speculation promises a
-margin more, so a drafter that does not pay is not used. A settled choice is re-checked by an occasional probe of a
-neighbour or of plain decoding, measured against the choice's steps around it (the choice's own timing holds still:
-see _BucketCosts.anchors), at intervals that double while the choice stays the same, and never so often that what the
-probes are predicted to lose exceeds `exploration` of the time (see _probe_loss), or, while plain decoding is the
+measured before the next. Plain decoding (k = 0) is measured first (see PLAIN_TIMINGS) and is chosen unless speculation
+promises a margin more, so a drafter that does not pay is not used. A settled choice is re-checked by an occasional
+probe of a neighbour or of plain decoding, measured against the choice's steps around it (the choice's own timing holds
+still: see _BucketCosts.anchors), at intervals that double while the choice stays the same, and never so often that what
+the probes are predicted to lose exceeds `exploration` of the time (see _probe_loss), or, while plain decoding is the
 choice and drafting is predicted to gain on fewer than a full set of timings, that share plus the gain (see _probe).
 Speculation must beat plain decoding by a margin plus the standard error of the step times compared, from how far this
 machine's timings stray (see best_gamma);
@@ -100,6 +100,14 @@ REDECIDE = 8  # steps a bucket's choice holds before it is made again (unless a 
 # without the switch. With one step a probe, MSD at batch 8 on the demo world (drafting worth 1.2x plain decoding
 # there) decoded plainly in 3 of 4 bench runs.
 CONTENDER_STEPS = 3
+# Plain decoding's timings at a bucket before drafting is first timed there, its level their mean: drafting's first
+# timings are set against it. Set by one plain step (the later ones only tracked the machine's speed), the first
+# drafting steps, and the at-once recheck of a length timed once, were all measured against that one step: MSD at a
+# static batch of 8 on the demo world read 3 drafts at 2.62-3.27 plain steps over eight fresh policies (the truth that
+# day 3.0), each recheck following its first timing (3.17 -> 3.27, 3.03 -> 3.15), and 12 of 48 policies decoded
+# plainly on most steps at 8 rows, where drafting ran 1.15-1.30x plain decoding; with 3, 1 of 48 (docs/journal.md, the
+# thirtieth session).
+PLAIN_TIMINGS = 3
 FIRST_GAMMA = 3  # the draft length a bucket times first, once plain decoding has been
 PAIR_GAP = SETTLE + 1  # steps apart that are still "just before" (steps after a change to or from plain are not timed)
 # What a step of the slowest rows, once the others are done, costs against a step of the whole batch: it has fewer
@@ -291,7 +299,8 @@ class _BucketCosts:
         recent = speed.last_timed is not None and step - speed.last_timed[0] <= PAIR_GAP
         anchor = self.anchors(k)
         probe = self.decided is not None and not anchor
-        if recent and speed.last_timed[1:] == (bucket, k) and k in self.log_s and not probe:  # steady: the
+        if (recent and speed.last_timed[1:] == (bucket, k) and k in self.log_s and not probe
+                and not self.timing_plain_first(k)):  # steady: the
             # machine's speed now
             residual = log_t - self.log_s[k] - speed.log
             speed.observe_residual(residual)
@@ -325,6 +334,11 @@ class _BucketCosts:
         in one turn, lower in 8), drafting only 0.908 against 0.899 (eight pairs, lower in 4)."""
         return (self.decided is not None and self.decided[1] == k and k in self.log_s
                 and (k == 0 or len(self.relative.get(k, ())) >= ANCHOR_SAMPLES))
+
+    def timing_plain_first(self, k: int) -> bool:
+        """k is plain decoding, timed fewer than PLAIN_TIMINGS times here before any choice: each such step is a sample
+        of its level, not a steady step that tracks the machine's speed."""
+        return k == 0 and self.decided is None and len(self.relative.get(0, ())) < PLAIN_TIMINGS
 
     def timed_once(self, k: int) -> bool:
         """k was timed once here and not probed for free since: its one timing may have been a stall."""
@@ -462,7 +476,7 @@ class GammaPolicy:
         elif len(costs.log_s) <= 1 and self._neighbour_decodes_plainly(costs.bucket):
             best = 0  # no exploring here either, but probes as any choice does
             self._made(costs, best, behind)
-        elif 0 not in costs.log_s:
+        elif 0 not in costs.log_s or (len(costs.log_s) == 1 and costs.timing_plain_first(0)):
             return 0  # measure plain decoding first
         elif len(costs.log_s) == 1:
             return min(self.first_gamma, self.max_gamma)  # then a speculative step
@@ -634,7 +648,11 @@ class GammaPolicy:
         once on a slow step held back for good, where one draft does not pay and more do (a drafting step's fixed
         costs: MSD's step with one draft took 1.8 plain steps at 4-7 rows on the demo world). Below a bucket that
         drafts, the batch's own draft length is a candidate too (see _drafts_above): a small bucket that has timed only
-        one draft, MSD's dearest per token, would otherwise climb from there one length a decision."""
+        one draft, MSD's dearest per token, would otherwise climb from there one length a decision. A length not timed
+        is predicted from the nearest timed one, so its standard error is that one's: counted as a single timing, the
+        contender (most often the length just beyond those timed) had to promise about 0.2 on this VM, where MSD's
+        drafting at a static batch of 8 on the demo world gains 0.15-0.25, and the choice there flipped between plain
+        decoding and drafting as the contender moved."""
         costs = self._costs(batch_size)
         candidates = {c for k in costs.log_s or (0,) for c in (k - 1, k, k + 1) if 1 <= c <= self.max_gamma}
         if self._drafts_above(costs):
@@ -650,7 +668,9 @@ class GammaPolicy:
         plain = rates.pop(0)
         best = max(rates, key=rates.get)
         # (the choice, which probes are measured against, is read again at each of its steps: a full set)
-        samples = [STEP_SAMPLES if costs.anchors(k) else max(len(costs.relative.get(k, ())), 1) for k in (0, best)]
+        drafting = [k for k in costs.log_s if k > 0]
+        rests_on = _nearest(drafting, best) if drafting else best  # a length not timed is predicted from this one
+        samples = [STEP_SAMPLES if costs.anchors(k) else max(len(costs.relative.get(k, ())), 1) for k in (0, rests_on)]
         spread = self._speed.spread(self.step_spread) if self.step_spread else 0.0
         return best, rates[best] / plain - 1.0, spread * math.sqrt(sum(1 / n for n in samples))
 
