@@ -105,8 +105,11 @@ CONTENDER_STEPS = 3
 # drafting steps, and the at-once recheck of a length timed once, were all measured against that one step: MSD at a
 # static batch of 8 on the demo world read 3 drafts at 2.62-3.27 plain steps over eight fresh policies (the truth that
 # day 3.0), each recheck following its first timing (3.17 -> 3.27, 3.03 -> 3.15), and 12 of 48 policies decoded
-# plainly on most steps at 8 rows, where drafting ran 1.15-1.30x plain decoding; with 3, 1 of 48 (docs/journal.md, the
-# thirtieth session).
+# plainly on most steps at 8 rows, where drafting ran 1.15-1.30x plain decoding; with 3 (and a contender's standard
+# error from the length it is predicted from, see _contender), 1 of 48 (docs/journal.md, the thirtieth session). Where
+# the batch drains only: under continuous batching a first choice of plain decoding at the top bucket stays (drafting
+# would pay the waiting rows' drafter prefill), and with these two MASSV at 32 rows decoded plainly in most fresh
+# policies, 3.5 points slower than the code before over six rounds, where the policies that drafted ran 3-5% faster.
 PLAIN_TIMINGS = 3
 FIRST_GAMMA = 3  # the draft length a bucket times first, once plain decoding has been
 PAIR_GAP = SETTLE + 1  # steps apart that are still "just before" (steps after a change to or from plain are not timed)
@@ -281,6 +284,7 @@ class _BucketCosts:
     decided: tuple[int, int, bool] | None = None  # (steps when the choice was made, the choice, the drafter behind)
     drafted_before: int = 0  # the policy's drafting steps when the choice was made (see choose)
     would_draft: tuple[int, bool] | None = None  # (steps when judged, whether it would draft, drafter prefilled)
+    plain_timings: int = 1  # plain decoding's timings before drafting's first (see PLAIN_TIMINGS)
     probe_turn: int = 0  # where the rotation over plain decoding and the choice's neighbours starts (see _probe):
     # after the last of them probed; a probe of drafting from plain decoding moves it on by one
 
@@ -336,9 +340,9 @@ class _BucketCosts:
                 and (k == 0 or len(self.relative.get(k, ())) >= ANCHOR_SAMPLES))
 
     def timing_plain_first(self, k: int) -> bool:
-        """k is plain decoding, timed fewer than PLAIN_TIMINGS times here before any choice: each such step is a sample
-        of its level, not a steady step that tracks the machine's speed."""
-        return k == 0 and self.decided is None and len(self.relative.get(0, ())) < PLAIN_TIMINGS
+        """k is plain decoding, timed fewer than `plain_timings` times here before any choice: each such step is a
+        sample of its level, not a steady step that tracks the machine's speed."""
+        return k == 0 and self.decided is None and len(self.relative.get(0, ())) < self.plain_timings
 
     def timed_once(self, k: int) -> bool:
         """k was timed once here and not probed for free since: its one timing may have been a stall."""
@@ -477,6 +481,7 @@ class GammaPolicy:
             best = 0  # no exploring here either, but probes as any choice does
             self._made(costs, best, behind)
         elif 0 not in costs.log_s or (len(costs.log_s) == 1 and costs.timing_plain_first(0)):
+            costs.plain_timings = PLAIN_TIMINGS if drains else 1
             return 0  # measure plain decoding first
         elif len(costs.log_s) == 1:
             return min(self.first_gamma, self.max_gamma)  # then a speculative step
@@ -649,7 +654,8 @@ class GammaPolicy:
         costs: MSD's step with one draft took 1.8 plain steps at 4-7 rows on the demo world). Below a bucket that
         drafts, the batch's own draft length is a candidate too (see _drafts_above): a small bucket that has timed only
         one draft, MSD's dearest per token, would otherwise climb from there one length a decision. A length not timed
-        is predicted from the nearest timed one, so its standard error is that one's: counted as a single timing, the
+        is predicted from the nearest timed one, so where the batch drains its standard error is that one's (under
+        continuous batching it counts as one timing, as before: see PLAIN_TIMINGS): counted as a single timing, the
         contender (most often the length just beyond those timed) had to promise about 0.2 on this VM, where MSD's
         drafting at a static batch of 8 on the demo world gains 0.15-0.25, and the choice there flipped between plain
         decoding and drafting as the contender moved."""
@@ -669,7 +675,8 @@ class GammaPolicy:
         best = max(rates, key=rates.get)
         # (the choice, which probes are measured against, is read again at each of its steps: a full set)
         drafting = [k for k in costs.log_s if k > 0]
-        rests_on = _nearest(drafting, best) if drafting else best  # a length not timed is predicted from this one
+        # a length not timed is predicted from the nearest timed one (where the batch drains: see PLAIN_TIMINGS)
+        rests_on = _nearest(drafting, best) if drafting and self._draining else best
         samples = [STEP_SAMPLES if costs.anchors(k) else max(len(costs.relative.get(k, ())), 1) for k in (0, rests_on)]
         spread = self._speed.spread(self.step_spread) if self.step_spread else 0.0
         return best, rates[best] / plain - 1.0, spread * math.sqrt(sum(1 / n for n in samples))
