@@ -674,9 +674,9 @@ class GammaPolicy:
         plain = rates.pop(0)
         best = max(rates, key=rates.get)
         # (the choice, which probes are measured against, is read again at each of its steps: a full set)
-        drafting = [k for k in costs.log_s if k > 0]
-        # a length not timed is predicted from the nearest timed one (where the batch drains: see PLAIN_TIMINGS)
-        rests_on = _nearest(drafting, best) if drafting and self._draining else best
+        # a length not timed is predicted from the nearest timed one (where the batch drains: see PLAIN_TIMINGS; rows
+        # joining, the timed lengths are not listed at all)
+        rests_on = _nearest([k for k in costs.log_s if k > 0] or [best], best) if self._draining else best
         samples = [STEP_SAMPLES if costs.anchors(k) else max(len(costs.relative.get(k, ())), 1) for k in (0, rests_on)]
         spread = self._speed.spread(self.step_spread) if self.step_spread else 0.0
         return best, rates[best] / plain - 1.0, spread * math.sqrt(sum(1 / n for n in samples))
